@@ -1,0 +1,386 @@
+"""Typed configs and named presets.
+
+Every entry point owns one dataclass config. Presets are plain Python values selected by name;
+any field can be overridden with ``key=value`` strings (nested fields with dots). Unknown keys
+are errors everywhere: a typo in a flag or in a saved JSON never silently falls back to a default.
+
+Model field names are the authors' LightningDiT constructor arguments, so the ``config`` JSON
+stored with their checkpoints (and with ``../shared/reference/golden``) parses as-is.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import types
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+
+class ConfigError(ValueError):
+    """A config that cannot be built: unknown key, bad type, unknown preset."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Generic strict (de)serialisation
+
+
+def _field_types(cls: type) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def _coerce(tp: Any, value: Any, where: str) -> Any:
+    """Convert a JSON value (or a CLI string) to the annotated type, strictly."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(a, value, where)
+            except ConfigError as e:  # try the next member of the union
+                errors.append(str(e))
+        raise ConfigError(f"{where}: {value!r} does not fit {tp}")
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            return value
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping for {tp.__name__}, got {value!r}")
+        return from_dict(tp, value, where=where)
+    if origin in (tuple, list):
+        if isinstance(value, str):
+            value = [v for v in value.replace("(", "").replace(")", "").split(",") if v.strip()]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        item_t = args[0] if args else Any
+        items = [_coerce(item_t, v, f"{where}[{i}]") for i, v in enumerate(value)]
+        return tuple(items) if origin is tuple else items
+    if tp is Any:
+        return value
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("1", "true", "yes", "on"):
+            return True
+        if isinstance(value, str) and value.lower() in ("0", "false", "no", "off"):
+            return False
+        raise ConfigError(f"{where}: expected a bool, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool):
+            raise ConfigError(f"{where}: expected an int, got {value!r}")
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                return int(value.replace("_", ""))
+            except ValueError:
+                pass
+        raise ConfigError(f"{where}: expected an int, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{where}: expected a float, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{where}: expected a string, got {value!r}")
+    if typing.get_origin(tp) is typing.Literal:
+        if value in args:
+            return value
+        raise ConfigError(f"{where}: {value!r} is not one of {args}")
+    return value
+
+
+def from_dict(cls: type[T], data: dict[str, Any], where: str | None = None) -> T:
+    """Build dataclass ``cls`` from ``data``; unknown keys raise :class:`ConfigError`."""
+    where = where or cls.__name__
+    types_ = _field_types(cls)
+    unknown = sorted(set(data) - set(types_))
+    if unknown:
+        raise ConfigError(
+            f"{where}: unknown key(s) {unknown}; valid keys are {sorted(types_)}"
+        )
+    kwargs = {k: _coerce(types_[k], v, f"{where}.{k}") for k, v in data.items()}
+    return cls(**kwargs)
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """Plain JSON-able dict of a (nested) dataclass config."""
+    return json.loads(to_json(cfg))
+
+
+def to_json(cfg: Any, indent: int | None = 2) -> str:
+    def default(o: Any) -> Any:
+        if dataclasses.is_dataclass(o):
+            return {f.name: getattr(o, f.name) for f in dataclasses.fields(o)}
+        if isinstance(o, Path):
+            return str(o)
+        raise TypeError(f"not JSON serialisable: {type(o)}")
+
+    return json.dumps(cfg, default=default, indent=indent, sort_keys=False)
+
+
+def save_json(cfg: Any, path: str | Path) -> None:
+    Path(path).write_text(to_json(cfg) + "\n")
+
+
+def load_json(cls: type[T], path: str | Path) -> T:
+    return from_dict(cls, json.loads(Path(path).read_text()), where=str(path))
+
+
+def override(cfg: T, assignments: list[str] | tuple[str, ...]) -> T:
+    """Return ``cfg`` with ``key=value`` (or ``a.b=value``) assignments applied strictly."""
+    for assignment in assignments:
+        if "=" not in assignment:
+            raise ConfigError(f"override {assignment!r} is not of the form key=value")
+        key, value = assignment.split("=", 1)
+        cfg = _set_path(cfg, key.strip().split("."), value, key)
+    return cfg
+
+
+def _set_path(cfg: Any, parts: list[str], value: Any, full_key: str) -> Any:
+    types_ = _field_types(type(cfg))
+    name = parts[0]
+    if name not in types_:
+        raise ConfigError(
+            f"unknown key {full_key!r} for {type(cfg).__name__}; valid keys are {sorted(types_)}"
+        )
+    if len(parts) > 1:
+        child = getattr(cfg, name)
+        if not dataclasses.is_dataclass(child):
+            raise ConfigError(f"{full_key!r}: {name} has no sub-fields")
+        return dataclasses.replace(cfg, **{name: _set_path(child, parts[1:], value, full_key)})
+    tp = types_[name]
+    if isinstance(value, str) and value.lower() in ("none", "null") and type(None) in typing.get_args(tp):
+        coerced = None
+    elif isinstance(value, str) and (value.startswith("{") or value.startswith("[")):
+        coerced = _coerce(tp, json.loads(value), full_key)
+    else:
+        coerced = _coerce(tp, value, full_key)
+    return dataclasses.replace(cfg, **{name: coerced})
+
+
+# ---------------------------------------------------------------------------------------------
+# Models
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """LightningDiT for SFD. Field names follow the authors' constructor arguments.
+
+    Defaults are LightningDiT-XL/1 as configured for the released SFD checkpoints
+    (method.md §5): patch 1 on the 16x16x48 composite latent, qk-norm, SwiGLU, 2-D RoPE,
+    RMSNorm, adaLN-Zero with shift, REPA projector on block 2 onto 768-d DINOv2-B targets.
+    """
+
+    input_size: int = 16  # latent side (256 px / f16)
+    patch_size: int = 1
+    in_channels: int = 48  # texture 32 + semantic 16 (texture first)
+    hidden_size: int = 1152
+    depth: int = 28
+    num_heads: int = 16
+    mlp_ratio: float = 4.0  # SwiGLU hidden = int(2/3 * mlp_ratio * hidden_size)
+    class_dropout_prob: float = 0.1  # label dropout to the null class (index num_classes)
+    num_classes: int = 1000
+    use_qknorm: bool = True
+    use_swiglu: bool = True
+    use_rope: bool = True
+    use_rmsnorm: bool = True
+    wo_shift: bool = False
+    learn_sigma: bool = False
+    use_repa: bool = True
+    repa_dino_version: str = "dinov2_vitb14_reg"
+    repa_depth: int = 2  # 1-indexed block whose output feeds the REPA projector
+    repa_projector_dim: int = 2048
+    repa_target_dim: int = 768  # DINOv2-B feature width (ours; the authors derive it from the name)
+    semantic_chans: int = 16  # last channels of the composite latent; 0 = plain LightningDiT
+    semfirst_delta_t: float = 0.3  # Δt the checkpoint was trained with (sampling default)
+    # Our extension: how time enters the network. "dual" = two half-width embedders
+    # concat[emb_sem(t_sem), emb_tex(t_tex)] (every SFD checkpoint); "single" = the authors'
+    # single-timestep LightningDiT layout (`t_embedder.*`), which they silently use for Δt = 0.
+    timestep_embedding: str = "dual"
+
+    def __post_init__(self) -> None:
+        if self.hidden_size % self.num_heads:
+            raise ConfigError(
+                f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}"
+            )
+        if self.timestep_embedding not in ("dual", "single"):
+            raise ConfigError(f"timestep_embedding must be 'dual' or 'single', got {self.timestep_embedding!r}")
+        if self.timestep_embedding == "dual" and self.hidden_size % 2:
+            raise ConfigError("dual timestep embedding needs an even hidden_size")
+        if not 0 <= self.semantic_chans < self.in_channels:
+            raise ConfigError(f"semantic_chans {self.semantic_chans} must lie in [0, in_channels)")
+        if self.use_repa and not 1 <= self.repa_depth <= self.depth:
+            raise ConfigError(f"repa_depth {self.repa_depth} must lie in [1, depth={self.depth}]")
+
+    @property
+    def texture_chans(self) -> int:
+        return self.in_channels - self.semantic_chans
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    @property
+    def swiglu_hidden(self) -> int:
+        return int(2 / 3 * self.mlp_ratio * self.hidden_size)
+
+
+def _dit(hidden_size: int, depth: int, num_heads: int, **kw: Any) -> ModelConfig:
+    return ModelConfig(hidden_size=hidden_size, depth=depth, num_heads=num_heads, **kw)
+
+
+# The paper's names (method.md §5.1). "1p0B/1" is the paper's "XXL".
+MODEL_PRESETS: dict[str, ModelConfig] = {
+    "LightningDiT-S/1": _dit(384, 12, 6),
+    "LightningDiT-B/1": _dit(768, 12, 12),
+    "LightningDiT-L/1": _dit(1024, 24, 16),
+    "LightningDiT-XL/1": _dit(1152, 28, 16),
+    "LightningDiT-1p0B/1": _dit(1536, 24, 24),
+    "LightningDiT-1p6B/1": _dit(1792, 28, 28),
+    # Tests and the CPU demo: every code path, a few hundred thousand parameters.
+    "tiny": _dit(64, 2, 2, repa_projector_dim=64, input_size=8, num_classes=10),
+}
+MODEL_ALIASES = {
+    "S/1": "LightningDiT-S/1",
+    "B/1": "LightningDiT-B/1",
+    "L/1": "LightningDiT-L/1",
+    "XL/1": "LightningDiT-XL/1",
+    "1p0B/1": "LightningDiT-1p0B/1",
+    "XXL/1": "LightningDiT-1p0B/1",
+    "1p6B/1": "LightningDiT-1p6B/1",
+}
+
+
+def model_preset(name: str, *overrides: str) -> ModelConfig:
+    """Model config by the paper's name (``LightningDiT-XL/1``, ``XL/1``, ``tiny`` ...)."""
+    key = MODEL_ALIASES.get(name, name)
+    if key not in MODEL_PRESETS:
+        raise ConfigError(
+            f"unknown model preset {name!r}; choose one of {sorted(MODEL_PRESETS) + sorted(MODEL_ALIASES)}"
+        )
+    return override(MODEL_PRESETS[key], list(overrides))
+
+
+# ---------------------------------------------------------------------------------------------
+# Encoders
+
+
+@dataclass(frozen=True)
+class TextureVAEConfig:
+    """LDM AutoencoderKL (``ddconfig`` names). Default: hustvl's f16d32 (method.md §2.1)."""
+
+    ch: int = 128
+    ch_mult: tuple[int, ...] = (1, 1, 2, 2, 4)
+    num_res_blocks: int = 2
+    attn_resolutions: tuple[int, ...] = (16,)
+    resolution: int = 256
+    in_channels: int = 3
+    out_ch: int = 3
+    z_channels: int = 32
+    embed_dim: int = 32
+    double_z: bool = True
+    dropout: float = 0.0
+
+    @property
+    def downsample_factor(self) -> int:
+        return 2 ** (len(self.ch_mult) - 1)
+
+
+TEXTURE_VAE_PRESETS: dict[str, TextureVAEConfig] = {
+    # hustvl ldm-imagenet256-f16d32-50ep.ckpt: the SFD texture VAE.
+    "f16d32": TextureVAEConfig(),
+    # Classic SD-VAE kl-f8 (4 channels) for users who bring their own.
+    "f8c4": TextureVAEConfig(ch_mult=(1, 2, 4, 4), attn_resolutions=(), z_channels=4, embed_dim=4),
+    # Tests: f4, 8 channels, 32x32 input.
+    "tiny": TextureVAEConfig(
+        ch=32, ch_mult=(1, 2, 2), attn_resolutions=(16,), resolution=32, z_channels=8, embed_dim=8
+    ),
+}
+
+
+@dataclass(frozen=True)
+class SemVAEConfig:
+    """Semantic VAE (authors' ``transformer`` arch, names as their constructor, method.md §3)."""
+
+    input_dim: int = 768
+    bottleneck_dim: int = 16
+    hidden_dim: int = 768
+    arch: str = "transformer"
+    transformer_heads: int = 6
+    transformer_blocks: int = 4
+
+    def __post_init__(self) -> None:
+        if self.arch != "transformer":
+            raise ConfigError(f"SemVAE arch {self.arch!r} is not supported (only 'transformer')")
+
+
+SEMVAE_PRESETS: dict[str, SemVAEConfig] = {
+    "transformer_ch16": SemVAEConfig(),
+    "tiny": SemVAEConfig(input_dim=64, bottleneck_dim=4, hidden_dim=64, transformer_heads=2, transformer_blocks=1),
+}
+
+
+@dataclass(frozen=True)
+class DinoConfig:
+    """DINOv2 with registers through timm. Default: ViT-B/14-reg4 at 224² → 256×768 tokens."""
+
+    embed_dim: int = 768
+    depth: int = 12
+    num_heads: int = 12
+    patch_size: int = 14
+    num_register_tokens: int = 4
+    img_size: int = 224  # input resolution (patch grid 16x16 at patch 14)
+    pretrained_img_size: int = 518  # the checkpoint's position-embedding grid (37x37)
+    mlp_ratio: float = 4.0
+    init_values: float = 1.0  # LayerScale
+
+
+DINO_PRESETS: dict[str, DinoConfig] = {
+    "dinov2_vitb14_reg": DinoConfig(),
+    "tiny": DinoConfig(embed_dim=64, depth=2, num_heads=2),
+}
+
+
+def preset(table: dict[str, T], name: str, kind: str, *overrides: str) -> T:
+    if name not in table:
+        raise ConfigError(f"unknown {kind} preset {name!r}; choose one of {sorted(table)}")
+    return override(table[name], list(overrides))
+
+
+__all__ = [
+    "ConfigError",
+    "ModelConfig",
+    "MODEL_PRESETS",
+    "model_preset",
+    "TextureVAEConfig",
+    "TEXTURE_VAE_PRESETS",
+    "SemVAEConfig",
+    "SEMVAE_PRESETS",
+    "DinoConfig",
+    "DINO_PRESETS",
+    "preset",
+    "from_dict",
+    "to_dict",
+    "to_json",
+    "save_json",
+    "load_json",
+    "override",
+]

@@ -1,0 +1,1 @@
+"""Image discovery, decoding, ADM crop, the Zarr latent cache and its reader."""

@@ -1,0 +1,1 @@
+"""Fused Triton kernels, their eager references, and the dispatch between them."""

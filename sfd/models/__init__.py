@@ -1,0 +1,1 @@
+"""Model definitions. Each module is pure: importing it builds nothing and changes no state."""
