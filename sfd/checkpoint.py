@@ -144,9 +144,12 @@ def unwrap_state_dict(obj: Any, prefer: tuple[str, ...] = ("ema", "model", "stat
         )
     out: dict[str, torch.Tensor] = {}
     for k, v in obj.items():
-        for prefix in ("module.", "_orig_mod."):
-            while k.startswith(prefix):
-                k = k[len(prefix):]
+        stripped = True
+        while stripped:  # any nesting order of DDP / compile wrappers
+            stripped = False
+            for prefix in ("module.", "_orig_mod."):
+                if k.startswith(prefix):
+                    k, stripped = k[len(prefix):], True
         out[k] = v
     return out
 
@@ -164,7 +167,7 @@ def check_state_dict(
     ``feat_rope.freqs_cos``) may be absent from the file.
     """
     expected = module.state_dict()
-    missing = [k for k in expected if k not in state_dict and not k.endswith(optional or ("\0",))]
+    missing = [k for k in expected if k not in state_dict and not (optional and k.endswith(optional))]
     unexpected = [k for k in state_dict if k not in expected]
     mismatched = [
         f"{k}: file {tuple(state_dict[k].shape)} vs model {tuple(expected[k].shape)}"
@@ -225,3 +228,69 @@ def save_safetensors(
     flat = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
     with atomic_path(path) as tmp:
         save_file(flat, str(tmp), metadata=meta)
+
+
+# ---------------------------------------------------------------------------------------------
+# Training checkpoints: <run>/checkpoints/<step:07d>/{model,ema}.safetensors + state.pt
+
+CKPT_DIR_DIGITS = 7
+
+
+def checkpoint_dir(run_dir: str | os.PathLike[str], step: int) -> Path:
+    return Path(run_dir) / "checkpoints" / f"{step:0{CKPT_DIR_DIGITS}d}"
+
+
+def list_checkpoints(run_dir: str | os.PathLike[str]) -> list[tuple[int, Path]]:
+    """Complete checkpoints of a run, sorted by step number (never by size or mtime).
+
+    A checkpoint counts only once its ``state.pt`` exists: that file is written last, so a
+    save killed half-way is never picked up.
+    """
+    root = Path(run_dir) / "checkpoints"
+    if not root.is_dir():
+        return []
+    out = []
+    for d in root.iterdir():
+        if d.is_dir() and d.name.isdigit() and (d / "state.pt").is_file():
+            out.append((int(d.name), d))
+    return sorted(out)
+
+
+def save_training_checkpoint(
+    run_dir: str | os.PathLike[str],
+    step: int,
+    *,
+    model: nn.Module,
+    ema: nn.Module | None,
+    state: Mapping[str, Any],
+    config_json: str,
+    keep_last: int = 0,
+) -> Path:
+    """Write weights (+EMA) as safetensors carrying the config, then the trainer state, atomically.
+
+    ``state`` (optimizer, step, images seen, data position, RNG) must hold only tensors and plain
+    Python values so it reloads with ``weights_only=True``. ``keep_last`` > 0 prunes older ones.
+    """
+    d = checkpoint_dir(run_dir, step)
+    d.mkdir(parents=True, exist_ok=True)
+    meta = {"config": config_json, "step": str(step)}
+    save_safetensors(model.state_dict(), d / "model.safetensors", meta)
+    if ema is not None:
+        save_safetensors(ema.state_dict(), d / "ema.safetensors", meta)
+    with atomic_path(d / "state.pt") as tmp:  # written last: marks the checkpoint complete
+        torch.save(dict(state), tmp)
+    if keep_last > 0:
+        import shutil
+
+        for _, old in list_checkpoints(run_dir)[:-keep_last]:
+            shutil.rmtree(old, ignore_errors=True)
+    return d
+
+
+def load_training_state(ckpt_dir: str | os.PathLike[str]) -> dict[str, Any]:
+    """Trainer state of a checkpoint directory, read with ``weights_only=True``."""
+    p = Path(ckpt_dir) / "state.pt"
+    try:
+        return torch.load(str(p), map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise WeightsError(f"could not read trainer state '{p}' (weights_only=True): {e}") from e

@@ -351,12 +351,98 @@ class DinoConfig:
     pretrained_img_size: int = 518  # the checkpoint's position-embedding grid (37x37)
     mlp_ratio: float = 4.0
     init_values: float = 1.0  # LayerScale
+    # How the checkpoint's 37x37 position grid is resampled: the *_reg hub models' settings,
+    # which timm's one-time resampling at load reproduces exactly (golden test).
+    interpolate_antialias: bool = True
+    interpolate_offset: float = 0.0
 
 
 DINO_PRESETS: dict[str, DinoConfig] = {
     "dinov2_vitb14_reg": DinoConfig(),
     "tiny": DinoConfig(embed_dim=64, depth=2, num_heads=2),
 }
+
+
+# ---------------------------------------------------------------------------------------------
+# Training runs
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """One SFD training run. Defaults are the authors' released recipe (method.md §6)."""
+
+    model: ModelConfig = ModelConfig()
+    model_name: str = "LightningDiT-XL/1"  # the preset the model came from (for logs and run names)
+    cache: str = "data/imagenet256-sfd"  # latent cache built by `just encode imagenet`
+    out_dir: str = "runs/sfd-xl"
+    # Optimisation (AdamW, constant lr, no warm-up, no weight decay).
+    lr: float = 1e-4
+    beta1: float = 0.9
+    beta2: float = 0.999
+    weight_decay: float = 0.0
+    grad_clip: float = 0.0  # max grad norm; 0 = off (the authors clip nothing)
+    global_batch: int = 256  # images per optimiser step over all ranks
+    micro_batch: int = 0  # per-rank batch per forward; 0 = global_batch / world_size
+    max_steps: int = 4_000_000  # 400K ≈ 80 epochs, 4M ≈ 800 epochs of ImageNet
+    ema_decay: float = 0.9999  # every step, from a synced copy at step 0
+    # Asynchronous flow matching (method.md §4).
+    delta_t: float = 0.3  # semantic lead Δt; 0 = synchronous baseline
+    time_mean: float = 0.0  # logit-normal location
+    time_std: float = 1.0  # logit-normal scale
+    semantic_weight: float = 2.0  # β on the semantic channels of the velocity MSE
+    use_cosine_loss: bool = True
+    repa_weight: float = 1.0  # λ; 0 = REPA off
+    repa_mode: str = "cos"  # cos | mse | cos_mse
+    # Performance policy, decided once in main().
+    precision: str = "bf16"  # bf16 autocast on GPU | fp32
+    compile: bool = True
+    fused_kernels: bool = False
+    tf32: bool = True
+    # Bookkeeping.
+    seed: int = 0
+    log_every: int = 100
+    ckpt_every: int = 10_000
+    keep_last: int = 3
+    sample_every: int = 20_000
+    num_workers: int = 2
+
+    def __post_init__(self) -> None:
+        if self.repa_mode not in ("cos", "mse", "cos_mse"):
+            raise ConfigError(f"repa_mode must be cos, mse or cos_mse, got {self.repa_mode!r}")
+        if self.precision not in ("bf16", "fp32"):
+            raise ConfigError(f"precision must be bf16 or fp32, got {self.precision!r}")
+        if self.delta_t < 0:
+            raise ConfigError(f"delta_t must be >= 0, got {self.delta_t}")
+        if self.global_batch <= 0 or self.micro_batch < 0:
+            raise ConfigError("global_batch must be > 0 and micro_batch >= 0")
+
+
+def _run(model_name: str, **kw: Any) -> TrainConfig:
+    return TrainConfig(model=model_preset(model_name), model_name=model_name, **kw)
+
+
+TRAIN_PRESETS: dict[str, TrainConfig] = {
+    # Released checkpoints (method.md §6): lr 1e-4, β2 0.999, REPA 1.0·cos, batch 256.
+    "sfd-xl": _run("LightningDiT-XL/1", out_dir="runs/sfd-xl"),
+    "sfd-xxl": _run("LightningDiT-1p0B/1", out_dir="runs/sfd-xxl"),
+    # AutoGuidance guide: B/1, same recipe, early checkpoints (60K-120K) are used.
+    "sfd-b": _run("LightningDiT-B/1", out_dir="runs/sfd-b", max_steps=400_000),
+    # The authors' later 80-epoch recipe (train_80ep_lr2e-4.yaml): lr 2e-4, β2 0.95, REPA 0.5·cos_mse.
+    "sfd-xl-lr2e-4": _run(
+        "LightningDiT-XL/1", out_dir="runs/sfd-xl-lr2e-4", lr=2e-4, beta2=0.95,
+        repa_weight=0.5, repa_mode="cos_mse", max_steps=400_000,
+    ),
+    # Tests and the CPU demo.
+    "tiny": _run(
+        "tiny", out_dir="runs/tiny", global_batch=8, max_steps=200, precision="fp32",
+        compile=False, log_every=10, ckpt_every=100, sample_every=0, num_workers=0,
+    ),
+}
+
+
+def train_preset(name: str, *overrides: str) -> TrainConfig:
+    """Run config by preset name with ``key=value`` overrides (``model.depth=4`` reaches the model)."""
+    return preset(TRAIN_PRESETS, name, "run", *overrides)
 
 
 def preset(table: dict[str, T], name: str, kind: str, *overrides: str) -> T:
@@ -377,6 +463,9 @@ __all__ = [
     "DinoConfig",
     "DINO_PRESETS",
     "preset",
+    "TrainConfig",
+    "TRAIN_PRESETS",
+    "train_preset",
     "from_dict",
     "to_dict",
     "to_json",

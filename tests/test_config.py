@@ -1,0 +1,109 @@
+"""Strict configs: presets by the paper's names, overrides, JSON round trips, unknown keys."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from sfd.config import (
+    MODEL_PRESETS,
+    TRAIN_PRESETS,
+    ConfigError,
+    ModelConfig,
+    SemVAEConfig,
+    TextureVAEConfig,
+    TrainConfig,
+    from_dict,
+    load_json,
+    model_preset,
+    save_json,
+    to_dict,
+    to_json,
+    train_preset,
+)
+from sfd.checkpoint import read_safetensors_metadata
+
+
+@pytest.mark.parametrize(
+    "name, depth, width, heads, ffn",
+    [
+        ("LightningDiT-S/1", 12, 384, 6, 1024),
+        ("LightningDiT-B/1", 12, 768, 12, 2048),
+        ("LightningDiT-L/1", 24, 1024, 16, 2730),
+        ("LightningDiT-XL/1", 28, 1152, 16, 3072),
+        ("LightningDiT-1p0B/1", 24, 1536, 24, 4096),
+    ],
+)
+def test_paper_presets(name, depth, width, heads, ffn):
+    # method.md §5.1: depth, width, heads and SwiGLU hidden per size.
+    cfg = model_preset(name)
+    assert (cfg.depth, cfg.hidden_size, cfg.num_heads, cfg.swiglu_hidden) == (depth, width, heads, ffn)
+    assert cfg.patch_size == 1 and cfg.in_channels == 48 and cfg.semantic_chans == 16
+    assert cfg.texture_chans == 32 and cfg.repa_depth == 2
+
+
+def test_aliases_and_unknown_preset():
+    assert model_preset("XL/1") == model_preset("LightningDiT-XL/1")
+    assert model_preset("XXL/1") == model_preset("1p0B/1")
+    with pytest.raises(ConfigError, match="unknown model preset"):
+        model_preset("XL/2")
+
+
+def test_overrides_are_typed_and_strict():
+    cfg = model_preset("tiny", "depth=3", "use_repa=false", "mlp_ratio=2")
+    assert cfg.depth == 3 and cfg.use_repa is False and cfg.mlp_ratio == 2.0
+    with pytest.raises(ConfigError, match="unknown key"):
+        model_preset("tiny", "dpeth=3")
+    with pytest.raises(ConfigError, match="expected an int"):
+        model_preset("tiny", "depth=three")
+    with pytest.raises(ConfigError, match="key=value"):
+        model_preset("tiny", "depth")
+    # Invalid combinations fail at construction, before any work starts.
+    with pytest.raises(ConfigError, match="divisible"):
+        model_preset("tiny", "num_heads=3")
+
+
+def test_golden_config_json_parses(golden_dir):
+    # The authors' constructor arguments, as stored with the golden weights, are our field names.
+    meta = read_safetensors_metadata(golden_dir / "lightningdit-tiny-weights.safetensors")
+    cfg = from_dict(ModelConfig, json.loads(meta["config"]))
+    assert (cfg.hidden_size, cfg.depth, cfg.num_heads, cfg.input_size) == (128, 3, 2, 8)
+    kl = json.loads(read_safetensors_metadata(golden_dir / "kl-vae-tiny-weights.safetensors")["config"])
+    assert from_dict(TextureVAEConfig, kl).ch_mult == (1, 2, 2)
+    sv = json.loads(read_safetensors_metadata(golden_dir / "semvae-tiny-weights.safetensors")["config"])
+    assert from_dict(SemVAEConfig, sv).bottleneck_dim == 4
+
+
+def test_unknown_keys_in_json_are_errors(tmp_path):
+    d = to_dict(model_preset("tiny"))
+    d["typo_field"] = 1
+    with pytest.raises(ConfigError, match="typo_field"):
+        from_dict(ModelConfig, d)
+
+
+@pytest.mark.parametrize("name", sorted(TRAIN_PRESETS))
+def test_train_presets_round_trip_json(name, tmp_path):
+    cfg = train_preset(name)
+    save_json(cfg, tmp_path / "config.json")
+    assert load_json(TrainConfig, tmp_path / "config.json") == cfg
+    assert json.loads(to_json(cfg))["model"]["hidden_size"] == cfg.model.hidden_size
+
+
+def test_train_recipes_match_the_authors():
+    # method.md §6: released recipe vs the later 80-epoch recipe.
+    xl = train_preset("sfd-xl")
+    assert (xl.lr, xl.beta1, xl.beta2, xl.weight_decay, xl.global_batch) == (1e-4, 0.9, 0.999, 0.0, 256)
+    assert (xl.ema_decay, xl.delta_t, xl.semantic_weight, xl.repa_weight, xl.repa_mode) == (0.9999, 0.3, 2.0, 1.0, "cos")
+    later = train_preset("sfd-xl-lr2e-4")
+    assert (later.lr, later.beta2, later.repa_weight, later.repa_mode) == (2e-4, 0.95, 0.5, "cos_mse")
+    # Nested overrides reach the model config.
+    assert train_preset("tiny", "model.depth=5").model.depth == 5
+    with pytest.raises(ConfigError):
+        train_preset("tiny", "repa_mode=l2")
+
+
+def test_every_model_preset_is_consistent():
+    for name, cfg in MODEL_PRESETS.items():
+        assert cfg.hidden_size % cfg.num_heads == 0, name
+        assert cfg.hidden_size % 2 == 0, name
