@@ -145,35 +145,44 @@ def load_json(cls: type[T], path: str | Path) -> T:
 
 
 def override(cfg: T, assignments: list[str] | tuple[str, ...]) -> T:
-    """Return ``cfg`` with ``key=value`` (or ``a.b=value``) assignments applied strictly."""
+    """Return ``cfg`` with ``key=value`` (or ``a.b=value``) assignments applied strictly.
+
+    All assignments are applied before the config is validated, so changes that only make
+    sense together (``in_channels`` with ``semantic_chans``) can be given in any order.
+    """
+    data = _shallow_dict(cfg)
     for assignment in assignments:
         if "=" not in assignment:
             raise ConfigError(f"override {assignment!r} is not of the form key=value")
         key, value = assignment.split("=", 1)
-        cfg = _set_path(cfg, key.strip().split("."), value, key)
-    return cfg
+        _assign(type(cfg), data, key.strip().split("."), value, key.strip())
+    return from_dict(type(cfg), data)
 
 
-def _set_path(cfg: Any, parts: list[str], value: Any, full_key: str) -> Any:
-    types_ = _field_types(type(cfg))
+def _shallow_dict(cfg: Any) -> dict[str, Any]:
+    return {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)}
+
+
+def _assign(cls: type, data: dict[str, Any], parts: list[str], value: str, full_key: str) -> None:
+    types_ = _field_types(cls)
     name = parts[0]
     if name not in types_:
-        raise ConfigError(
-            f"unknown key {full_key!r} for {type(cfg).__name__}; valid keys are {sorted(types_)}"
-        )
-    if len(parts) > 1:
-        child = getattr(cfg, name)
-        if not dataclasses.is_dataclass(child):
-            raise ConfigError(f"{full_key!r}: {name} has no sub-fields")
-        return dataclasses.replace(cfg, **{name: _set_path(child, parts[1:], value, full_key)})
+        raise ConfigError(f"unknown key {full_key!r} for {cls.__name__}; valid keys are {sorted(types_)}")
     tp = types_[name]
-    if isinstance(value, str) and value.lower() in ("none", "null") and type(None) in typing.get_args(tp):
-        coerced = None
-    elif isinstance(value, str) and (value.startswith("{") or value.startswith("[")):
-        coerced = _coerce(tp, json.loads(value), full_key)
+    if len(parts) > 1:
+        if not dataclasses.is_dataclass(tp):
+            raise ConfigError(f"{full_key!r}: {name} has no sub-fields")
+        child = data[name]
+        if dataclasses.is_dataclass(child):
+            child = data[name] = _shallow_dict(child)
+        _assign(tp, child, parts[1:], value, full_key)
+        return
+    if value.lower() in ("none", "null") and type(None) in typing.get_args(tp):
+        data[name] = None
+    elif value.startswith("{") or value.startswith("["):
+        data[name] = _coerce(tp, json.loads(value), full_key)
     else:
-        coerced = _coerce(tp, value, full_key)
-    return dataclasses.replace(cfg, **{name: coerced})
+        data[name] = _coerce(tp, value, full_key)
 
 
 # ---------------------------------------------------------------------------------------------

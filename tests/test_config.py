@@ -107,3 +107,12 @@ def test_every_model_preset_is_consistent():
     for name, cfg in MODEL_PRESETS.items():
         assert cfg.hidden_size % cfg.num_heads == 0, name
         assert cfg.hidden_size % 2 == 0, name
+
+
+def test_overrides_validate_once_after_all_assignments():
+    # in_channels and semantic_chans only make sense together: order must not matter.
+    a = model_preset("tiny", "in_channels=12", "semantic_chans=4")
+    b = model_preset("tiny", "semantic_chans=4", "in_channels=12")
+    assert a == b and a.texture_chans == 8
+    with pytest.raises(ConfigError, match="semantic_chans"):
+        model_preset("tiny", "in_channels=12")  # 16 semantic channels cannot fit in 12
