@@ -1,0 +1,338 @@
+"""Training-time reader of the latent cache: shuffled, resumable, DDP-sharded batches.
+
+Each item is the composite latent ``[texture | semantic]`` (DESIGN.md §3: texture channels first),
+each part normalised per channel as ``(x - μ_c) / σ_c`` with the statistics stored in the cache
+(method.md §2.4), its label, and optionally its REPA target (DINOv2 patch tokens). Every item
+picks the plain or the flipped copy with probability 1/2, and the same choice for all three
+(method.md §2.5).
+
+Plain zarr item reads cost ~1-2 ms of Python overhead each (~400-1000 items/s), far below what a
+GPU consumes, so the reader never reads single texture/semantic rows. It gathers batches from
+whole chunks held in memory, in one of two modes:
+
+``mode="memory"``
+    Read the texture and semantic arrays once, chunk by chunk, and keep them in RAM; every epoch
+    is a full random permutation of the valid rows. Costs ``N × 2 × (Ct+Cs)·h·w × 2 B`` per
+    process (49 KB per image at 256²: 63 GB for ImageNet-1k), so it suits small datasets or
+    hosts with the RAM for it.
+
+``mode="stream"``
+    Each epoch visits the zarr chunks (``rows_per_chunk`` contiguous rows) in a random order,
+    split between DDP ranks chunk by chunk, and loads ``window_chunks`` of them at a time
+    (prefetching the next window in a thread); the rows of a window are shuffled together. Memory
+    is bounded by two windows, and reads are large sequential chunk reads. The trade-off: items
+    of one batch come from at most ``window_chunks`` chunks, so if rows are stored in class order
+    (the sorted file list) a batch sees ~``window_chunks × rows_per_chunk / images_per_class``
+    classes at most. Encoding in a fixed permuted row order (``ImageList.permuted``) removes that
+    correlation; otherwise use a large window.
+
+Batch assembly is memory-bound NumPy/torch work in the calling process; run it with one torch
+CPU thread (torchrun's default OMP_NUM_THREADS=1): on a busy CPU the intra-op thread pool made it
+~6x slower in ``bench/cache_reader.py``.
+
+REPA targets (786 KB per image) are read per item from zarr in both modes (one (row, flip)
+inner chunk each), which bounds throughput to roughly a thousand items per second per process.
+
+Order and resume: the order depends only on ``(seed, epoch)`` (and rank/world size), the flip of
+each item is drawn with it, and :meth:`LatentCacheReader.state_dict` records ``(epoch, index)``,
+the number of items of this epoch already yielded by this rank, so a resumed run continues with
+exactly the batches it would have seen. Each rank yields the same number of items per epoch
+(a few rows are dropped per epoch to make the counts equal), and ranks never share a row within
+an epoch.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, Literal, NamedTuple
+
+import numpy as np
+import torch
+
+from sfd.data.cache import CacheError, LatentCache
+
+
+class LatentBatch(NamedTuple):
+    x: torch.Tensor  # [B, Ct+Cs, h, w] float32, normalised, texture channels first
+    y: torch.Tensor  # [B] int64 class labels
+    repa: torch.Tensor | None  # [B, tokens, dim] float32 REPA targets, or None
+    rows: np.ndarray  # [B] cache row of each item (for logging / debugging)
+    flips: np.ndarray  # [B] 0 = plain, 1 = horizontally flipped
+
+
+@dataclass
+class _EpochPlan:
+    rows: np.ndarray  # [n] cache rows this rank yields this epoch, in order
+    flips: np.ndarray  # [n] flip choice per position
+    window: np.ndarray  # [n] window id per position (0 everywhere in memory mode)
+    slot: np.ndarray  # [n] row slot inside that window's buffer
+    window_chunks: list[np.ndarray]  # chunk ids making up each window (stream mode)
+
+
+class LatentCacheReader:
+    """Batches of normalised composite latents from a finished :class:`LatentCache`."""
+
+    def __init__(
+        self,
+        cache: LatentCache | str | os.PathLike[str],
+        *,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        load_dino: bool = False,
+        mode: Literal["memory", "stream"] = "memory",
+        window_chunks: int = 64,
+        expected_attrs: Mapping[str, Any] | None = None,
+    ):
+        self.cache = cache if isinstance(cache, LatentCache) else LatentCache.open(cache)
+        if expected_attrs is not None:
+            self.cache.check_compatible(expected_attrs)
+        if not self.cache.is_complete():
+            raise CacheError(
+                f"cache {self.cache.path} is incomplete: shards {self.cache.pending_shards()[:10]} "
+                "are not finished; resume the encode job first"
+            )
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} not in [0, {world_size})")
+        if mode not in ("memory", "stream"):
+            raise ValueError(f"mode must be 'memory' or 'stream', got {mode!r}")
+        if load_dino and not self.cache.has_dino:
+            raise CacheError(f"cache {self.cache.path} has no DINO targets (created with store_dino=False)")
+        self.seed, self.rank, self.world_size = int(seed), int(rank), int(world_size)
+        self.mode, self.window_chunks, self.load_dino = mode, int(window_chunks), load_dino
+
+        layout = self.cache.layout
+        self._rpc = layout.rows_per_chunk
+        self._labels = torch.from_numpy(self.cache.labels())
+        self._valid = self.cache.valid()
+        if not self._valid.any():
+            raise CacheError(f"cache {self.cache.path} has no valid rows")
+        stats = self.cache.stats()
+        # [1, C, 1, 1] so they broadcast over a [B, C, h, w] batch.
+        self._mean = {p: torch.from_numpy(stats[f"{p}_mean"]).view(1, -1, 1, 1) for p in ("texture", "semantic")}
+        self._std = {p: torch.from_numpy(stats[f"{p}_std"]).view(1, -1, 1, 1) for p in ("texture", "semantic")}
+        self._arrays = {p: self.cache.group[p] for p in ("texture", "semantic")}
+        self._dino = self.cache.group["dino"] if load_dino else None
+
+        self.epoch, self.index = 0, 0
+        self._plan_epoch: int | None = None
+        self._plan: _EpochPlan | None = None
+        self._windows: dict[int, dict[str, np.ndarray]] = {}
+        self._pending: dict[int, Future[dict[str, np.ndarray]]] = {}
+        self._pool: ThreadPoolExecutor | None = None
+        self._dino_pool: ThreadPoolExecutor | None = None
+        self._dino_ahead: dict[tuple[int | None, int], Future[np.ndarray]] = {}  # (epoch, start)
+        if mode == "memory":
+            self._windows[0] = self._load_chunks(np.arange(layout.num_chunks))
+        self._items_per_rank = len(self._make_plan(0).rows)
+        if self._items_per_rank == 0:
+            raise CacheError(
+                f"rank {rank} of {world_size} gets no rows from {self.cache.path} "
+                f"({int(self._valid.sum())} valid rows in {layout.num_chunks} chunks)"
+            )
+
+    # ---- order ---------------------------------------------------------------------------------
+
+    def __len__(self) -> int:
+        """Items this rank yields per epoch (equal on every rank)."""
+        return self._items_per_rank
+
+    def _make_plan(self, epoch: int) -> _EpochPlan:
+        rng = np.random.default_rng([self.seed, epoch])
+        if self.mode == "memory":
+            perm = rng.permutation(np.flatnonzero(self._valid))
+            flips = rng.integers(0, 2, size=len(perm), dtype=np.int64)  # drawn per global position
+            per_rank = len(perm) // self.world_size
+            take = slice(self.rank, per_rank * self.world_size, self.world_size)
+            rows = perm[take]
+            zeros = np.zeros(len(rows), dtype=np.int64)
+            return _EpochPlan(rows, flips[take], zeros, rows.copy(), [])
+
+        # Stream mode: chunks dealt to ranks in a per-epoch random order.
+        layout = self.cache.layout
+        starts = np.arange(0, layout.num_rows, self._rpc)
+        valid_per_chunk = np.add.reduceat(self._valid.astype(np.int64), starts)
+        chunks = rng.permutation(np.flatnonzero(valid_per_chunk > 0))
+        per_rank_chunks = [chunks[r :: self.world_size] for r in range(self.world_size)]
+        per_rank = min(int(valid_per_chunk[c].sum()) for c in per_rank_chunks)
+        mine = per_rank_chunks[self.rank]
+        rows_l, flips_l, win_l, slot_l, windows = [], [], [], [], []
+        for w, w0 in enumerate(range(0, len(mine), self.window_chunks)):
+            wchunks = mine[w0 : w0 + self.window_chunks]
+            windows.append(wchunks)
+            rows = np.concatenate([np.arange(*layout.chunk_rows(int(c))) for c in wchunks])
+            slots = np.concatenate(
+                [j * self._rpc + np.arange(np.diff(layout.chunk_rows(int(c)))[0]) for j, c in enumerate(wchunks)]
+            )
+            keep = self._valid[rows]
+            rows, slots = rows[keep], slots[keep]
+            wrng = np.random.default_rng([self.seed, epoch, self.rank, w])
+            order = wrng.permutation(len(rows))
+            rows_l.append(rows[order])
+            slot_l.append(slots[order])
+            flips_l.append(wrng.integers(0, 2, size=len(rows), dtype=np.int64))
+            win_l.append(np.full(len(rows), w, dtype=np.int64))
+        cat = lambda parts: np.concatenate(parts)[:per_rank] if parts else np.zeros(0, np.int64)
+        return _EpochPlan(cat(rows_l), cat(flips_l), cat(win_l), cat(slot_l), windows)
+
+    def _plan_for(self, epoch: int) -> _EpochPlan:
+        if self._plan_epoch != epoch:
+            self._plan, self._plan_epoch = self._make_plan(epoch), epoch
+            if self.mode == "stream":
+                self._drop_windows(keep=set())
+        assert self._plan is not None
+        return self._plan
+
+    def state_dict(self) -> dict[str, Any]:
+        """Position to resume from: the next item is ``index`` of ``epoch`` (per rank)."""
+        return {
+            "epoch": self.epoch,
+            "index": self.index,
+            "seed": self.seed,
+            "world_size": self.world_size,
+            "mode": self.mode,
+            "window_chunks": self.window_chunks if self.mode == "stream" else None,
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        # The order is a function of these settings; resuming under others would replay or skip rows.
+        mine = self.state_dict()
+        diffs = [k for k in ("seed", "world_size", "mode", "window_chunks") if k in state and state[k] != mine[k]]
+        if diffs:
+            raise ValueError(
+                "reader state was saved with different settings: "
+                + ", ".join(f"{k}={state[k]!r} (now {mine[k]!r})" for k in diffs)
+            )
+        self.epoch, self.index = int(state["epoch"]), int(state["index"])
+
+    # ---- data ----------------------------------------------------------------------------------
+
+    def _load_chunks(self, chunk_ids: np.ndarray) -> dict[str, np.ndarray]:
+        """Texture and semantic of whole chunks, laid out chunk j at rows [j*rpc, (j+1)*rpc)."""
+        layout = self.cache.layout
+        out = {}
+        for part, arr in self._arrays.items():
+            buf = np.zeros((len(chunk_ids) * self._rpc, *arr.shape[1:]), dtype=np.float16)
+            for j, c in enumerate(chunk_ids):
+                r0, r1 = layout.chunk_rows(int(c))
+                buf[j * self._rpc : j * self._rpc + (r1 - r0)] = arr[r0:r1]
+            out[part] = buf
+        return out
+
+    def _window(self, plan: _EpochPlan, w: int) -> dict[str, np.ndarray]:
+        if self.mode == "memory":
+            return self._windows[0]
+        if w not in self._windows:
+            fut = self._pending.pop(w, None)
+            self._windows[w] = fut.result() if fut is not None else self._load_chunks(plan.window_chunks[w])
+            # Keep the previous window (a batch may straddle two) and start reading the next one.
+            self._drop_windows(keep={w - 1, w})
+            if w + 1 < len(plan.window_chunks) and w + 1 not in self._pending:
+                if self._pool is None:
+                    self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sfd-cache-prefetch")
+                self._pending[w + 1] = self._pool.submit(self._load_chunks, plan.window_chunks[w + 1])
+        return self._windows[w]
+
+    def _drop_windows(self, keep: set[int]) -> None:
+        for w in [w for w in self._windows if w not in keep]:
+            del self._windows[w]
+        for w in [w for w in self._pending if w not in keep and w != max(keep, default=-2) + 1]:
+            self._pending.pop(w).cancel()
+
+    def _gather(self, plan: _EpochPlan, sel: slice) -> LatentBatch:
+        rows, flips, wins, slots = plan.rows[sel], plan.flips[sel], plan.window[sel], plan.slot[sel]
+        win_ids = [int(w) for w in np.unique(wins)]
+        windows = {w: self._window(plan, w) for w in win_ids}
+        ct, cs = self.cache.layout.texture_shape[0], self.cache.layout.semantic_shape[0]
+        hw = self.cache.layout.texture_shape[1:]
+        # One output allocation, filled and normalised in place: at ~50 MB/s-per-batch rates the
+        # extra temporaries of cat / out-of-place arithmetic cost more than the gather itself.
+        x = torch.empty((len(rows), ct + cs, *hw), dtype=torch.float32)
+        for part, dst in (("texture", x[:, :ct]), ("semantic", x[:, ct:])):
+            # Row-major [slot, flip] → flat index slot*2 + flip: a single np.take gather.
+            flat_idx = slots * 2 + flips
+            for w in win_ids:
+                buf = windows[w][part]
+                flat = buf.reshape(buf.shape[0] * buf.shape[1], -1)
+                if len(win_ids) == 1:
+                    dst.copy_(torch.from_numpy(np.take(flat, flat_idx, axis=0)).view(dst.shape))
+                else:
+                    m = wins == w
+                    dst[torch.from_numpy(m)] = torch.from_numpy(np.take(flat, flat_idx[m], axis=0)).view(-1, *dst.shape[1:]).float()
+            dst.sub_(self._mean[part]).div_(self._std[part])
+        y = self._labels[torch.from_numpy(rows)]
+        repa = None
+        if self._dino is not None:
+            # Read ahead by batches(); read here when no read-ahead exists (first batch, resume).
+            fut = self._dino_ahead.pop((self._plan_epoch, sel.start), None)
+            dino = fut.result() if fut is not None else self._read_dino(rows, flips)
+            repa = torch.from_numpy(dino).float()
+        return LatentBatch(x, y, repa, rows, flips)
+
+    def _read_dino(self, rows: np.ndarray, flips: np.ndarray) -> np.ndarray:
+        # One (row, flip) inner chunk per item; zarr gives no faster random access to them.
+        assert self._dino is not None
+        return np.stack([np.asarray(self._dino[int(r), int(f)]) for r, f in zip(rows, flips)])
+
+    def _read_dino_ahead(self, plan: _EpochPlan, start: int, batch_size: int) -> None:
+        # The REPA targets of the next batch are read in a thread (zarr waits release the GIL)
+        # while the caller trains on the current one; only within the epoch, to stay simple.
+        if start + batch_size > len(plan.rows):
+            return
+        if self._dino_pool is None:
+            self._dino_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sfd-dino-prefetch")
+        sel = slice(start, start + batch_size)
+        self._dino_ahead[(self._plan_epoch, start)] = self._dino_pool.submit(self._read_dino, plan.rows[sel], plan.flips[sel])
+
+    def batches(self, batch_size: int) -> Iterator[LatentBatch]:
+        """Yield batches forever, epoch after epoch, starting from the current position.
+
+        Batches never straddle epochs; the last ``len(self) % batch_size`` items of an epoch are
+        skipped (they are different rows each epoch). :meth:`state_dict` taken after a batch was
+        yielded resumes right after it.
+        """
+        if batch_size <= 0:
+            raise ValueError("batch_size must be positive")
+        if batch_size > len(self):
+            raise ValueError(f"batch_size {batch_size} exceeds the {len(self)} items per rank per epoch")
+        try:
+            while True:
+                plan = self._plan_for(self.epoch)
+                if self.index + batch_size > len(plan.rows):
+                    self.epoch, self.index = self.epoch + 1, 0
+                    continue
+                batch = self._gather(plan, slice(self.index, self.index + batch_size))
+                self.index += batch_size
+                if self._dino is not None:
+                    self._read_dino_ahead(plan, self.index, batch_size)
+                yield batch
+        finally:
+            self.close()
+
+    def item(self, row: int, flip: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """One item by cache row and flip, read directly (slow; for inspection and tests)."""
+        parts = []
+        for part in ("texture", "semantic"):
+            x = torch.from_numpy(np.asarray(self._arrays[part][row, flip])).float()[None]
+            parts.append((x - self._mean[part]) / self._std[part])
+        repa = None
+        if self._dino is not None:
+            repa = torch.from_numpy(np.asarray(self._dino[row, flip])).float()
+        return torch.cat(parts, dim=1)[0], self._labels[row], repa
+
+    def close(self) -> None:
+        for fut in self._pending.values():
+            fut.cancel()
+        self._pending.clear()
+        for fut in self._dino_ahead.values():
+            fut.cancel()
+        self._dino_ahead.clear()
+        for pool in (self._pool, self._dino_pool):
+            if pool is not None:
+                pool.shutdown(wait=False, cancel_futures=True)
+        self._pool = self._dino_pool = None
+        if self.mode == "stream":
+            self._windows.clear()
