@@ -402,6 +402,7 @@ class TrainConfig:
     use_cosine_loss: bool = True
     repa_weight: float = 1.0  # λ; 0 = REPA off
     repa_mode: str = "cos"  # cos | mse | cos_mse
+    mask_clamped: bool = False  # ours, off = faithful: drop the clamped parts from the loss (method.md §12.7)
     # Performance policy, decided once in main().
     precision: str = "bf16"  # bf16 autocast on GPU | fp32
     compile: bool = True
