@@ -291,3 +291,12 @@ def test_tf_resize_matches_reference_on_a_real_image(
 def test_tf_resize_identity_at_same_size() -> None:
     x = torch.rand(1, 3, 299, 299) * 255
     torch.testing.assert_close(resize_bilinear_tf(x, (299, 299)), x, rtol=0, atol=0)
+
+
+def test_random_detector_features_carry_signal():
+    # Default init collapses the features to ~1e-7 for every image; ours must separate images.
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (3, 64, 64, 3), dtype=torch.uint8, generator=g)
+    out = random_inception()(images)
+    assert out.pool.std(dim=0).mean() > 1e-3
+    assert out.probs.max(dim=1).values.mean() > 2.0 / 1008  # not uniform

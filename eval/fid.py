@@ -1,0 +1,624 @@
+"""FID, sFID, IS, precision and recall as the paper reports them (ADM protocol, method.md §7.3, §8).
+
+Subcommands:
+  gen   generate N class-balanced samples (N/K per class, label ⌊i/(N/K)⌋) as {index:06d}.png;
+        distributed with torchrun, per-index seeds, resumable (re-run the same command);
+        --npz packs the ADM sample batch (arr_0 uint8 N×H×W×3, shuffled with seed 42) that the
+        official TensorFlow evaluator reads too.
+  ref   reference statistics (mu, sigma, mu_s, sigma_s + pool features) of an image folder or npz.
+  calc  metrics of a sample folder or npz against VIRTUAL_imagenet256_labeled.npz or a `ref` file;
+        writes a results JSON with every setting and prints one headline line.
+
+Only the verified Inception weights (pt_inception-2015-12-05-6726825d.pth, a local file) give
+"FID"; any other detector (--detector random for tests) names itself in every number
+("FD_random-inception", ...).
+
+Examples:
+    # 50K samples with AutoGuidance on 8 GPUs, then the npz for the official evaluator
+    torchrun --nproc_per_node=8 eval/fid.py gen --ckpt weights/sfd_xl_4m.pt --model XL/1 \\
+        --guide weights/sfd_autoguidance_b.pt --guide-model B/1 --ag-scale 1.5 \\
+        --stats weights/latents_stats.pt --out samples/sfd-xl-ag --npz samples/sfd-xl-ag.npz
+
+    # metrics against the ADM reference batch (weights/VIRTUAL_imagenet256_labeled.npz)
+    python eval/fid.py calc samples/sfd-xl-ag.npz --out results/sfd-xl-ag.json
+
+    # reference statistics of your own image folder (ADM centre crop to 256)
+    python eval/fid.py ref data/imagenet/val --center-crop 256 --out refs/imagenet-val.npz
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+import zipfile
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from PIL import Image
+from tqdm import tqdm
+
+from sfd.checkpoint import resolve_weights
+from sfd.generate import (
+    AUTHORS_SHUFFLE_SEED,
+    add_model_args,
+    add_sampling_args,
+    balanced_labels,
+    clock_for,
+    file_sha256,
+    generate_latents,
+    latents_to_images,
+    load_pipeline,
+    pick_device,
+    rank_indices,
+    resolve_checkpoint,
+    sampling_config_from_args,
+    shuffled_order,
+)
+from sfd.metrics import (
+    IS_SPLIT_SIZE,
+    PR_NEIGHBOURHOOD,
+    feature_stats,
+    frechet_distance,
+    inception_score,
+    precision_recall,
+)
+from sfd.models.inception import (
+    FID_DETECTOR_NAME,
+    is_fid_detector,
+    load_inception,
+    random_inception,
+)
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+SETTINGS_FILE = "gen.json"  # identity of a sample folder; a resume must match it
+SETTINGS_KEY = "sfd_settings_json"  # the same settings, inside a packed npz (arr_0 stays ADM's)
+
+
+def example_epilog(*lines: str) -> str:
+    return "example:\n" + "\n".join(f"    {line}" for line in lines)
+
+
+# ---------------------------------------------------------------------------------------------
+# Distributed helpers (torchrun sets RANK, WORLD_SIZE, LOCAL_RANK)
+
+
+def init_distributed(device_arg: str) -> tuple[int, int, torch.device]:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    device = pick_device(device_arg, local_rank)
+    if world > 1:
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return rank, world, device
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+# ---------------------------------------------------------------------------------------------
+# Image files and npz batches
+
+
+def png_path(folder: Path, index: int) -> Path:
+    return folder / f"{index:06d}.png"
+
+
+def write_png_atomic(path: Path, image: np.ndarray) -> None:
+    """Temp file + rename: a killed run never leaves a truncated PNG under the final name."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    Image.fromarray(image).save(tmp, format="PNG")
+    os.replace(tmp, path)
+
+
+def list_images(folder: Path) -> list[Path]:
+    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith("."))
+    if not files:
+        raise SystemExit(f"no images ({', '.join(IMAGE_EXTENSIONS)}) under {folder}")
+    return files
+
+
+def read_image(path: Path, center_crop: int | None) -> np.ndarray:
+    with Image.open(path) as im:
+        if center_crop:
+            from sfd.data.images import adm_center_crop
+
+            return adm_center_crop(im.convert("RGB"), center_crop)
+        return np.asarray(im.convert("RGB"))
+
+
+def npz_member_header(zf: zipfile.ZipFile, key: str) -> tuple[tuple[int, ...], np.dtype, Any]:
+    """(shape, dtype, open stream positioned at the data) of ``key`` in an npz, without loading it."""
+    stream = zf.open(f"{key}.npy")
+    version = np.lib.format.read_magic(stream)
+    read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+    shape, fortran, dtype = read_header(stream)
+    if fortran:
+        raise SystemExit(f"{key} is stored in Fortran order; expected C order as np.savez writes")
+    return shape, dtype, stream
+
+
+def npz_num_images(path: Path, key: str = "arr_0") -> tuple[int, tuple[int, ...]]:
+    with zipfile.ZipFile(path) as zf:
+        if f"{key}.npy" not in zf.namelist():
+            raise SystemExit(f"{path} has no '{key}' (keys: {[n[:-4] for n in zf.namelist()]})")
+        shape, dtype, stream = npz_member_header(zf, key)
+        stream.close()
+    if len(shape) != 4 or shape[-1] != 3 or dtype != np.uint8:
+        raise SystemExit(f"{path}:{key} must be uint8 N×H×W×3, got {dtype} {shape}")
+    return shape[0], shape
+
+
+def iter_npz_images(path: Path, batch_size: int, key: str = "arr_0") -> Iterator[np.ndarray]:
+    """uint8 (B, H, W, 3) batches of an npz image array, streamed (a 50K batch is ~10 GB)."""
+    with zipfile.ZipFile(path) as zf:
+        shape, _, stream = npz_member_header(zf, key)
+        per_image = int(np.prod(shape[1:]))
+        for start in range(0, shape[0], batch_size):
+            count = min(batch_size, shape[0] - start)
+            buf = stream.read(count * per_image)
+            yield np.frombuffer(bytearray(buf), dtype=np.uint8).reshape(count, *shape[1:])
+        stream.close()
+
+
+def iter_folder_images(
+    files: Sequence[Path], batch_size: int, center_crop: int | None = None, workers: int = 8
+) -> Iterator[np.ndarray]:
+    """uint8 (B, H, W, 3) batches in the given file order (decoded on a thread pool)."""
+    with ThreadPoolExecutor(workers) as pool:
+        for start in range(0, len(files), batch_size):
+            imgs = list(pool.map(lambda p: read_image(p, center_crop), files[start : start + batch_size]))
+            sizes = {im.shape for im in imgs}
+            if len(sizes) > 1:
+                raise SystemExit(f"images of different sizes {sorted(sizes)}; use --center-crop SIZE")
+            yield np.stack(imgs)
+
+
+def write_npz_streamed(
+    path: Path, files: Sequence[Path], image_shape: tuple[int, ...], settings: dict[str, Any]
+) -> None:
+    """ADM sample batch: ``arr_0`` uint8 (N, H, W, 3) in ``files`` order, plus the settings.
+
+    Written member by member through zipfile (as np.savez lays it out) so 50K images never sit
+    in memory at once, into a temp file renamed into place at the end.
+    """
+    tmp = path.with_name(f".{path.name}.tmp")
+    shape = (len(files), *image_shape)
+    with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
+        with zf.open("arr_0.npy", "w", force_zip64=True) as f:
+            np.lib.format.write_array_header_1_0(f, {"descr": "|u1", "fortran_order": False, "shape": shape})
+            for batch in tqdm(iter_folder_images(files, 256), total=-(-len(files) // 256), desc="npz", unit="batch"):
+                if batch.shape[1:] != image_shape:
+                    raise SystemExit(f"image of shape {batch.shape[1:]} in a batch of {image_shape}")
+                f.write(np.ascontiguousarray(batch).tobytes())
+        with zf.open(f"{SETTINGS_KEY}.npy", "w") as f:
+            np.lib.format.write_array(f, np.array(json.dumps(settings)))
+    os.replace(tmp, path)
+
+
+def read_npz_settings(path: Path) -> dict[str, Any] | None:
+    with np.load(path) as data:
+        return json.loads(str(data[SETTINGS_KEY])) if SETTINGS_KEY in data.files else None
+
+
+# ---------------------------------------------------------------------------------------------
+# gen
+
+
+def generation_settings(args: argparse.Namespace, model: Any, ckpt_file: Path, stats: Any, num_classes: int) -> dict[str, Any]:
+    """Everything that decides the images (compared on resume) — not batch size or GPU count."""
+    sampling = sampling_config_from_args(args)
+    vae_file = resolve_weights("texture_vae", args.vae)
+    return {
+        "checkpoint": str(ckpt_file),
+        "checkpoint_sha256": file_sha256(ckpt_file),
+        "ema": not args.no_ema,
+        "model": json.loads(json.dumps(model.cfg.__dict__)),
+        "guide_sha256": file_sha256(resolve_guide_file(args)) if args.guide else None,
+        "sampling": sampling.describe(),
+        "delta_t": clock_for(model.cfg, sampling).delta_t,
+        "num_samples": args.num_samples,
+        "num_classes": num_classes,
+        "labels": "balanced: label(i) = i // (num_samples / num_classes)",
+        "texture_stats": stats.source,
+        "texture_stats_values": [stats.mean.tolist(), stats.std.tolist()],
+        "vae": str(vae_file),
+        "vae_sha256": file_sha256(vae_file),
+        "vae_preset": args.vae_preset,
+    }
+
+
+def resolve_guide_file(args: argparse.Namespace) -> Path:
+    return resolve_checkpoint(args.guide, prefer_ema=not args.no_ema)
+
+
+def check_or_write_settings(out: Path, settings: dict[str, Any]) -> None:
+    """Rank 0: record the settings, or refuse to resume a folder made with different ones."""
+    path = out / SETTINGS_FILE
+    settings = json.loads(json.dumps(settings))  # compare in JSON form (tuples become lists)
+    if path.is_file():
+        stored = json.loads(path.read_text())
+        # File locations may move; their hashes and the values may not.
+        identity = {k: v for k, v in settings.items() if k not in ("checkpoint", "vae", "texture_stats")}
+        diffs = {k: (stored.get(k), v) for k, v in identity.items() if stored.get(k) != v}
+        if diffs:
+            lines = "\n".join(f"  {k}: folder has {a!r}, this run {b!r}" for k, (a, b) in diffs.items())
+            raise SystemExit(f"{out} holds samples made with other settings; use a new --out.\n{lines}")
+        return
+    if any(out.glob("*.png")):
+        raise SystemExit(f"{out} has PNGs but no {SETTINGS_FILE}: not a folder this script made; use a new --out")
+    tmp = path.with_name(f".{SETTINGS_FILE}.tmp")
+    tmp.write_text(json.dumps(settings, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def read_nfe(out: Path) -> dict[str, float] | None:
+    """Mean/min/max NFE per batch from the per-rank logs (a regenerated batch counts once)."""
+    per_batch: dict[int, int] = {}
+    for log in sorted(out.glob("nfe.rank*.jsonl")):
+        for line in log.read_text().splitlines():
+            if line.strip():
+                rec = json.loads(line)
+                per_batch[rec["first_index"]] = rec["nfe"]
+    if not per_batch:
+        return None
+    values = np.array(list(per_batch.values()), dtype=np.float64)
+    return {"mean": float(values.mean()), "min": float(values.min()), "max": float(values.max()), "batches": len(values)}
+
+
+def cmd_gen(args: argparse.Namespace) -> None:
+    rank, world, device = init_distributed(args.device)
+    # Policy, decided once: TF32 matmuls as in the authors' inference (method.md §7.1).
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = not args.no_tf32
+        torch.backends.cudnn.allow_tf32 = not args.no_tf32
+    sampling = sampling_config_from_args(args)
+    model, ckpt_file, guide, stats, vae = load_pipeline(args, device)
+    num_classes = args.num_classes or model.cfg.num_classes
+    if args.num_samples % num_classes:  # exactly N/K per class (method.md §7.3)
+        raise SystemExit(f"--num-samples {args.num_samples} is not a multiple of the {num_classes} classes")
+    out = Path(args.out)
+    error: list[str | None] = [None]
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        try:
+            check_or_write_settings(out, generation_settings(args, model, ckpt_file, stats, num_classes))
+        except SystemExit as e:
+            error[0] = str(e)
+    if dist.is_initialized():  # every rank stops on rank 0's refusal instead of hanging in a barrier
+        dist.broadcast_object_list(error, src=0)
+    if error[0] is not None:
+        raise SystemExit(error[0])
+    settings = json.loads((out / SETTINGS_FILE).read_text())
+
+    # Fixed batches over this rank's indices: a resumed run recomputes exactly the batches that
+    # are missing a file, with the same members, so its images match an uninterrupted run bit for bit.
+    mine = rank_indices(args.num_samples, rank, world)
+    batches = [mine[i : i + args.batch_size] for i in range(0, len(mine), args.batch_size)]
+    todo = [b for b in batches if not all(png_path(out, i).is_file() for i in b)]
+    done_images = sum(len(b) for b in batches) - sum(len(b) for b in todo)
+    if rank == 0:
+        print(
+            f"gen: {args.num_samples} samples ({args.num_samples // num_classes}/class) -> {out} | "
+            f"world {world} | {sampling.method} {sampling.solver_options()} | guidance {sampling.guidance} | "
+            f"rank 0: {done_images} done, {len(todo)} batches to go"
+        )
+    if args.max_batches is not None:
+        todo = todo[: args.max_batches]
+    bar = tqdm(total=len(mine), initial=done_images, unit="img", desc="gen", disable=rank != 0, dynamic_ncols=True)
+    for batch in todo:
+        indices = list(batch)
+        for i in indices:  # leftovers of a run killed mid-write
+            png_path(out, i).with_name(f".{i:06d}.png.tmp").unlink(missing_ok=True)
+        labels = balanced_labels(indices, args.num_samples, num_classes)
+        latents, nfe = generate_latents(model, labels, indices, sampling, guide)
+        images = latents_to_images(latents, stats, vae, model.cfg.texture_chans).numpy()
+        for i, image in zip(indices, images):
+            if not png_path(out, i).is_file():
+                write_png_atomic(png_path(out, i), image)
+        with open(out / f"nfe.rank{rank}.jsonl", "a") as log:
+            log.write(json.dumps({"first_index": indices[0], "count": len(indices), "nfe": nfe}) + "\n")
+        bar.update(len(indices))
+        bar.set_postfix(nfe=nfe)
+    bar.close()
+    barrier()
+
+    if rank == 0:
+        missing = [i for i in range(args.num_samples) if not png_path(out, i).is_file()]
+        if missing:
+            print(f"gen: {len(missing)} of {args.num_samples} samples still missing; re-run the same command to continue")
+        else:
+            print(f"gen: all {args.num_samples} samples in {out}")
+            if args.npz:
+                settings["nfe_per_batch"] = read_nfe(out)
+                settings["npz_order"] = f"shuffled, numpy default_rng({args.shuffle_seed}).permutation"
+                order = shuffled_order(args.num_samples, args.shuffle_seed)
+                with Image.open(png_path(out, 0)) as im:
+                    first = np.asarray(im.convert("RGB"))
+                write_npz_streamed(Path(args.npz), [png_path(out, int(i)) for i in order], first.shape, settings)
+                print(f"gen: wrote {args.npz} (arr_0 {args.num_samples}x{'x'.join(map(str, first.shape))} uint8, shuffled)")
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+# ---------------------------------------------------------------------------------------------
+# Features and reference statistics
+
+
+def build_detector(args: argparse.Namespace, device: torch.device) -> torch.nn.Module:
+    if args.detector == "random":
+        return random_inception(seed=0).to(device)
+    return load_inception(args.inception, device=device)
+
+
+def detector_slug(detector: torch.nn.Module) -> str:
+    """Short detector name for metric keys: 'random-inception (not FID)' → 'random-inception'."""
+    return detector.detector_name.split(" (")[0]
+
+
+@torch.no_grad()
+def compute_features(
+    batches: Iterator[np.ndarray], total: int, detector: torch.nn.Module, device: torch.device, desc: str
+) -> dict[str, np.ndarray]:
+    """pool (N, 2048), spatial (N, 2023) and IS probabilities (N, 1008), float32, in input order."""
+    parts: dict[str, list[np.ndarray]] = {"pool": [], "spatial": [], "probs": []}
+    with tqdm(total=total, unit="img", desc=desc, dynamic_ncols=True) as bar:
+        for batch in batches:
+            outputs = detector(torch.from_numpy(np.ascontiguousarray(batch)).to(device))
+            for key in parts:
+                parts[key].append(getattr(outputs, key).float().cpu().numpy())
+            bar.update(len(batch))
+    return {k: np.concatenate(v) for k, v in parts.items()}
+
+
+def source_batches(
+    source: Path, batch_size: int, center_crop: int | None = None, order: np.ndarray | None = None
+) -> tuple[Iterator[np.ndarray], int, str]:
+    """(batches, count, description) of a folder (optionally reordered) or an npz's arr_0."""
+    if source.is_dir():
+        files = list_images(source)
+        if order is not None:
+            files = [files[int(i)] for i in order]
+        return iter_folder_images(files, batch_size, center_crop), len(files), "folder"
+    if source.suffix == ".npz":
+        if center_crop:
+            raise SystemExit("--center-crop applies to image folders; an npz batch is used as stored")
+        count, _ = npz_num_images(source)
+        return iter_npz_images(source, batch_size), count, "npz arr_0"
+    raise SystemExit(f"{source}: expected an image folder or an .npz")
+
+
+def no_tf32() -> None:
+    # The Inception port's author asks for full fp32 convolutions: TF32 moves FID visibly.
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+
+
+def cmd_ref(args: argparse.Namespace) -> None:
+    no_tf32()
+    device = pick_device(args.device)
+    detector = build_detector(args, device)
+    source = Path(args.source)
+    batches, count, kind = source_batches(source, args.batch_size, args.center_crop)
+    feats = compute_features(batches, count, detector, device, desc="ref")
+    mu, sigma = feature_stats(feats["pool"])
+    mu_s, sigma_s = feature_stats(feats["spatial"])
+    stats_source = "computed"
+    if kind == "npz arr_0" and is_fid_detector(detector) and not args.recompute_stats:
+        with np.load(source) as data:
+            if all(k in data.files for k in ("mu", "sigma", "mu_s", "sigma_s")):
+                # The ADM batch's stored statistics come from the TF graph itself: keep them.
+                mu, sigma, mu_s, sigma_s = (data[k] for k in ("mu", "sigma", "mu_s", "sigma_s"))
+                stats_source = "stored in the source npz (ADM)"
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.stem}.tmp.npz")
+    np.savez(
+        tmp, mu=mu, sigma=sigma, mu_s=mu_s, sigma_s=sigma_s, pool=feats["pool"],
+        detector=np.array(detector.detector_name), source=np.array(str(source)),
+        stats_source=np.array(stats_source),
+    )
+    os.replace(tmp, out)
+    print(f"ref: {count} images from {source} ({kind}) | detector {detector.detector_name} | stats {stats_source} -> {out}")
+
+
+def load_reference(
+    path: Path, detector: torch.nn.Module, device: torch.device, batch_size: int
+) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """mu, sigma, mu_s, sigma_s and pool features of the reference, plus how they were obtained."""
+    with np.load(path) as data:
+        keys = set(data.files)
+        stored = {k: data[k] for k in ("mu", "sigma", "mu_s", "sigma_s", "pool") if k in keys}
+        ref_detector = str(data["detector"]) if "detector" in keys else None
+    info: dict[str, Any] = {"path": str(path), "sha256": file_sha256(path)}
+    if ref_detector is not None:  # a `ref` output
+        if ref_detector != detector.detector_name:
+            raise SystemExit(f"{path} was made with detector {ref_detector!r}, this run uses {detector.detector_name!r}")
+        info.update(kind="ref output", stats="from the ref file")
+        return stored, info
+    if "arr_0.npy" not in {f"{k}.npy" for k in keys}:
+        raise SystemExit(f"{path} has neither a `ref` output's keys nor arr_0 images (keys: {sorted(keys)})")
+    count, _ = npz_num_images(path)
+    feats = compute_features(iter_npz_images(path, batch_size), count, detector, device, desc="ref features")
+    info.update(kind="ADM reference batch", num_images=count)
+    if is_fid_detector(detector) and all(k in stored for k in ("mu", "sigma", "mu_s", "sigma_s")):
+        # The evaluator's protocol: stored FID/sFID statistics, images only for precision/recall.
+        info["stats"] = "stored mu/sigma/mu_s/sigma_s"
+        return {**stored, "pool": feats["pool"]}, info
+    # The stored statistics belong to the real Inception: a different detector recomputes them.
+    mu, sigma = feature_stats(feats["pool"])
+    mu_s, sigma_s = feature_stats(feats["spatial"])
+    info["stats"] = f"recomputed from arr_0 with {detector.detector_name}"
+    return {"mu": mu, "sigma": sigma, "mu_s": mu_s, "sigma_s": sigma_s, "pool": feats["pool"]}, info
+
+
+def metric_names(detector: torch.nn.Module) -> dict[str, str]:
+    """Report names: the paper's for the real Inception, detector-tagged ones for anything else
+    (a Fréchet distance on other features is "FD_<detector>", never "FID")."""
+    if is_fid_detector(detector):
+        return {"fd": "FID", "sfd": "sFID", "is": "IS", "precision": "Precision", "recall": "Recall"}
+    slug = detector_slug(detector)
+    return {"fd": f"FD_{slug}", "sfd": f"sFD_{slug}", "is": f"IS_{slug}",
+            "precision": f"Precision_{slug}", "recall": f"Recall_{slug}"}
+
+
+def cmd_calc(args: argparse.Namespace) -> None:
+    no_tf32()
+    device = pick_device(args.device)
+    detector = build_detector(args, device)
+    samples = Path(args.samples)
+    settings: dict[str, Any] | None = None
+    order = None
+    if samples.is_dir():
+        if (samples / SETTINGS_FILE).is_file():
+            settings = json.loads((samples / SETTINGS_FILE).read_text())
+            settings["nfe_per_batch"] = read_nfe(samples)
+        num = len(list_images(samples))
+        if settings is not None and num != settings["num_samples"]:
+            raise SystemExit(f"{samples} holds {num} of {settings['num_samples']} samples; finish `gen` first")
+        # IS takes sequential splits: shuffle the class-sorted files as the authors do (§7.3).
+        order = shuffled_order(num, args.shuffle_seed)
+        sample_order = f"folder, shuffled with numpy default_rng({args.shuffle_seed})"
+    else:
+        settings = read_npz_settings(samples) if samples.suffix == ".npz" else None
+        sample_order = "npz arr_0 as stored"
+    batches, count, _ = source_batches(samples, args.batch_size, order=order)
+    if args.num_samples is not None and count != args.num_samples:
+        raise SystemExit(f"{samples} has {count} samples, --num-samples asks for {args.num_samples}")
+
+    t0 = time.perf_counter()
+    feats = compute_features(batches, count, detector, device, desc="sample features")
+    ref_path = resolve_weights("adm_reference", args.ref)
+    ref, ref_info = load_reference(ref_path, detector, device, args.batch_size)
+    mu, sigma = feature_stats(feats["pool"])
+    mu_s, sigma_s = feature_stats(feats["spatial"])
+    pr_device = device if device.type == "cuda" else None
+    precision, recall = precision_recall(ref["pool"], feats["pool"], k=PR_NEIGHBOURHOOD, device=pr_device)
+    names = metric_names(detector)
+    metrics = {
+        names["fd"]: frechet_distance(mu, sigma, ref["mu"], ref["sigma"]),
+        names["sfd"]: frechet_distance(mu_s, sigma_s, ref["mu_s"], ref["sigma_s"]),
+        names["is"]: inception_score(feats["probs"], split_size=IS_SPLIT_SIZE),
+        names["precision"]: precision,
+        names["recall"]: recall,
+    }
+    headline = headline_line(metrics, detector, count, settings)
+    results = {
+        "metrics": metrics,
+        "headline": headline,
+        "detector": {
+            "name": detector.detector_name, "is_fid_detector": is_fid_detector(detector),
+            "weights_sha256": getattr(detector, "weights_sha256", None),
+            "note": None if is_fid_detector(detector) else
+            f"not the {FID_DETECTOR_NAME} Inception: these numbers are not FID/sFID/IS and not comparable to the paper",
+        },
+        "samples": {"path": str(samples), "num_samples": count, "order": sample_order},
+        "generation": settings,
+        "reference": ref_info,
+        "protocol": {
+            "evaluator": "ADM evaluations/evaluator.py, PyTorch port", "is_split_size": IS_SPLIT_SIZE,
+            "pr_k": PR_NEIGHBOURHOOD, "tf32": False, "frechet": "float64, eigenvalue route",
+        },
+        "seconds": round(time.perf_counter() - t0, 1),
+    }
+    out = Path(args.out) if args.out else default_results_path(samples)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=2) + "\n")
+    print(headline)
+    print(f"calc: results -> {out}")
+
+
+def default_results_path(samples: Path) -> Path:
+    return samples / "metrics.json" if samples.is_dir() else samples.with_suffix(".metrics.json")
+
+
+def headline_line(metrics: dict[str, float], detector: torch.nn.Module, count: int, settings: dict[str, Any] | None) -> str:
+    parts = [f"{k} {v:.4g}" if "recall" not in k.lower() and "precision" not in k.lower() else f"{k} {v:.3f}" for k, v in metrics.items()]
+    line = " | ".join(parts) + f" | N={count} | detector {detector.detector_name}"
+    if settings is not None:
+        s = settings.get("sampling", {})
+        nfe = (settings.get("nfe_per_batch") or {}).get("mean")
+        line += f" | {s.get('method')} NFE {nfe:.0f}" if nfe is not None else f" | {s.get('method')}"
+        line += f" | guidance {s.get('guidance')} (tex {s.get('scale_tex')}, sem {s.get('scale_sem')}) | seed {s.get('seed')}"
+    if not is_fid_detector(detector):
+        line = "[NOT FID] " + line
+    return line
+
+
+# ---------------------------------------------------------------------------------------------
+# CLI
+
+
+def add_detector_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("feature detector")
+    g.add_argument("--detector", default="inception", choices=("inception", "random"),
+                   help="inception = the FID weights from --inception; random = untrained (tests; never reported as FID)")
+    g.add_argument("--inception", default=None, help="pt_inception-2015-12-05-6726825d.pth (default: weights/)")
+    g.add_argument("--batch-size", type=int, default=250, help="images per detector call")
+    g.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="command", required=True)
+    fmt = argparse.RawDescriptionHelpFormatter
+
+    gen = sub.add_parser("gen", help="generate class-balanced samples (resumable, torchrun)", formatter_class=fmt,
+                         description="Generate N class-balanced samples as {index:06d}.png (resumable; torchrun).",
+                         epilog=example_epilog(
+                             "torchrun --nproc_per_node=8 eval/fid.py gen --ckpt runs/sfd-xl --stats data/imagenet256-sfd \\",
+                             "    --sampler dopri5 --out samples/sfd-xl --npz samples/sfd-xl.npz"))
+    add_model_args(gen)
+    add_sampling_args(gen)
+    g = gen.add_argument_group("generation")
+    g.add_argument("--out", required=True, help="sample folder ({index:06d}.png, gen.json, nfe logs)")
+    g.add_argument("--num-samples", type=int, default=50_000, help="N (default: %(default)s, the paper's FID-50K)")
+    g.add_argument("--num-classes", type=int, default=None, help="classes to balance over (default: the model's)")
+    g.add_argument("--batch-size", type=int, default=32, help="samples per sampler call and rank")
+    g.add_argument("--npz", default=None, help="also pack the ADM sample batch here once all N exist")
+    g.add_argument("--shuffle-seed", type=int, default=AUTHORS_SHUFFLE_SEED, help="npz order permutation seed (default: the authors' 42)")
+    g.add_argument("--max-batches", type=int, default=None, help="stop after this many new batches per rank (chunked jobs); re-run to continue")
+    g.add_argument("--device", default="auto", help="auto | cpu | cuda (torchrun: cuda:LOCAL_RANK)")
+    g.add_argument("--no-tf32", action="store_true", help="disable TF32 on CUDA (the authors sample with it on)")
+    gen.set_defaults(func=cmd_gen)
+
+    ref = sub.add_parser("ref", help="reference statistics of an image folder or npz", formatter_class=fmt,
+                         description="Reference statistics (mu, sigma, mu_s, sigma_s, pool features) with ADM key names.",
+                         epilog=example_epilog("python eval/fid.py ref weights/VIRTUAL_imagenet256_labeled.npz --out refs/adm256.npz"))
+    ref.add_argument("source", help="image folder or npz with arr_0")
+    ref.add_argument("--out", required=True, help="output .npz")
+    ref.add_argument("--center-crop", type=int, default=None, help="ADM centre crop of folder images to this size")
+    ref.add_argument("--recompute-stats", action="store_true", help="recompute mu/sigma even when the npz stores them")
+    add_detector_args(ref)
+    ref.set_defaults(func=cmd_ref)
+
+    calc = sub.add_parser("calc", help="FID, sFID, IS, precision, recall of a sample folder or npz", formatter_class=fmt,
+                          description="Metrics of samples against the ADM reference batch or a `ref` output.",
+                          epilog=example_epilog("python eval/fid.py calc samples/sfd-xl.npz --ref weights/VIRTUAL_imagenet256_labeled.npz --out results/sfd-xl.json"))
+    calc.add_argument("samples", help="sample folder (from gen) or npz with arr_0")
+    calc.add_argument("--ref", default=None, help="VIRTUAL_imagenet256_labeled.npz (default: weights/) or a `ref` output")
+    calc.add_argument("--out", default=None, help="results JSON (default: <folder>/metrics.json or <npz>.metrics.json)")
+    calc.add_argument("--num-samples", type=int, default=None, help="require exactly this many samples (e.g. 50000)")
+    calc.add_argument("--shuffle-seed", type=int, default=AUTHORS_SHUFFLE_SEED, help="order of a folder's samples for the IS splits")
+    add_detector_args(calc)
+    calc.set_defaults(func=cmd_calc)
+    return ap
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    args.func(args)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
