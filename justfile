@@ -23,3 +23,30 @@ lint:
 # Smallest end-to-end run on random tiny models: model -> three-phase sampler -> decoder -> PNG.
 smoke out="runs/smoke":
     HF_HUB_OFFLINE=1 {{python}} bench/smoke.py --out {{out}}
+
+# Every stage is skipped when done, so the same command resumes. `imagenet` uses the released
+# encoders under weights/ (and the released SemVAE if weights/semantic_ae_final.pt exists); any
+# other name is an image folder (<root>/<class>/<image>) cached at data/cache/<folder name>.
+# Extra flags go to pipeline/encode.py, e.g. `just encode imagenet --repa-targets none`.
+# Build the latent cache (Ray job): encode → train SemVAE (unless given) → semantic latents → stats.
+encode dataset="imagenet" *args:
+    #!/usr/bin/env bash
+    set -euo pipefail
+    if [ "{{dataset}}" = "imagenet" ]; then
+        semvae=()
+        if [ -f weights/semantic_ae_final.pt ]; then semvae=(--semvae weights/semantic_ae_final.pt); fi
+        {{python}} pipeline/encode.py --images data/imagenet/train --out data/cache/imagenet256 \
+            --texture-vae weights/ldm-imagenet256-f16d32-50ep.ckpt \
+            --dino weights/dinov2_vitb14_reg4_pretrain.pth "${semvae[@]}" {{args}}
+    else
+        {{python}} pipeline/encode.py --images "{{dataset}}" --out "data/cache/$(basename "{{dataset}}")" {{args}}
+    fi
+
+# `just encode` runs this stage itself; use this for multi-GPU training (nproc > 1) or custom flags.
+# Train (or resume) the Semantic VAE alone on a cache's DINO features.
+semvae cache="data/cache/imagenet256" nproc="1" *args:
+    {{python}} -m torch.distributed.run --standalone --nproc_per_node={{nproc}} pipeline/train_semvae.py --cache {{cache}} --run-dir {{cache}}.semvae {{args}}
+
+# Encode throughput: the Ray job vs a plain sequential loop, tiny encoders, on the sample images.
+bench-encode *args:
+    HF_HUB_OFFLINE=1 RAY_AUTH_MODE=disabled {{python}} bench/encode.py {{args}}

@@ -15,6 +15,7 @@ array              shape                       dtype    zarr chunking (N axis)
 ``valid``          [N]                         bool     ``rows_per_shard``
 ``reason``         [N]                         string   ``rows_per_shard`` ('' for valid rows)
 ``shard_done``     [num_shards]                bool     1 (each work unit owns its flag)
+``semantic_done``  [num_shards] (opt.)         bool     1; only with ``semantic_pass=True`` (below)
 ``texture_mean``   [Ct] (+ ``_std``)           float32  written by :meth:`LatentCache.compute_stats`
 ``semantic_mean``  [Cs] (+ ``_std``)           float32  idem
 =================  ==========================  =======  ===========================================
@@ -29,6 +30,12 @@ redone from the same inputs rewrites exactly the same bytes.
 Latents are stored raw (the posterior samples, method.md §2.1, §3.4) in float16 — zarr 3 has no
 bfloat16 — and normalised at load time from the per-channel statistics stored here (method.md
 §2.4), so changing the normalisation never forces a re-encode.
+
+Semantic latents can come later: a cache created with ``semantic_pass=True`` is encoded without
+a Semantic VAE (``semantic`` holds zeros and ``dino`` must be stored), the SemVAE is then trained
+on the cached DINO features, and :meth:`LatentCache.write_semantic` fills ``semantic`` shard by
+shard, setting its own ``semantic_done[shard]`` flag last (the same one-writer-per-shard rule).
+Such a cache counts as complete only when both flags are set for every shard.
 
 Group attributes hold the layout (key ``sfd_latent_cache``: format version, shapes, shard sizes,
 a hash of the file index) next to the caller's attributes (encoder names and checkpoint hashes,
@@ -108,6 +115,7 @@ class CacheLayout:
     dino_shape: tuple[int, int] | None  # (tokens, dim) or None when REPA targets are not stored
     index_sha256: str  # hash of (paths, labels): the row order is part of the cache's identity
     format_version: int = FORMAT_VERSION
+    semantic_pass: bool = False  # semantic latents written by a later pass (write_semantic)
 
     def __post_init__(self) -> None:
         if self.num_rows <= 0:
@@ -152,6 +160,7 @@ class CacheLayout:
             dino_shape=None if d["dino_shape"] is None else tuple(d["dino_shape"]),  # type: ignore[arg-type]
             index_sha256=str(d["index_sha256"]),
             format_version=int(d["format_version"]),
+            semantic_pass=bool(d.get("semantic_pass", False)),
         )
 
 
@@ -180,6 +189,10 @@ def _create_layout_arrays(group: zarr.Group, layout: CacheLayout) -> None:
     group.create_array(
         "shard_done", shape=(layout.num_shards,), dtype="bool", chunks=(1,), fill_value=False
     )
+    if layout.semantic_pass:
+        group.create_array(
+            "semantic_done", shape=(layout.num_shards,), dtype="bool", chunks=(1,), fill_value=False
+        )
     for name, shape in (("texture", layout.texture_shape), ("semantic", layout.semantic_shape)):
         full = (n, NUM_FLIPS, *shape)
         group.create_array(name, shape=full, dtype="float16", chunks=(min(n, rc), *full[1:]), **raw)
@@ -207,6 +220,7 @@ def create_cache(
     dino_shape: Sequence[int] = DEFAULT_DINO_SHAPE,
     rows_per_chunk: int = 64,
     attrs: Mapping[str, Any] | None = None,
+    semantic_pass: bool = False,
 ) -> LatentCache:
     """Create an empty cache for ``len(paths)`` rows, or re-open an identical one to resume.
 
@@ -215,7 +229,9 @@ def create_cache(
     caller's identity attributes (encoders and checkpoint hashes, image size, class names, ...).
     If ``path`` already holds a cache with the same layout, index and attributes it is returned
     as is (its finished shards are kept); any difference raises :class:`CacheMismatchError`
-    naming the differing keys. The cache is built in a temporary sibling directory and renamed
+    naming the differing keys. ``semantic_pass=True`` makes a cache whose semantic latents are
+    written later by :meth:`LatentCache.write_semantic` (it needs ``store_dino``: the pass
+    encodes the stored DINO features). The cache is built in a temporary sibling directory and renamed
     into place, so a killed creation never leaves a half-made cache behind.
     """
     path = Path(path)
@@ -223,6 +239,8 @@ def create_cache(
     if len(labels_np) != len(paths):
         raise ValueError(f"{len(paths)} paths but {len(labels_np)} labels")
     rows_per_chunk = min(rows_per_chunk, rows_per_shard)
+    if semantic_pass and not store_dino:
+        raise ValueError("semantic_pass=True needs store_dino=True: the later pass encodes the stored DINO features")
     layout = CacheLayout(
         num_rows=len(paths),
         rows_per_shard=rows_per_shard,
@@ -231,6 +249,7 @@ def create_cache(
         semantic_shape=tuple(int(s) for s in semantic_shape),  # type: ignore[arg-type]
         dino_shape=tuple(int(s) for s in dino_shape) if store_dino else None,  # type: ignore[arg-type]
         index_sha256=index_hash(paths, labels_np),
+        semantic_pass=bool(semantic_pass),
     )
     user_attrs = _jsonable(dict(attrs or {}))
     reserved = {LAYOUT_KEY, INFO_KEY} & set(user_attrs)
@@ -354,10 +373,44 @@ class LatentCache:
         return np.asarray(self.group["shard_done"][:], dtype=bool)
 
     def pending_shards(self) -> list[int]:
+        """Shards not yet encoded (``shard_done`` False)."""
         return [int(s) for s in np.flatnonzero(~self.shard_done())]
 
-    def is_complete(self) -> bool:
+    def semantic_done(self) -> np.ndarray:
+        """[num_shards] bool: semantic latents present (always True without a semantic pass)."""
+        if not self.layout.semantic_pass:
+            return self.shard_done()
+        return np.asarray(self.group["semantic_done"][:], dtype=bool)
+
+    def pending_semantic_shards(self) -> list[int]:
+        """Encoded shards still waiting for :meth:`write_semantic` (empty without a semantic pass)."""
+        if not self.layout.semantic_pass:
+            return []
+        return [int(s) for s in np.flatnonzero(~self.semantic_done())]
+
+    def is_encoded(self) -> bool:
+        """Every shard went through the encode job (``write_shard``)."""
         return bool(self.shard_done().all())
+
+    def is_complete(self) -> bool:
+        """Encoded and, for a ``semantic_pass`` cache, every semantic latent written."""
+        return self.is_encoded() and bool(self.semantic_done().all())
+
+    def semantic_source(self) -> dict[str, Any]:
+        """What :meth:`set_semantic_source` recorded (the SemVAE of the semantic pass), or {}."""
+        if not self.layout.semantic_pass:
+            return {}
+        return dict(self.group["semantic_done"].attrs)
+
+    def set_semantic_source(self, info: Mapping[str, Any]) -> None:
+        """Record which SemVAE the semantic pass uses (kept beside its flags, not in the identity
+        attributes, because the SemVAE is trained after the cache is created)."""
+        if not self.layout.semantic_pass:
+            raise CacheError(f"cache {self.path} has no semantic pass")
+        arr = self.group["semantic_done"]
+        for k in list(arr.attrs):
+            del arr.attrs[k]
+        arr.attrs.update(_jsonable(dict(info)))
 
     def invalid_report(self) -> list[dict[str, Any]]:
         """One entry ``{row, path, label, reason}`` per invalid row of the finished shards."""
@@ -378,7 +431,7 @@ class LatentCache:
         self,
         shard_id: int,
         texture: Any,
-        semantic: Any,
+        semantic: Any | None,
         dino: Any | None = None,
         valid: Sequence[bool] | np.ndarray | None = None,
         reasons: Sequence[str | None] | None = None,
@@ -393,6 +446,8 @@ class LatentCache:
         float16 cast (encoder blow-up or fp16 overflow) are marked invalid with that reason.
         Re-writing a shard (after a kill, or by a retried worker) is allowed and, for the same
         inputs, byte-identical; the encoder must seed its posterior noise per row for that.
+        In a ``semantic_pass`` cache ``semantic`` may be None (zeros are written) and a rewrite
+        also clears the shard's ``semantic_done`` flag: its semantic latents must be redone.
         """
         start, stop = self.layout.shard_rows(shard_id)
         n = stop - start
@@ -400,6 +455,11 @@ class LatentCache:
         reasons_list = [""] * n if reasons is None else ["" if r is None else str(r) for r in reasons]
         if valid_np.shape != (n,) or len(reasons_list) != n:
             raise CacheError(f"shard {shard_id} has {n} rows; got valid {valid_np.shape}, {len(reasons_list)} reasons")
+
+        if semantic is None:
+            if not self.layout.semantic_pass:
+                raise CacheError(f"cache {self.path} has no semantic pass: write_shard needs semantic")
+            semantic = np.zeros((n, NUM_FLIPS, *self.layout.semantic_shape), dtype=np.float16)
 
         parts: dict[str, np.ndarray] = {}
         specs = [("texture", texture, self.layout.texture_shape), ("semantic", semantic, self.layout.semantic_shape)]
@@ -432,11 +492,49 @@ class LatentCache:
         done = self.group["shard_done"]
         if done[shard_id]:
             done[shard_id] = False  # a kill during the rewrite must not leave a "done" shard
+        if self.layout.semantic_pass and self.group["semantic_done"][shard_id]:
+            self.group["semantic_done"][shard_id] = False  # derived from the old features
         for name, arr16 in parts.items():
             self.group[name][start:stop] = arr16
         self.group["valid"][start:stop] = valid_np
         self.group["reason"][start:stop] = np.asarray(reasons_list, dtype=object)
         done[shard_id] = True
+
+    def write_semantic(self, shard_id: int, semantic: Any) -> None:
+        """Write the semantic latents ``[n, 2, Cs, h, w]`` of one encoded shard, flag last.
+
+        For ``semantic_pass`` caches only, after :meth:`write_shard` finished the shard. Invalid
+        rows stay zeros; valid rows whose values are not finite in float16 become invalid, with
+        the reason recorded (the same rule as :meth:`write_shard`). Re-running is byte-identical
+        for the same inputs.
+        """
+        if not self.layout.semantic_pass:
+            raise CacheError(f"cache {self.path} was created without semantic_pass: semantic latents come from write_shard")
+        if not self.group["shard_done"][shard_id]:
+            raise CacheError(f"shard {shard_id} of {self.path} is not encoded yet; write_shard comes first")
+        start, stop = self.layout.shard_rows(shard_id)
+        n = stop - start
+        arr = _to_numpy(semantic)
+        expected = (n, NUM_FLIPS, *self.layout.semantic_shape)
+        if arr.shape != expected:
+            raise CacheError(f"shard {shard_id}: semantic has shape {arr.shape}, expected {expected}")
+        with np.errstate(over="ignore", invalid="ignore"):
+            arr16 = arr.astype(np.float16)
+        valid_np = np.asarray(self.group["valid"][start:stop], dtype=bool)
+        finite = np.isfinite(arr16.reshape(n, -1)).all(axis=1)
+        newly_bad = valid_np & ~finite
+        arr16[~valid_np | newly_bad] = 0
+
+        flags = self.group["semantic_done"]
+        if flags[shard_id]:
+            flags[shard_id] = False
+        if newly_bad.any():
+            reasons = np.asarray(self.group["reason"][start:stop], dtype=object)
+            reasons[newly_bad] = "non-finite semantic values (SemVAE output or fp16 overflow)"
+            self.group["valid"][start:stop] = valid_np & ~newly_bad
+            self.group["reason"][start:stop] = reasons
+        self.group["semantic"][start:stop] = arr16
+        flags[shard_id] = True
 
     # ---- statistics ------------------------------------------------------------------------------
 
@@ -448,7 +546,10 @@ class LatentCache:
         and W axes, std with Bessel's correction. Accumulated in float64.
         """
         if not self.is_complete():
-            raise CacheError(f"cache {self.path} is incomplete ({len(self.pending_shards())} shards pending)")
+            raise CacheError(
+                f"cache {self.path} is incomplete ({len(self.pending_shards())} shards to encode, "
+                f"{len(self.pending_semantic_shards())} waiting for semantic latents)"
+            )
         valid_rows = np.flatnonzero(self.valid())
         if len(valid_rows) < 2:
             raise CacheError(f"cache {self.path} has {len(valid_rows)} valid rows; stats need at least 2")

@@ -1,0 +1,143 @@
+"""Encode throughput: the Ray job against a plain sequential loop, with the same tiny models.
+
+Both paths run the very same per-shard code (``sfd.encoding.ShardWorker.encode_shard``: decode
+the JPEG, ADM crop, flip, tiny texture VAE, tiny DINOv2 at 224², write the shard) on the
+ImageNet sample, into fresh caches. Thread settings are stated in the output:
+
+- ``sequential``: one process, one loop over the shards, ``torch.set_num_threads(T)`` for T in
+  ``--seq-threads`` (1 = the same setting as each Ray actor; 2 = one process using both cores);
+- ``ray``: the encode stage of ``pipeline/encode.py`` with ``--workers`` CPU actors of one torch
+  thread each. Reported twice: wall time of the whole stage (Ray start-up and actor start-up
+  included) and steady-state throughput from all actors being ready to the last shard.
+
+The machine may be shared: the load average before and after, and the CPU seconds per image
+of each path (process CPU time, all threads), are printed too. Equal CPU s/image means Ray adds
+no per-image work; the wall-clock speed-up then depends only on how many cores are really free.
+
+Also prints the cache's bytes per image (on disk, both flips) and the analytic size per image
+of the real ImageNet-256 layout. Last line: one JSON object with every figure.
+
+Example:
+    python bench/encode.py --image-size 64 --workers 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+from sfd.data.cache import LatentCache  # noqa: E402
+from sfd.encoding import ShardWorker, WorkerSettings  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def load_encode_script():
+    spec = importlib.util.spec_from_file_location("pipeline_encode", REPO / "pipeline" / "encode.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)  # type: ignore[union-attr]
+    return module
+
+
+def dir_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__[__doc__.index("Example:"):],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--images", default=str(REPO.parent / "shared" / "data" / "imagenet-sample"))
+    p.add_argument("--image-size", type=int, default=64)
+    p.add_argument("--rows-per-shard", type=int, default=10)
+    p.add_argument("--batch-size", type=int, default=10)
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--seq-threads", default="1,2", help="torch threads of the sequential loop (comma list)")
+    p.add_argument("--repa-targets", choices=("store", "none"), default="store")
+    p.add_argument("--keep", action="store_true", help="keep the temporary caches")
+    args = p.parse_args()
+    encode = load_encode_script()
+    tmp = Path(tempfile.mkdtemp(prefix="bench_encode_"))
+    common = [
+        "--images", args.images, "--image-size", str(args.image_size), "--random-encoders", "0",
+        "--rows-per-shard", str(args.rows_per_shard), "--rows-per-chunk", str(args.rows_per_shard),
+        "--batch-size", str(args.batch_size), "--repa-targets", args.repa_targets, "--stages", "encode",
+    ]
+    result: dict[str, object] = {
+        "cpus": os.cpu_count(), "image_size": args.image_size, "workers": args.workers,
+        "loadavg_1min_before": os.getloadavg()[0],
+    }
+    try:
+        # ---- sequential loop (create the cache with the driver's preflight, then encode in-process)
+        for threads in [int(t) for t in args.seq_threads.split(",")]:
+            out = tmp / f"seq{threads}"
+            cfg = encode.parse_args([*common, "--out", str(out)])
+            with encode.job_lock(str(out)):
+                plan = encode.preflight(cfg)
+            torch.set_num_threads(threads)
+            worker = ShardWorker(WorkerSettings(
+                task="encode", cache_path=str(out), images_root=str(plan.images_root), image_size=cfg.image_size,
+                seed=cfg.seed, texture=plan.tex, dino=plan.dino, batch_size=cfg.batch_size, threads=threads, device="cpu",
+            ))
+            t0, c0 = time.perf_counter(), time.process_time()
+            rows = sum(worker.encode_shard(s)["rows"] for s in plan.cache.pending_shards())
+            dt, cpu = time.perf_counter() - t0, time.process_time() - c0
+            result[f"sequential_{threads}thread_img_s"] = rows / dt
+            result[f"sequential_{threads}thread_cpu_ms_per_img"] = 1e3 * cpu / rows
+            print(f"sequential loop, {threads} torch thread(s): {rows} images in {dt:.1f} s = {rows / dt:.1f} img/s "
+                  f"({1e3 * cpu / rows:.0f} CPU ms/image)", flush=True)
+        num_rows = rows
+
+        # ---- Ray job (its own local Ray instance, like a user's run)
+        out = tmp / "ray"
+        res = encode.main([*common, "--out", str(out), "--num-workers", str(args.workers), "--threads-per-worker", "1",
+                           "--ray-num-cpus", str(args.workers)])[0]
+        result["ray_overall_img_s"] = res.images_per_s
+        result["ray_steady_img_s"] = res.work_images_per_s
+        result["ray_startup_s"] = res.seconds - res.work_seconds
+        result["ray_cpu_ms_per_img"] = 1e3 * res.cpu_seconds / res.images
+        print(f"ray job, {args.workers} actors × 1 thread: {res.images} images, stage {res.seconds:.1f} s "
+              f"({res.images_per_s:.1f} img/s overall), {res.work_seconds:.1f} s after the actors were up "
+              f"({res.work_images_per_s:.1f} img/s; {1e3 * res.cpu_seconds / res.images:.0f} CPU ms/image in the actors)", flush=True)
+        for threads in [int(t) for t in args.seq_threads.split(",")]:
+            base = float(result[f"sequential_{threads}thread_img_s"])  # type: ignore[arg-type]
+            result[f"speedup_steady_vs_seq{threads}"] = res.work_images_per_s / base
+            result[f"speedup_overall_vs_seq{threads}"] = res.images_per_s / base
+            print(f"  speed-up vs sequential {threads}-thread loop: {res.work_images_per_s / base:.2f}× steady, "
+                  f"{res.images_per_s / base:.2f}× overall", flush=True)
+
+        # ---- sizes
+        cache = LatentCache.open(out)
+        per_image = dir_bytes(out) / num_rows
+        result["cache_bytes_per_image"] = per_image
+        # The real layout: fp16, both flips: texture 32×16×16, semantic 16×16×16, DINO 256×768.
+        real = {"texture": 2 * 32 * 16 * 16 * 2, "semantic": 2 * 16 * 16 * 16 * 2, "dino": 2 * 256 * 768 * 2}
+        result["imagenet256_bytes_per_image"] = {"without_dino": real["texture"] + real["semantic"], "with_dino": sum(real.values())}
+        result["imagenet_train_TB_with_dino"] = sum(real.values()) * 1_281_167 / 1e12
+        print(f"cache on disk: {per_image / 1e3:.1f} KB per image here (texture {cache.layout.texture_shape}, "
+              f"semantic {cache.layout.semantic_shape}, DINO {cache.layout.dino_shape}); ImageNet-256 layout: "
+              f"{(real['texture'] + real['semantic']) / 1e3:.0f} KB/image without DINO, {sum(real.values()) / 1e6:.2f} MB with "
+              f"(≈ {result['imagenet_train_TB_with_dino']:.2f} TB for ImageNet-1k train)", flush=True)
+        result["loadavg_1min_after"] = os.getloadavg()[0]
+        print(f"load average (1 min) before/after: {result['loadavg_1min_before']:.2f} / {result['loadavg_1min_after']:.2f} "
+              f"on {os.cpu_count()} CPUs", flush=True)
+    finally:
+        if not args.keep:
+            shutil.rmtree(tmp, ignore_errors=True)
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()

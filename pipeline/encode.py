@@ -1,0 +1,604 @@
+"""Build the SFD latent cache from an image folder: the Ray job behind ``just encode``.
+
+Stages, in order; each is skipped when already done, so re-running the same command resumes:
+
+1. ``encode``   — a Ray job. The driver lists the images (sorted class folders and files, then by
+   default a fixed permutation with a recorded seed so streaming readers get mixed batches),
+   writes the file index and pre-allocates the Zarr v3 group, and hands out whole shards
+   (``--rows-per-shard`` rows) as work units to actors: one per GPU, or CPU actors. An actor
+   decodes its shard's images (ADM crop + flipped copy), runs the texture VAE encoder (posterior
+   sample), DINOv2 (224², final-norm patch tokens) and, when a SemVAE is given, the SemVAE
+   encoder (posterior sample), writes the whole shard and sets the shard's flag last. Posterior
+   noise is seeded per (row, flip), so a shard redone after a kill writes identical bytes.
+   Bad images become invalid rows with a reason (``<out>.invalid.tsv``); the job goes on.
+2. ``semvae``   — only without ``--semvae``: trains the Semantic VAE on the cached DINO features
+   (``pipeline/train_semvae.py``, a subprocess; ``--semvae-nproc N`` runs it under torchrun).
+3. ``semantic`` — only without ``--semvae``: a Ray pass turning the stored DINO features into
+   semantic latents with the trained SemVAE (per shard, resumable, per-row seeds).
+4. ``stats``    — per-channel mean/std of the texture and semantic parts from a fixed-seed sample
+   of valid, non-flipped rows (method.md §2.4), stored in the cache.
+
+Safety: missing weight files, an unknown preset, or an existing cache made with other encoders /
+images / settings are reported as one clear error before any work starts. A lock file
+(``<out>.lock``) keeps two drivers off one cache (a stale lock of a dead process on this host is
+taken over), and within a job a shard is only ever given to one actor at a time; a shard of an
+actor that died is given out again only after Ray reports that actor dead. Non-detached actors
+die with their driver, so killing the job stops all writers; shards not flagged complete are
+redone from scratch by the next run.
+
+REPA targets (``--repa-targets``): ``store`` (default, faithful) keeps the DINOv2 patch tokens,
+fp16, for both flips: 256×768×2 B×2 ≈ 0.79 MB per image, ≈ 1.0 TB for ImageNet-1k train
+(the authors: "larger than 1 TB"). ``none`` stores no DINO features (≈ 49 KB per image with
+f16d32 + SemVAE latents), which needs ``--semvae`` (the SemVAE cannot be trained without them);
+the trainer then runs with ``repa_weight=0`` (or a later option computes the targets online).
+
+Examples:
+
+  # ImageNet with the released encoders (what `just encode imagenet` runs):
+  python pipeline/encode.py --images data/imagenet/train --out data/cache/imagenet256 \\
+      --texture-vae weights/ldm-imagenet256-f16d32-50ep.ckpt \\
+      --dino weights/dinov2_vitb14_reg4_pretrain.pth --semvae weights/semantic_ae_final.pt
+
+  # Demo on a laptop: pixel stand-in texture "VAE", random tiny DINO, SemVAE trained here:
+  python pipeline/encode.py --images ../shared/data/imagenet-sample --out runs/demo/cache \\
+      --image-size 64 --texture standin-f4 --random-encoders 0 --semvae-steps 300
+
+  # On a Ray cluster: the same command through the job API. --images and --out must be paths
+  # that every node sees (shared filesystem); every node needs requirements.txt installed. The
+  # working dir ships this repository (on workers it is on sys.path; PYTHONPATH=. does the same
+  # for the driver script, or install the repo on the nodes with `pip install -e .`).
+  # One actor per GPU is started across all nodes; --num-workers overrides.
+  ray job submit --address http://HEAD:8265 --working-dir . -- env PYTHONPATH=. \\
+      python pipeline/encode.py --images /shared/imagenet/train --out /shared/cache/imagenet256 ...
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections import Counter, deque
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from sfd.checkpoint import WeightsError
+from sfd.config import ConfigError
+from sfd.data.cache import CacheError, LatentCache, create_cache
+from sfd.data.images import DatasetError, discover
+from sfd.encoding import (
+    ShardWorker,
+    WorkerSettings,
+    dino_spec,
+    identity,
+    semvae_plan_spec,
+    semvae_spec,
+    spec_latent_shapes,
+    texture_spec,
+)
+
+STAGES = ("encode", "semvae", "semantic", "stats")
+SEMVAE_FILE = "semvae.safetensors"
+
+
+@dataclass
+class EncodeConfig:
+    images: str
+    out: str
+    image_size: int = 256  # ADM centre crop side (px)
+    texture: str = "f16d32"  # texture-VAE preset, or standin-fN (pixel-unshuffle stand-in, not a VAE)
+    texture_vae: str | None = None  # weight file; default weights/ldm-imagenet256-f16d32-50ep.ckpt
+    dino: str | None = None  # weight file; default weights/dinov2_vitb14_reg4_pretrain.pth
+    dino_preset: str = "dinov2_vitb14_reg"
+    semvae: str | None = None  # weight file, or "random" (tests); None: train one on this cache
+    semvae_preset: str = "transformer_ch16"  # architecture to train (or of an authors' .pt file)
+    random_encoders: int | None = None  # seed: random-init tiny encoders instead of weight files
+    repa_targets: str = "store"  # store | none
+    row_order: str = "permuted"  # permuted (fixed seed) | sorted
+    order_seed: int = 0
+    seed: int = 0  # posterior-noise seed
+    rows_per_shard: int = 1024  # work unit (rows written by one actor at a time)
+    rows_per_chunk: int = 64  # zarr chunk rows (divides rows_per_shard)
+    batch_size: int = 32  # images per forward (×2 with flips)
+    precision: str = "fp32"  # fp32 (authors) | bf16 (autocast, opt-in)
+    tf32: bool = True
+    device: str = "auto"  # auto | cuda | cpu
+    num_workers: int | None = None  # actors; default one per GPU, or CPUs // threads_per_worker
+    threads_per_worker: int | None = None  # torch threads per actor (CPU default 1, GPU 2)
+    cpus_per_worker: float | None = None  # Ray CPU reservation per actor (fractional allowed)
+    decode_threads: int | None = None  # image-decoding threads per actor (GPU default 8, CPU 0)
+    max_retries: int = 3  # attempts per shard after a failure
+    ray_address: str | None = None  # default: RAY_ADDRESS or a local Ray instance
+    ray_num_cpus: int | None = None  # CPUs of a local Ray instance (default: all)
+    stages: str = ",".join(STAGES)
+    semvae_dir: str | None = None  # default <out>.semvae
+    semvae_steps: int = 1_000_000  # authors: 1M iterations at batch 64
+    semvae_batch_size: int = 64
+    semvae_nproc: int = 1  # >1: torchrun DDP on this host
+    semvae_args: str = ""  # extra flags for pipeline/train_semvae.py
+    stats_samples: int = 10_000  # rows for the statistics (authors: 10,000)
+    stats_seed: int = 0
+
+
+@dataclass
+class StageResult:
+    stage: str
+    status: str  # done | skipped | not needed
+    seconds: float = 0.0  # wall time of the stage, start-up included
+    images: int = 0
+    note: str = ""
+    work_seconds: float = 0.0  # Ray stages: from the actors being ready to the last shard
+    cpu_seconds: float = 0.0  # Ray stages: CPU time the actors spent on the shards (all threads)
+
+    @property
+    def images_per_s(self) -> float:
+        return self.images / self.seconds if self.seconds > 0 and self.images else 0.0
+
+    @property
+    def work_images_per_s(self) -> float:
+        return self.images / self.work_seconds if self.work_seconds > 0 and self.images else 0.0
+
+
+def log(msg: str) -> None:
+    print(f"[encode] {msg}", flush=True)
+
+
+# ---- preflight: encoders, images, cache --------------------------------------------------------
+
+
+@dataclass
+class Plan:
+    cfg: EncodeConfig
+    tex: dict[str, Any]
+    dino: dict[str, Any]
+    sem: dict[str, Any]  # the given SemVAE's spec or the training plan
+    semantic_pass: bool
+    images_root: Path
+    cache: LatentCache
+    stages: list[str]
+
+    @property
+    def semvae_dir(self) -> Path:
+        return Path(self.cfg.semvae_dir) if self.cfg.semvae_dir else Path(f"{self.cfg.out}.semvae")
+
+
+def preflight(cfg: EncodeConfig) -> Plan:
+    """Every check that can fail, before any work: stages, weights (hashed), images, then
+    creating the cache or checking that the existing one was made the same way. Call it under
+    :func:`job_lock`."""
+    stages = [s.strip() for s in cfg.stages.split(",") if s.strip()]
+    unknown = [s for s in stages if s not in STAGES]
+    if unknown:
+        raise SystemExit(f"unknown stage(s) {unknown}; choose from {list(STAGES)}")
+    if cfg.repa_targets not in ("store", "none"):
+        raise SystemExit("--repa-targets must be 'store' or 'none'")
+    if cfg.precision not in ("fp32", "bf16"):
+        raise SystemExit("--precision must be 'fp32' or 'bf16'")
+    if cfg.row_order not in ("permuted", "sorted"):
+        raise SystemExit("--row-order must be 'permuted' or 'sorted'")
+
+    rs = cfg.random_encoders
+    tex = texture_spec(cfg.texture, cfg.texture_vae, rs, cfg.image_size)
+    dino = dino_spec(cfg.dino_preset, cfg.dino, rs)
+    semantic_pass = cfg.semvae is None
+    if semantic_pass:
+        sem = semvae_plan_spec("tiny" if rs is not None else cfg.semvae_preset)
+        if cfg.repa_targets == "none":
+            raise SystemExit(
+                "--repa-targets none needs --semvae PATH: training the Semantic VAE here needs the "
+                "stored DINO features"
+            )
+    else:
+        sem = semvae_spec(cfg.semvae, cfg.semvae_preset, rs)
+    texture_shape, semantic_shape, dino_shape = spec_latent_shapes(tex, dino, sem, cfg.image_size)
+    for name, spec in (("texture", tex), ("DINO", dino), ("SemVAE", sem)):
+        if spec["kind"] in ("random-init", "standin"):
+            log(f"WARNING: {name} encoder is {spec['name']} ({spec['kind']}): latents are for tests/demos only")
+
+    images = discover(cfg.images)
+    if cfg.row_order == "permuted":
+        images = images.permuted(cfg.order_seed)
+    attrs = {
+        "image_size": cfg.image_size,
+        "num_classes": len(images.class_names),
+        "class_names": list(images.class_names),
+        "row_order": {"kind": cfg.row_order, **({"seed": cfg.order_seed} if cfg.row_order == "permuted" else {})},
+        "texture_encoder": identity(tex),
+        "dino_encoder": identity(dino),
+        "semantic_encoder": identity(sem),
+        "repa_targets": cfg.repa_targets,
+        "posterior_seed": cfg.seed,
+        "encode_precision": cfg.precision,
+        "preprocessing": (
+            f"ADM centre crop {cfg.image_size} + horizontal-flip copy; texture input in [-1,1]; DINO input "
+            "ImageNet-normalised then bicubic resize to its img_size (method.md §2.2)"
+        ),
+    }
+    out = Path(cfg.out)
+    if out.exists():
+        log(f"found an existing cache at {out}: checking it was made with the same encoders and images")
+    # Called under the job lock (run()): create the cache, or check the existing one is the same.
+    cache = create_cache(
+        out,
+        paths=images.paths,
+        labels=images.labels,
+        rows_per_shard=cfg.rows_per_shard,
+        rows_per_chunk=cfg.rows_per_chunk,
+        texture_shape=texture_shape,
+        semantic_shape=semantic_shape,
+        store_dino=cfg.repa_targets == "store",
+        dino_shape=dino_shape,
+        attrs=attrs,
+        semantic_pass=semantic_pass,
+    )
+    return Plan(cfg, tex, dino, sem, semantic_pass, images.root, cache, stages)
+
+
+@contextlib.contextmanager
+def job_lock(out: str) -> Iterator[None]:
+    """``<out>.lock``: one driver per cache. A lock left by a dead process on this host is taken over."""
+    lock = Path(f"{out}.lock")
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    me = {"host": socket.gethostname(), "pid": os.getpid(), "time": time.strftime("%Y-%m-%d %H:%M:%S")}
+    for _ in range(2):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            try:
+                owner = json.loads(lock.read_text() or "{}")
+            except (OSError, ValueError):
+                owner = {}
+            if owner.get("host") == me["host"] and not _pid_alive(int(owner.get("pid", -1))):
+                log(f"taking over a stale lock of dead process {owner.get('pid')} ({lock})")
+                lock.unlink(missing_ok=True)
+                continue
+            raise SystemExit(
+                f"{lock} is held by another encode job ({owner or 'unknown owner'}); two jobs on one cache "
+                "would write the same shards. Wait for it, or delete the lock file if that job is gone."
+            ) from None
+        with os.fdopen(fd, "w") as f:
+            json.dump(me, f)
+        break
+    try:
+        yield
+    finally:
+        lock.unlink(missing_ok=True)
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+# ---- Ray scheduling ----------------------------------------------------------------------------
+
+
+def ensure_ray(cfg: EncodeConfig) -> bool:
+    """Connect to (or start) Ray; True if this call started it (and must shut it down)."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    if cfg.ray_address or os.environ.get("RAY_ADDRESS"):
+        ray.init(address=cfg.ray_address)  # a cluster (ray job submit sets RAY_ADDRESS)
+    else:
+        ray.init(num_cpus=cfg.ray_num_cpus, include_dashboard=False)
+    return True
+
+
+def plan_workers(cfg: EncodeConfig, resources: dict[str, float], num_shards: int) -> tuple[int, dict[str, Any], int, int, str]:
+    """(actors, Ray options, torch threads, decode threads, device) for the cluster's resources."""
+    gpus, cpus = float(resources.get("GPU", 0)), float(resources.get("CPU", 1))
+    if cfg.device == "cuda" and gpus < 1:
+        raise SystemExit("--device cuda but the Ray cluster has no GPUs")
+    if cfg.device != "cpu" and gpus >= 1:
+        n = cfg.num_workers or int(gpus)
+        cpus_per = cfg.cpus_per_worker if cfg.cpus_per_worker is not None else max(1.0, min(8.0, cpus // max(gpus, 1)))
+        threads = cfg.threads_per_worker or 2
+        decode = cfg.decode_threads if cfg.decode_threads is not None else max(1, int(cpus_per))
+        options: dict[str, Any] = {"num_gpus": 1, "num_cpus": cpus_per}
+        device = "cuda"
+    else:
+        threads = cfg.threads_per_worker or 1
+        n = cfg.num_workers or max(1, int(cpus // threads))
+        cpus_per = cfg.cpus_per_worker if cfg.cpus_per_worker is not None else min(float(threads), cpus / n)
+        decode = cfg.decode_threads if cfg.decode_threads is not None else 0
+        options = {"num_cpus": cpus_per}
+        device = "cpu"
+    return max(1, min(n, num_shards)), options, threads, decode, device
+
+
+def run_shards(
+    cfg: EncodeConfig, settings: WorkerSettings, shards: list[int], rows_of: dict[int, int], method: str, desc: str
+) -> tuple[int, float, float]:
+    """Give each shard to one actor at a time until all are done.
+
+    Returns (rows processed, seconds from all actors being ready to the last shard done, CPU
+    seconds the actors spent on the shards).
+    """
+    import ray
+    from tqdm import tqdm
+
+    n, options, threads, decode, device = plan_workers(cfg, ray.cluster_resources(), len(shards))
+    settings = WorkerSettings(**{**asdict(settings), "threads": threads, "decode_threads": decode, "device": device})
+    remote_cls = ray.remote(max_restarts=0)(ShardWorker).options(**options)
+    log(f"{desc}: {len(shards)} shards on {n} actor(s) {options}, {threads} torch thread(s) and {decode} decode thread(s) each")
+
+    def start_actors(ids: list[int]) -> list[Any]:
+        new = [remote_cls.remote(settings) for _ in ids]  # start together, then wait for all
+        for i, info in zip(ids, ray.get([a.info.remote() for a in new])):
+            log(f"  worker {i}: pid {info['pid']} on {info['host']} ({info['device']}, {info['threads']} threads)")
+        return new
+
+    actors = start_actors(list(range(n)))
+    t_ready = time.perf_counter()
+    queue, inflight, attempts = deque(shards), {}, Counter()
+    done_rows, cpu_s = 0, 0.0
+    bar = tqdm(total=sum(rows_of[s] for s in shards), unit="img", desc=desc, smoothing=0.05, file=sys.stdout)
+
+    def submit(i: int) -> None:
+        shard = queue.popleft()
+        inflight[getattr(actors[i], method).remote(shard)] = (i, shard)
+
+    try:
+        for i in range(min(n, len(queue))):
+            submit(i)
+        while inflight:
+            (ref,), _ = ray.wait(list(inflight), num_returns=1)
+            i, shard = inflight.pop(ref)
+            try:
+                res = ray.get(ref)
+            except (ray.exceptions.RayActorError, ray.exceptions.RayTaskError) as e:
+                attempts[shard] += 1
+                if attempts[shard] > cfg.max_retries:
+                    raise RuntimeError(f"shard {shard} failed {attempts[shard]} times; last error:\n{e}") from e
+                log(f"shard {shard} failed (attempt {attempts[shard]}): {type(e).__name__}; redoing it")
+                queue.appendleft(shard)
+                if isinstance(e, ray.exceptions.RayActorError):  # Ray reports it dead: no writer left
+                    actors[i] = start_actors([i])[0]
+            else:
+                done_rows += res["rows"]
+                cpu_s += res["cpu_s"]
+                bar.update(res["rows"])
+            if queue:
+                submit(i)
+    finally:
+        bar.close()
+        for a in actors:
+            ray.kill(a)
+    return done_rows, time.perf_counter() - t_ready, cpu_s
+
+
+# ---- stages ------------------------------------------------------------------------------------
+
+
+def stage_encode(plan: Plan) -> StageResult:
+    cache, cfg = plan.cache, plan.cfg
+    pending = cache.pending_shards()
+    if not pending:
+        write_invalid_report(cache, cfg.out, quiet=True)
+        return StageResult("encode", "skipped", note=f"{cache.num_shards} shards already encoded")
+    t0 = time.perf_counter()
+    settings = WorkerSettings(
+        task="encode", cache_path=str(cache.path), images_root=str(plan.images_root), image_size=cfg.image_size,
+        seed=cfg.seed, texture=plan.tex, dino=plan.dino, semvae=None if plan.semantic_pass else plan.sem,
+        batch_size=cfg.batch_size, precision=cfg.precision, tf32=cfg.tf32,
+    )
+    rows_of = {s: _rows(cache, s) for s in pending}
+    rows, work_s, cpu_s = run_shards(cfg, settings, pending, rows_of, "encode_shard", "encode")
+    bad = write_invalid_report(cache, cfg.out)
+    note = f"{len(pending)} shards, {bad} invalid rows"
+    return StageResult("encode", "done", time.perf_counter() - t0, rows, note, work_s, cpu_s)
+
+
+def _rows(cache: LatentCache, shard: int) -> int:
+    a, b = cache.layout.shard_rows(shard)
+    return b - a
+
+
+def write_invalid_report(cache: LatentCache, out: str, quiet: bool = False) -> int:
+    """``<out>.invalid.tsv``: row, label, path and reason of every invalid row."""
+    report = cache.invalid_report()
+    path = Path(f"{out}.invalid.tsv")
+    lines = ["row\tlabel\tpath\treason"] + [f"{r['row']}\t{r['label']}\t{r['path']}\t{r['reason']}" for r in report]
+    path.write_text("\n".join(lines) + "\n")
+    if report and not quiet:
+        log(f"{len(report)} invalid image(s) skipped; reasons in {path}:")
+        for r in report[:10]:
+            log(f"  {r['path']}: {r['reason']}")
+    return len(report)
+
+
+def stage_semvae(plan: Plan) -> StageResult:
+    cfg = plan.cfg
+    if not plan.semantic_pass:
+        return StageResult("semvae", "not needed", note=f"given: {plan.sem['name']}")
+    final = plan.semvae_dir / SEMVAE_FILE
+    if final.is_file():
+        return StageResult("semvae", "skipped", note=f"{final} exists")
+    if not plan.cache.is_encoded():
+        raise SystemExit("the SemVAE trains on the encoded cache: run the encode stage first")
+    script = Path(__file__).with_name("train_semvae.py")
+    launcher = [sys.executable]
+    if cfg.semvae_nproc > 1:
+        launcher = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={cfg.semvae_nproc}"]
+    cmd = [
+        *launcher, str(script), "--cache", cfg.out, "--run-dir", str(plan.semvae_dir),
+        "--preset", plan.sem["preset"], "--steps", str(cfg.semvae_steps), "--batch-size", str(cfg.semvae_batch_size),
+        "--seed", str(cfg.seed), *cfg.semvae_args.split(),
+    ]
+    if cfg.device == "cpu":
+        cmd += ["--device", "cpu"]
+    log("training the Semantic VAE: " + " ".join(cmd))
+    t0 = time.perf_counter()
+    subprocess.run(cmd, check=True)
+    if not final.is_file():
+        raise RuntimeError(f"SemVAE training finished without writing {final}")
+    return StageResult("semvae", "done", time.perf_counter() - t0, note=str(final))
+
+
+def stage_semantic(plan: Plan) -> StageResult:
+    cache, cfg = plan.cache, plan.cfg
+    if not plan.semantic_pass:
+        return StageResult("semantic", "not needed", note="semantic latents made in the encode pass")
+    pending = cache.pending_semantic_shards()
+    if not pending:
+        return StageResult("semantic", "skipped", note=f"{cache.num_shards} shards have semantic latents")
+    if not cache.is_encoded():
+        raise SystemExit("the semantic pass needs the encoded cache: run the encode stage first")
+    final = plan.semvae_dir / SEMVAE_FILE
+    if not final.is_file():
+        raise SystemExit(f"no trained SemVAE at {final}: run the semvae stage first")
+    spec = semvae_spec(str(final), plan.sem["preset"], None)
+    if spec["config"] != plan.sem["config"]:
+        raise SystemExit(f"{final} has config {spec['config']}, but the cache plans {plan.sem['config']}")
+    source = cache.semantic_source()
+    done_some = len(pending) < cache.num_shards
+    if source and source != identity(spec) and done_some:
+        raise SystemExit(
+            f"semantic latents of {cache.path} were partly computed with another SemVAE ({source.get('sha256', '?')[:16]}...) "
+            f"than {final} ({spec['sha256'][:16]}...): mixing them would corrupt the cache. Restore that SemVAE, "
+            "or re-create the cache."
+        )
+    cache.set_semantic_source(identity(spec) or {})
+    t0 = time.perf_counter()
+    settings = WorkerSettings(
+        task="semantic", cache_path=str(cache.path), images_root=str(plan.images_root), image_size=cfg.image_size,
+        seed=cfg.seed, semvae=spec, batch_size=max(cfg.batch_size, 64), precision=cfg.precision, tf32=cfg.tf32,
+    )
+    rows, work_s, cpu_s = run_shards(cfg, settings, pending, {s: _rows(cache, s) for s in pending}, "semantic_shard", "semantic")
+    return StageResult("semantic", "done", time.perf_counter() - t0, rows, f"{len(pending)} shards", work_s, cpu_s)
+
+
+def stage_stats(plan: Plan) -> StageResult:
+    cache, cfg = plan.cache, plan.cfg
+    try:
+        cache.stats()
+        return StageResult("stats", "skipped", note="statistics present")
+    except CacheError:
+        pass
+    t0 = time.perf_counter()
+    stats = cache.compute_stats(seed=cfg.stats_seed, num_samples=cfg.stats_samples)
+    n = int(cache.group["texture_mean"].attrs["num_samples"])
+    note = f"{n} rows; texture std in [{stats['texture_std'].min():.3g}, {stats['texture_std'].max():.3g}]"
+    return StageResult("stats", "done", time.perf_counter() - t0, n, note)
+
+
+STAGE_FUNCS = {"encode": stage_encode, "semvae": stage_semvae, "semantic": stage_semantic, "stats": stage_stats}
+
+
+def run(cfg: EncodeConfig) -> list[StageResult]:
+    """Run the requested stages (preflight first); returns one result per stage."""
+    with job_lock(cfg.out):  # before preflight: it may create the cache
+        plan = preflight(cfg)
+        c = plan.cache
+        log(
+            f"cache {c.path}: {c.num_rows} images, {c.num_shards} shards of {c.layout.rows_per_shard}; texture "
+            f"{c.layout.texture_shape}, semantic {c.layout.semantic_shape}, DINO {c.layout.dino_shape or 'not stored'}"
+        )
+        needs_ray = ("encode" in plan.stages and c.pending_shards()) or (
+            "semantic" in plan.stages and plan.semantic_pass and c.pending_semantic_shards()
+        )
+        owns_ray = ensure_ray(cfg) if needs_ray else False
+        results: list[StageResult] = []
+        try:
+            for stage in plan.stages:
+                res = STAGE_FUNCS[stage](plan)
+                results.append(res)
+                log(f"stage {res.stage}: {res.status} ({res.seconds:.1f} s{_rates(res)}) {res.note}")
+        finally:
+            if owns_ray:
+                import ray
+
+                ray.shutdown()
+    print_summary(results)
+    return results
+
+
+def _rates(r: StageResult) -> str:
+    if not r.images_per_s:
+        return ""
+    steady = f", {r.work_images_per_s:.1f} img/s once workers were up" if r.work_images_per_s else ""
+    return f", {r.images_per_s:.1f} img/s overall{steady}"
+
+
+def print_summary(results: Sequence[StageResult]) -> None:
+    log("summary:")
+    for r in results:
+        log(f"  {r.stage:<9} {r.status:<11} {r.seconds:8.1f} s{_rates(r)}  {r.note}")
+    rows = [asdict(r) | {"images_per_s": r.images_per_s, "work_images_per_s": r.work_images_per_s} for r in results]
+    print(json.dumps({"encode_summary": rows}), flush=True)
+
+
+# ---- CLI ---------------------------------------------------------------------------------------
+
+
+def parse_args(argv: Sequence[str] | None = None) -> EncodeConfig:
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], epilog=__doc__[__doc__.index("Examples:"):],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    d = EncodeConfig(images="", out="")
+    p.add_argument("--images", required=True, help="image folder: <root>/<class>/<image>")
+    p.add_argument("--out", required=True, help="cache directory (Zarr v3 group); reports/locks go beside it")
+    p.add_argument("--image-size", type=int, default=d.image_size)
+    p.add_argument("--texture", default=d.texture, help="texture VAE preset (f16d32, f8c4) or standin-f4 (pixel stand-in, not a VAE)")
+    p.add_argument("--texture-vae", default=None, help="texture VAE weights (default weights/ldm-imagenet256-f16d32-50ep.ckpt)")
+    p.add_argument("--dino", default=None, help="DINOv2 weights (default weights/dinov2_vitb14_reg4_pretrain.pth)")
+    p.add_argument("--dino-preset", default=d.dino_preset)
+    p.add_argument("--semvae", default=None, help="SemVAE weights (authors' .pt or ours); omit to train one on this cache; 'random' for tests")
+    p.add_argument("--semvae-preset", default=d.semvae_preset, help="SemVAE architecture to train / of an authors' .pt")
+    p.add_argument("--random-encoders", type=int, default=None, metavar="SEED", help="random-init tiny encoders (tests/demos; recorded in the cache)")
+    p.add_argument("--repa-targets", choices=("store", "none"), default=d.repa_targets, help="store DINO features as REPA targets (~0.8 MB/image) or not")
+    p.add_argument("--row-order", choices=("permuted", "sorted"), default=d.row_order)
+    p.add_argument("--order-seed", type=int, default=d.order_seed)
+    p.add_argument("--seed", type=int, default=d.seed, help="posterior-noise seed (per row and flip)")
+    p.add_argument("--rows-per-shard", type=int, default=d.rows_per_shard)
+    p.add_argument("--rows-per-chunk", type=int, default=d.rows_per_chunk)
+    p.add_argument("--batch-size", type=int, default=d.batch_size)
+    p.add_argument("--precision", choices=("fp32", "bf16"), default=d.precision)
+    p.add_argument("--no-tf32", dest="tf32", action="store_false", help="strict fp32 matmuls on GPU")
+    p.add_argument("--device", choices=("auto", "cuda", "cpu"), default=d.device)
+    p.add_argument("--num-workers", type=int, default=None)
+    p.add_argument("--threads-per-worker", type=int, default=None)
+    p.add_argument("--cpus-per-worker", type=float, default=None)
+    p.add_argument("--decode-threads", type=int, default=None)
+    p.add_argument("--max-retries", type=int, default=d.max_retries)
+    p.add_argument("--ray-address", default=None)
+    p.add_argument("--ray-num-cpus", type=int, default=None)
+    p.add_argument("--stages", default=d.stages, help=f"comma-separated subset of {','.join(STAGES)}")
+    p.add_argument("--semvae-dir", default=None, help="SemVAE training run directory (default <out>.semvae)")
+    p.add_argument("--semvae-steps", type=int, default=d.semvae_steps)
+    p.add_argument("--semvae-batch-size", type=int, default=d.semvae_batch_size)
+    p.add_argument("--semvae-nproc", type=int, default=d.semvae_nproc)
+    p.add_argument("--semvae-args", default="", help="extra flags passed to pipeline/train_semvae.py")
+    p.add_argument("--stats-samples", type=int, default=d.stats_samples)
+    p.add_argument("--stats-seed", type=int, default=d.stats_seed)
+    return EncodeConfig(**vars(p.parse_args(argv)))
+
+
+def main(argv: Sequence[str] | None = None) -> list[StageResult]:
+    cfg = parse_args(argv)
+    log("config: " + json.dumps(asdict(cfg)))
+    return run(cfg)
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (WeightsError, CacheError, DatasetError, ConfigError) as e:  # expected, explained failures
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
