@@ -405,16 +405,21 @@ class TrainConfig:
     mask_clamped: bool = False  # ours, off = faithful: drop the clamped parts from the loss (method.md §12.7)
     # Performance policy, decided once in main().
     precision: str = "bf16"  # bf16 autocast on GPU | fp32
-    compile: bool = True
-    fused_kernels: bool = False
-    tf32: bool = True
+    compile: bool = True  # torch.compile the model and the loss (before the DDP wrap)
+    fused_kernels: bool = False  # fused Triton ops of sfd/kernels (none exist yet: selects nothing)
+    tf32: bool = True  # TF32 matmuls/convs on CUDA
+    grad_checkpointing: bool = False  # recompute block activations in backward (the authors' flag was never wired, §12.3 bug 12)
     # Bookkeeping.
     seed: int = 0
     log_every: int = 100
     ckpt_every: int = 10_000
     keep_last: int = 3
-    sample_every: int = 20_000
-    num_workers: int = 2
+    sample_every: int = 20_000  # EMA sample grid every N steps; 0 = off
+    texture_vae: str = ""  # texture VAE weights for sample-grid PNGs; "" = log latent statistics only
+    # Ours (the authors have none of these).
+    data_mode: str = "stream"  # memory | stream: cache reader mode (sfd/data/reader.py)
+    max_nan_skips: int = 100  # stop after this many consecutive non-finite steps (each one is skipped)
+    init_from: str = ""  # weights to start from (authors' .pt or ours); ignored when resuming
 
     def __post_init__(self) -> None:
         if self.repa_mode not in ("cos", "mse", "cos_mse"):
@@ -425,6 +430,8 @@ class TrainConfig:
             raise ConfigError(f"delta_t must be >= 0, got {self.delta_t}")
         if self.global_batch <= 0 or self.micro_batch < 0:
             raise ConfigError("global_batch must be > 0 and micro_batch >= 0")
+        if self.data_mode not in ("memory", "stream"):
+            raise ConfigError(f"data_mode must be memory or stream, got {self.data_mode!r}")
 
 
 def _run(model_name: str, **kw: Any) -> TrainConfig:
@@ -445,7 +452,8 @@ TRAIN_PRESETS: dict[str, TrainConfig] = {
     # Tests and the CPU demo.
     "tiny": _run(
         "tiny", out_dir="runs/tiny", global_batch=8, max_steps=200, precision="fp32",
-        compile=False, log_every=10, ckpt_every=100, sample_every=0, num_workers=0,
+        compile=False, log_every=10, ckpt_every=100, sample_every=0,
+        data_mode="memory",
     ),
 }
 

@@ -516,10 +516,31 @@ def load_pipeline(args: Any, device: torch.device) -> tuple[LightningDiT, Path, 
         guide, _ = load_model(args.guide, preset=args.guide_model, prefer_ema=not args.no_ema, device=device)
     texture_chans = model.cfg.texture_chans
     stats = TextureStats.identity(texture_chans) if args.stats == "identity" else load_texture_stats(args.stats)
-    vae = load_texture_vae(args.vae, preset=args.vae_preset).to(device)
-    if vae.cfg.embed_dim != texture_chans:
+    cache_attrs = _cache_attrs(args.stats)
+    if cache_attrs is not None and "texture_encoder" in cache_attrs:
+        # The cache knows its texture encoder: rebuild exactly that decoder (a stand-in needs no
+        # file; a real VAE must match the SHA-256 recorded at encoding time).
+        from sfd.models.standins import build_texture_decoder
+
+        vae = build_texture_decoder(cache_attrs, args.vae).to(device)
+    else:
+        vae = load_texture_vae(args.vae, preset=args.vae_preset).to(device)
+    have = vae.embed_dim if hasattr(vae, "embed_dim") else vae.cfg.embed_dim
+    if have != texture_chans:
         raise ConfigError(
-            f"the texture VAE has {vae.cfg.embed_dim} latent channels but the model's texture part has "
+            f"the texture decoder takes {have} latent channels but the model's texture part has "
             f"{texture_chans} (in_channels {model.cfg.in_channels} − semantic_chans {model.cfg.semantic_chans})"
         )
     return model, file, guide, stats, vae
+
+
+def _cache_attrs(path: str) -> dict[str, Any] | None:
+    """The attributes of a latent cache at ``path``, or None when ``path`` is not one."""
+    if path == "identity" or not Path(path).is_dir():
+        return None
+    from sfd.data.cache import LatentCache
+
+    try:
+        return dict(LatentCache.open(path).attrs)
+    except Exception:  # not a cache (e.g. a folder holding latents_stats.pt): use the VAE flags
+        return None

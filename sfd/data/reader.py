@@ -91,9 +91,12 @@ class LatentCacheReader:
         if expected_attrs is not None:
             self.cache.check_compatible(expected_attrs)
         if not self.cache.is_complete():
+            pending = self.cache.pending_shards()
+            waiting = pending if pending else self.cache.pending_semantic_shards()
+            stage = "encoded" if pending else "given semantic latents (SemVAE pass)"
             raise CacheError(
-                f"cache {self.cache.path} is incomplete: shards {self.cache.pending_shards()[:10]} "
-                "are not finished; resume the encode job first"
+                f"cache {self.cache.path} is incomplete: shards {waiting[:10]} are not {stage} yet; "
+                "re-run the same encode command to finish it"
             )
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} not in [0, {world_size})")

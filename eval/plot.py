@@ -1,0 +1,110 @@
+"""Plots from a training run's JSONL logs: loss curves (total and per term) and metrics vs step.
+
+Reads ``<run>/metrics.jsonl`` (written by train/main.py: one ``"event": "train"`` line per log
+interval) and, if present, ``<run>/eval.jsonl`` (one line per evaluated checkpoint with a
+``step`` and numeric metric fields, as written by the demo and the convergence study). Writes
+``<run>/plots/losses.png`` and ``<run>/plots/metrics.png``.
+
+Examples:
+    python eval/plot.py runs/demo/train
+    python eval/plot.py runs/study/dt0.3 runs/study/dt0 --labels "Δt=0.3,Δt=0" --out runs/study/plots
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only: no display on clusters or CI
+import matplotlib.pyplot as plt  # noqa: E402
+
+LOSS_TERMS = ("total", "mse", "cos", "repa")
+NOT_METRICS = {"step", "event", "images", "nfe", "seconds", "num_samples"}
+
+
+def read_jsonl(path: Path, event: str | None = None) -> list[dict]:
+    if not path.is_file():
+        return []
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [r for r in rows if event is None or r.get("event", event) == event]
+
+
+def _finite(v: object) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def plot_losses(runs: list[Path], labels: list[str], out: Path) -> Path | None:
+    """One panel per loss term, one line per run; None when no run has training logs."""
+    logs = [read_jsonl(run / "metrics.jsonl", "train") for run in runs]
+    terms = [t for t in LOSS_TERMS if any(_finite(r.get(t)) and r.get(t) != 0 for rows in logs for r in rows)]
+    if not terms:
+        return None
+    fig, axes = plt.subplots(1, len(terms), figsize=(4 * len(terms), 3.2), squeeze=False)
+    for ax, term in zip(axes[0], terms):
+        for rows, label in zip(logs, labels):
+            pts = [(r["step"], r[term]) for r in rows if _finite(r.get(term))]
+            if pts:
+                ax.plot(*zip(*pts), label=label, linewidth=1.2)
+        ax.set_title(f"loss: {term}")
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+    if len(runs) > 1:
+        axes[0][0].legend(fontsize=8)
+    fig.tight_layout()
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "losses.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_metrics(runs: list[Path], labels: list[str], out: Path) -> Path | None:
+    """Every numeric field of ``eval.jsonl`` vs step, one panel per metric; None when absent."""
+    logs = [read_jsonl(run / "eval.jsonl") for run in runs]
+    names = sorted({k for rows in logs for r in rows for k, v in r.items() if k not in NOT_METRICS and _finite(v)})
+    if not names:
+        return None
+    fig, axes = plt.subplots(1, len(names), figsize=(4.5 * len(names), 3.4), squeeze=False)
+    for ax, name in zip(axes[0], names):
+        for rows, label in zip(logs, labels):
+            pts = sorted((r["step"], r[name]) for r in rows if _finite(r.get(name)))
+            if pts:
+                ax.plot(*zip(*pts), marker="o", label=label, linewidth=1.2)
+        ax.set_title(name)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "metrics.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("runs", nargs="+", type=Path, help="run directories (holding metrics.jsonl / eval.jsonl)")
+    ap.add_argument("--labels", default=None, help="comma-separated legend labels (default: folder names)")
+    ap.add_argument("--out", type=Path, default=None, help="output folder (default: <first run>/plots)")
+    args = ap.parse_args()
+    labels = args.labels.split(",") if args.labels else [r.name for r in args.runs]
+    if len(labels) != len(args.runs):
+        ap.error(f"{len(labels)} labels for {len(args.runs)} runs")
+    for run in args.runs:
+        if not run.is_dir():
+            ap.error(f"no run directory at {run}")
+    out = args.out or args.runs[0] / "plots"
+    made = [p for p in (plot_losses(args.runs, labels, out), plot_metrics(args.runs, labels, out)) if p]
+    if not made:
+        raise SystemExit(f"nothing to plot: no metrics.jsonl or eval.jsonl in {', '.join(map(str, args.runs))}")
+    for p in made:
+        print(f"wrote {p}")
+
+
+if __name__ == "__main__":
+    main()
