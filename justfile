@@ -20,6 +20,10 @@ test *args:
 lint:
     {{python}} -m ruff check sfd tests bench
 
+# The whole system on the CPU in minutes, no downloads: data → Ray encode → torchrun train → grid → metrics.
+demo out="runs/demo" *args:
+    {{python}} pipeline/demo.py --out {{out}} {{args}}
+
 # Smallest end-to-end run on random tiny models: model -> three-phase sampler -> decoder -> PNG.
 smoke out="runs/smoke":
     HF_HUB_OFFLINE=1 {{python}} bench/smoke.py --out {{out}}
@@ -50,3 +54,29 @@ semvae cache="data/cache/imagenet256" nproc="1" *args:
 # Encode throughput: the Ray job vs a plain sequential loop, tiny encoders, on the sample images.
 bench-encode *args:
     HF_HUB_OFFLINE=1 RAY_AUTH_MODE=disabled {{python}} bench/encode.py {{args}}
+
+# Train (or resume: same command again) on `nproc` GPUs of this node, e.g. `just train sfd-xl 8`.
+# Multi-node: see README (torchrun --nnodes/--node-rank/--rdzv-endpoint with the same flags).
+train preset="sfd-xl" nproc="1" cache="data/cache/imagenet256" *args:
+    {{python}} -m torch.distributed.run --standalone --nproc_per_node={{nproc}} train/main.py --preset {{preset}} --cache {{cache}} --out-dir runs/{{preset}} {{args}}
+
+# A labelled sample grid from a run (latest EMA checkpoint) or a checkpoint file.
+grid ckpt="runs/sfd-xl" stats="data/cache/imagenet256" *args:
+    {{python}} sample/grid.py --ckpt {{ckpt}} --stats {{stats}} {{args}}
+
+# 50K class-balanced samples (resumable), then FID/sFID/IS/precision/recall against the ADM reference batch.
+fid ckpt="runs/sfd-xl" stats="data/cache/imagenet256" nproc="1" out="runs/fid50k" *args:
+    {{python}} -m torch.distributed.run --standalone --nproc_per_node={{nproc}} eval/fid.py gen --ckpt {{ckpt}} --stats {{stats}} --out {{out}}/samples --npz {{out}}/samples.npz {{args}}
+    {{python}} eval/fid.py calc {{out}}/samples.npz --ref weights/VIRTUAL_imagenet256_labeled.npz --out {{out}}/metrics.json
+
+# Loss curves (and metrics vs step, if eval.jsonl exists) of one or more runs, as PNGs.
+plot +runs:
+    {{python}} eval/plot.py {{runs}}
+
+# Latent-cache reader throughput (items/s) on a synthetic cache.
+bench-reader *args:
+    {{python}} bench/cache_reader.py {{args}}
+
+# Trainer step time vs a plain eager loop, and FLOP/s vs measured matmul peak.
+bench-train *args:
+    {{python}} bench/train_step.py {{args}}
