@@ -18,7 +18,7 @@ test *args:
 
 # Lint with ruff (style and likely bugs).
 lint:
-    {{python}} -m ruff check sfd tests bench
+    {{python}} -m ruff check sfd tests bench train sample eval pipeline
 
 # The whole system on the CPU in minutes, no downloads: data → Ray encode → torchrun train → grid → metrics.
 demo out="runs/demo" *args:

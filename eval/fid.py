@@ -215,10 +215,11 @@ def read_npz_settings(path: Path) -> dict[str, Any] | None:
 # gen
 
 
-def generation_settings(args: argparse.Namespace, model: Any, ckpt_file: Path, stats: Any, num_classes: int) -> dict[str, Any]:
+def generation_settings(
+    args: argparse.Namespace, model: Any, ckpt_file: Path, stats: Any, num_classes: int, decoder: Any
+) -> dict[str, Any]:
     """Everything that decides the images (compared on resume) — not batch size or GPU count."""
     sampling = sampling_config_from_args(args)
-    vae_file = resolve_weights("texture_vae", args.vae)
     return {
         "checkpoint": str(ckpt_file),
         "checkpoint_sha256": file_sha256(ckpt_file),
@@ -232,9 +233,7 @@ def generation_settings(args: argparse.Namespace, model: Any, ckpt_file: Path, s
         "labels": "balanced: label(i) = i // (num_samples / num_classes)",
         "texture_stats": stats.source,
         "texture_stats_values": [stats.mean.tolist(), stats.std.tolist()],
-        "vae": str(vae_file),
-        "vae_sha256": file_sha256(vae_file),
-        "vae_preset": args.vae_preset,
+        "decoder": decoder.decoder_identity,
     }
 
 
@@ -292,7 +291,7 @@ def cmd_gen(args: argparse.Namespace) -> None:
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         try:
-            check_or_write_settings(out, generation_settings(args, model, ckpt_file, stats, num_classes))
+            check_or_write_settings(out, generation_settings(args, model, ckpt_file, stats, num_classes, vae))
         except SystemExit as e:
             error[0] = str(e)
     if dist.is_initialized():  # every rank stops on rank 0's refusal instead of hanging in a barrier

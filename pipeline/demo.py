@@ -65,14 +65,14 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=Path("runs/demo"), help="run folder (everything goes here)")
     ap.add_argument("--quick", action="store_true", help="fewer images, steps and samples (CI smoke of the same path)")
-    ap.add_argument("--steps", type=int, default=None, help="training steps (default 600, quick 60)")
+    ap.add_argument("--steps", type=int, default=None, help="training steps (default 300, quick 30)")
     ap.add_argument("--nproc", type=int, default=2, help="training processes under torchrun")
     ap.add_argument("--fresh", action="store_true", help="delete the run folder first (otherwise every stage resumes)")
     args = ap.parse_args()
 
-    per_class, held_out, steps, samples, semvae_steps = (48, 24, 600, 200, 100)
+    per_class, held_out, steps, samples, semvae_steps = (48, 10, 300, 100, 100)
     if args.quick:
-        per_class, held_out, steps, samples, semvae_steps = (16, 8, 60, 40, 20)
+        per_class, held_out, steps, samples, semvae_steps = (16, 4, 30, 40, 20)
     steps = args.steps or steps
     out = args.out.resolve()
     if args.fresh and out.exists():

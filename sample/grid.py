@@ -123,7 +123,8 @@ def main() -> None:
         "png": str(out), "checkpoint": str(ckpt_file), "checkpoint_sha256": file_sha256(ckpt_file),
         "classes": classes, "per_class": args.per_class, "sampling": sampling.describe(),
         "delta_t": clock_for(cfg, sampling).delta_t,
-        "nfe_per_batch": nfe, "stats": stats.source, "device": str(device), "seconds": round(seconds, 2),
+        "nfe_per_batch": nfe, "stats": stats.source, "decoder": vae.decoder_identity,
+        "device": str(device), "seconds": round(seconds, 2),
     }
     out.with_suffix(".json").write_text(json.dumps(summary, indent=2) + "\n")
     print(f"NFE {max(nfe)} per batch ({len(nfe)} batches) in {seconds:.1f} s -> wrote {out}")

@@ -31,7 +31,7 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 from torch import Tensor
 
-from sfd.checkpoint import WeightsError, list_checkpoints, load_tensors, read_safetensors_metadata
+from sfd.checkpoint import WeightsError, list_checkpoints, load_tensors, read_safetensors_metadata, resolve_weights
 from sfd.config import ConfigError, ModelConfig, model_preset
 from sfd.diffusion import (
     AsyncClock,
@@ -523,8 +523,13 @@ def load_pipeline(args: Any, device: torch.device) -> tuple[LightningDiT, Path, 
         from sfd.models.standins import build_texture_decoder
 
         vae = build_texture_decoder(cache_attrs, args.vae).to(device)
+        identity = {"from": "cache texture_encoder", **cache_attrs["texture_encoder"]}
     else:
-        vae = load_texture_vae(args.vae, preset=args.vae_preset).to(device)
+        vae_file = resolve_weights("texture_vae", args.vae)
+        vae = load_texture_vae(vae_file, preset=args.vae_preset).to(device)
+        identity = {"file": vae_file.name, "sha256": file_sha256(vae_file), "preset": args.vae_preset}
+    # What decodes the images is part of the settings that decide them (compared on resume).
+    vae.decoder_identity = identity
     have = vae.embed_dim if hasattr(vae, "embed_dim") else vae.cfg.embed_dim
     if have != texture_chans:
         raise ConfigError(

@@ -6,6 +6,7 @@ import json
 
 import pytest
 
+from sfd.checkpoint import read_safetensors_metadata
 from sfd.config import (
     MODEL_PRESETS,
     TRAIN_PRESETS,
@@ -22,7 +23,6 @@ from sfd.config import (
     to_json,
     train_preset,
 )
-from sfd.checkpoint import read_safetensors_metadata
 
 
 @pytest.mark.parametrize(
