@@ -19,7 +19,13 @@ import torch
 from PIL import Image
 
 from sfd.config import TEXTURE_VAE_PRESETS, model_preset
-from sfd.diffusion import AsyncClock, classifier_free_guidance, initial_noise, model_velocity, sample
+from sfd.diffusion import (
+    AsyncClock,
+    classifier_free_guidance,
+    initial_noise,
+    model_velocity,
+    sample,
+)
 from sfd.models.autoencoder import AutoencoderKL, to_uint8
 from sfd.models.lightningdit import LightningDiT
 
