@@ -80,3 +80,7 @@ bench-reader *args:
 # Trainer step time vs a plain eager loop, and FLOP/s vs measured matmul peak.
 bench-train *args:
     {{python}} bench/train_step.py {{args}}
+
+# Convergence study on the demo data: Δt = 0.3 vs Δt = 0 vs no semantic channels (results: docs/study.md).
+study out="runs/study" *args:
+    {{python}} pipeline/study.py --out {{out}} {{args}}

@@ -382,7 +382,7 @@ class TrainConfig:
 
     model: ModelConfig = ModelConfig()
     model_name: str = "LightningDiT-XL/1"  # the preset the model came from (for logs and run names)
-    cache: str = "data/imagenet256-sfd"  # latent cache built by `just encode imagenet`
+    cache: str = "data/cache/imagenet256"  # latent cache built by `just encode imagenet`
     out_dir: str = "runs/sfd-xl"
     # Optimisation (AdamW, constant lr, no warm-up, no weight decay).
     lr: float = 1e-4
@@ -396,6 +396,9 @@ class TrainConfig:
     ema_decay: float = 0.9999  # every step, from a synced copy at step 0
     # Asynchronous flow matching (method.md §4).
     delta_t: float = 0.3  # semantic lead Δt; 0 = synchronous baseline
+    # False = plain LightningDiT(+REPA) on the texture channels of the same cache (no semantic
+    # channels: needs model.semantic_chans=0, model.in_channels=cache texture channels, delta_t=0).
+    use_semantic: bool = True
     time_mean: float = 0.0  # logit-normal location
     time_std: float = 1.0  # logit-normal scale
     semantic_weight: float = 2.0  # β on the semantic channels of the velocity MSE

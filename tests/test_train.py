@@ -276,6 +276,39 @@ def test_mismatch_fails_before_any_step(cache_dir: Path, tmp_path: Path, overrid
     assert not (tmp_path / "run").exists()
 
 
+NO_SEMANTIC = ("use_semantic=false", f"model.in_channels={TEX}", "model.semantic_chans=0", "delta_t=0", "model.semfirst_delta_t=0")
+
+
+def test_without_semantic_channels_trains_on_texture_only(cache_dir: Path, tmp_path: Path) -> None:
+    run(cache_dir, tmp_path / "plain", *NO_SEMANTIC, "max_steps=30")
+    curve = losses(tmp_path / "plain")
+    total = [curve[s]["total"] for s in range(1, 31)]
+    assert np.mean(total[-5:]) < 0.9 * np.mean(total[:5])  # it learns
+    assert all(curve[s]["repa"] > 0 for s in curve)  # REPA targets still come from the cache
+    weights = final_weights(tmp_path / "plain")["model"]
+    assert weights["x_embedder.proj.weight"].shape[1] == TEX  # the model never saw the semantic channels
+    saved = load_json(TrainConfig, tmp_path / "plain" / "config.json")
+    assert not saved.use_semantic and saved.model.semantic_chans == 0
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (("use_semantic=false",), r"set model.semantic_chans=0 \(now 4\)"),  # and delta_t 0.3
+        (("use_semantic=false", "model.semantic_chans=0", "delta_t=0", "model.semfirst_delta_t=0"),
+         f"use_semantic=false: cache latents have {TEX} texture channels, model.in_channels={TEX + SEM}"),
+        (("use_semantic=false", f"model.in_channels={TEX}", "model.semantic_chans=0"), r"delta_t=0 .*now 0.3"),
+        # The composite run needs the semantic channels in the model.
+        ((f"model.in_channels={TEX}", "model.semantic_chans=0", "delta_t=0", "model.semfirst_delta_t=0"),
+         r"12 texture \+ 4 semantic = 16 channels, model.in_channels=12"),
+    ],
+)
+def test_without_semantic_mismatch_fails_before_any_step(cache_dir: Path, tmp_path: Path, overrides, message) -> None:
+    with pytest.raises(trainer.TrainError, match=message):
+        run(cache_dir, tmp_path / "run", *overrides)
+    assert not (tmp_path / "run").exists()
+
+
 def test_repa_without_targets_and_missing_cache(tmp_path: Path) -> None:
     plain = make_cache(tmp_path / "no-dino.zarr", store_dino=False).path
     with pytest.raises(trainer.TrainError, match="has none .* set repa_weight=0"):

@@ -188,6 +188,11 @@ def check_model_config(cfg: TrainConfig) -> None:
             f"delta_t={cfg.delta_t} but model.semfirst_delta_t={m.semfirst_delta_t} (stored with the weights "
             f"for sampling); set both: -o delta_t={cfg.delta_t} -o model.semfirst_delta_t={cfg.delta_t}"
         )
+    if not cfg.use_semantic and (m.semantic_chans != 0 or cfg.delta_t != 0):
+        problems.append(
+            f"use_semantic=false trains on the texture channels only: set model.semantic_chans=0 (now "
+            f"{m.semantic_chans}), delta_t=0 and model.semfirst_delta_t=0 (now {cfg.delta_t}, {m.semfirst_delta_t})"
+        )
     if cfg.repa_weight > 0 and not m.use_repa:
         problems.append(f"repa_weight={cfg.repa_weight} but model.use_repa=false: set repa_weight=0 or model.use_repa=true")
     if cfg.max_steps < 0 or cfg.log_every <= 0 or cfg.ckpt_every < 0 or cfg.sample_every < 0:
@@ -217,11 +222,17 @@ def check_cache(cfg: TrainConfig, cache: LatentCache, world_size: int, per_rank:
     m, layout = cfg.model, cache.layout
     (ct, h, w), (cs, hs, ws) = layout.texture_shape, layout.semantic_shape
     problems = []
-    if ct + cs != m.in_channels:
+    if not cfg.use_semantic:
+        # The texture channels come first in every cache row; the semantic ones are left unread.
+        if ct != m.in_channels:
+            problems.append(
+                f"use_semantic=false: cache latents have {ct} texture channels, model.in_channels={m.in_channels}"
+            )
+    elif ct + cs != m.in_channels:
         problems.append(
             f"cache latents have {ct} texture + {cs} semantic = {ct + cs} channels, model.in_channels={m.in_channels}"
         )
-    if cs != m.semantic_chans:
+    if cfg.use_semantic and cs != m.semantic_chans:
         problems.append(f"cache has {cs} semantic channels, model.semantic_chans={m.semantic_chans}")
     if (h, w) != (hs, ws) or (h, w) != (m.input_size, m.input_size):
         problems.append(
@@ -346,7 +357,8 @@ class TrainStep:
         t_tex, t_sem, x0, drop = self.draws(step)
         # Rank r's k-th item is global item r + kW (the reader's memory-mode order).
         mine = torch.arange(d.rank, cfg.global_batch, d.world_size, device=d.device)
-        x1 = batch.x.to(d.device, non_blocking=True)  # (b, C, H, W)
+        # (b, C, H, W); without semantic channels only the leading texture channels are trained on.
+        x1 = (batch.x if cfg.use_semantic else batch.x[:, : m.in_channels]).to(d.device, non_blocking=True)
         y = batch.y.to(d.device, non_blocking=True)
         repa_target = batch.repa.to(d.device, non_blocking=True) if self.use_repa else None
         accum = len(mine) // self.micro_batch
@@ -493,8 +505,9 @@ def sample_grid(ema: LightningDiT, cfg: TrainConfig, step: int, run_dir: Path, d
     record: dict[str, Any] = {
         "event": "sample", "step": step, "nfe": nfe,
         "texture_mean": tex.mean().item(), "texture_std": tex.std().item(),
-        "semantic_mean": sem.mean().item(), "semantic_std": sem.std().item(),
     }
+    if m.semantic_chans > 0:
+        record |= {"semantic_mean": sem.mean().item(), "semantic_std": sem.std().item()}
     if decoder is not None:
         stats = load_texture_stats(cfg.cache)
         images = latents_to_images(latents, stats, decoder.to(latents.device), m.texture_chans)
