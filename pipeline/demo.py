@@ -42,23 +42,47 @@ STANDINS = {
 }
 
 
-def run(stage: str, cmd: list[str], log: Path, env: dict[str, str]) -> float:
-    """Run one stage's real command line, tee its output to ``log``; stop the demo if it fails."""
-    print(f"\n== {stage}: {' '.join(cmd)}", flush=True)
+# The demo's tiny model: 16x16 latents of the stand-in cache; the study changes only the latent
+# channels and Δt (pipeline/study.py).
+TINY_MODEL = [
+    "model.input_size=16", f"model.num_classes={len(CLASSES)}", "model.repa_target_dim=64",
+    "model.hidden_size=128", "model.depth=4", "model.num_heads=4", "model.repa_projector_dim=128",
+    "global_batch=32", "lr=1e-3", "ema_decay=0.99",
+]
+
+
+def demo_env() -> dict[str, str]:
+    return {
+        **os.environ, "OMP_NUM_THREADS": "1", "RAY_AUTH_MODE": "disabled", "HF_HUB_OFFLINE": "1",
+        "PYTHONUNBUFFERED": "1", "TQDM_MININTERVAL": "5",
+    }
+
+
+def encode_command(train_dir: Path, cache: Path, semvae_steps: int) -> list[str]:
+    """The real encode job on the demo images: stand-in texture AE, random tiny DINO, SemVAE trained here."""
+    return [
+        sys.executable, "pipeline/encode.py", "--images", str(train_dir), "--out", str(cache), "--image-size", "64",
+        "--texture", "standin-f4", "--random-encoders", "0", "--semvae-steps", str(semvae_steps),
+        "--rows-per-shard", "128", "--rows-per-chunk", "32",
+    ]
+
+
+def run(stage: str, cmd: list[str], log: Path, env: dict[str, str], echo: bool = True) -> float:
+    """Run one stage's real command line, tee its output to ``log`` (and stdout if ``echo``); stop on failure."""
+    print(f"\n== {stage}: {' '.join(cmd)}" + ("" if echo else f"  (output in {log})"), flush=True)
     t0 = time.perf_counter()
-    with open(log, "a") as f:
+    with open(log, "a", buffering=1) as f:  # line-buffered: `tail -f` follows the stage
         f.write(f"\n== {stage}: {' '.join(cmd)}\n")
-        f.flush()
         proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         assert proc.stdout is not None
         for line in proc.stdout:
             f.write(line)
-            sys.stdout.write(line)
+            if echo:
+                sys.stdout.write(line)
         code = proc.wait()
-    seconds = time.perf_counter() - t0
     if code != 0:
-        raise SystemExit(f"demo stage '{stage}' failed (exit {code}); its output is in {log}")
-    return seconds
+        raise SystemExit(f"stage '{stage}' failed (exit {code}); its output is in {log}")
+    return time.perf_counter() - t0
 
 
 def main() -> None:
@@ -79,10 +103,7 @@ def main() -> None:
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
     log = out / "demo.log"
-    env = {
-        **os.environ, "OMP_NUM_THREADS": "1", "RAY_AUTH_MODE": "disabled", "HF_HUB_OFFLINE": "1",
-        "PYTHONUNBUFFERED": "1", "TQDM_MININTERVAL": "5",
-    }
+    env = demo_env()
     py = sys.executable
     timings: dict[str, float] = {}
     t_start = time.perf_counter()
@@ -100,21 +121,14 @@ def main() -> None:
 
     # 2. Encode with the real Ray job (stand-in texture AE, random tiny DINO, SemVAE trained here).
     cache = out / "cache"
-    timings["encode"] = run("encode", [
-        py, "pipeline/encode.py", "--images", str(train_dir), "--out", str(cache), "--image-size", "64",
-        "--texture", "standin-f4", "--random-encoders", "0", "--semvae-steps", str(semvae_steps),
-        "--rows-per-shard", "128", "--rows-per-chunk", "32",
-    ], log, env)
+    timings["encode"] = run("encode", encode_command(train_dir, cache, semvae_steps), log, env)
 
     # 3. Train a tiny SFD (Δt = 0.3, REPA on the stand-in DINO tokens) with torchrun, 2 processes.
     train = out / "train"
     timings["train"] = run("train", [
         py, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}", "train/main.py",
         "--preset", "tiny", "--cache", str(cache), "--out-dir", str(train),
-        "-o", "model.in_channels=52", "-o", "model.semantic_chans=4", "-o", "model.input_size=16",
-        "-o", f"model.num_classes={len(CLASSES)}", "-o", "model.repa_target_dim=64",
-        "-o", "model.hidden_size=128", "-o", "model.depth=4", "-o", "model.num_heads=4",
-        "-o", "model.repa_projector_dim=128", "-o", "global_batch=32", "-o", "lr=1e-3", "-o", "ema_decay=0.99",
+        *[a for o in ("model.in_channels=52", "model.semantic_chans=4", *TINY_MODEL) for a in ("-o", o)],
         "-o", f"max_steps={steps}", "-o", f"ckpt_every={max(steps // 3, 1)}", "-o", f"log_every={max(steps // 30, 1)}",
         "-o", f"sample_every={steps}",
     ], log, env)

@@ -28,8 +28,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -39,21 +37,11 @@ from sfd.checkpoint import list_checkpoints
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "pipeline"))  # demo_data sits beside this file (pipeline/ is no package)
+from demo import STANDINS, TINY_MODEL, demo_env, encode_command, run  # noqa: E402
 from demo_data import CLASSES, make_demo_dataset  # noqa: E402
 
-STANDINS = {
-    "texture encoder": "pixel-unshuffle-f4 (stand-in, not a VAE)",
-    "semantic encoder": "random-init tiny DINOv2-style ViT (not DINOv2)",
-    "distance features": "random-init Inception (not FID's Inception): reported as FD_random-inception",
-}
-
 METRIC = "FD_random-inception"
-# The demo's tiny model (pipeline/demo.py); the variants change only the fields below.
-MODEL = [
-    "model.input_size=16", f"model.num_classes={len(CLASSES)}", "model.repa_target_dim=64",
-    "model.hidden_size=128", "model.depth=4", "model.num_heads=4", "model.repa_projector_dim=128",
-    "global_batch=32", "lr=1e-3", "ema_decay=0.99",
-]
+MODEL = TINY_MODEL  # the variants change only the latent channels and Δt
 VARIANTS: dict[str, tuple[str, list[str]]] = {
     "sfd-dt0.3": ("Δt=0.3 (SFD)", [
         "model.in_channels=52", "model.semantic_chans=4", "delta_t=0.3", "model.semfirst_delta_t=0.3",
@@ -66,29 +54,6 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
         "model.semfirst_delta_t=0",
     ]),
 }
-
-
-class StudyError(SystemExit):
-    """A stage failed; the message names its log."""
-
-
-def run(stage: str, cmd: list[str], log: Path, env: dict[str, str], echo: bool = True) -> float:
-    """Run one stage's real command line, tee its output to ``log`` (and stdout if ``echo``); stop on failure."""
-    print(f"\n== {stage}: {' '.join(cmd)}" + ("" if echo else f"  (output in {log})"), flush=True)
-    t0 = time.perf_counter()
-    with open(log, "a", buffering=1) as f:  # line-buffered: `tail -f` follows the stage
-        f.write(f"\n== {stage}: {' '.join(cmd)}\n")
-        f.flush()
-        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            f.write(line)
-            if echo:
-                sys.stdout.write(line)
-        code = proc.wait()
-    if code != 0:
-        raise StudyError(f"study stage '{stage}' failed (exit {code}); its output is in {log}")
-    return time.perf_counter() - t0
 
 
 def evaluated_steps(path: Path) -> set[int]:
@@ -112,10 +77,7 @@ def main() -> None:
     out = args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
     log = out / "study.log"
-    env = {
-        **os.environ, "OMP_NUM_THREADS": "1", "RAY_AUTH_MODE": "disabled", "HF_HUB_OFFLINE": "1",
-        "PYTHONUNBUFFERED": "1", "TQDM_MININTERVAL": "5",
-    }
+    env = demo_env()
     py = sys.executable
     variants = [v for v in args.variants.split(",") if v]
     unknown = [v for v in variants if v not in VARIANTS]
@@ -130,11 +92,7 @@ def main() -> None:
     train_dir = make_demo_dataset(out / "data" / "train", per_class=per_class, size=64, seed=0)
     ref_dir = make_demo_dataset(out / "data" / "heldout", per_class=held_out, size=64, seed=1)
     cache = out / "cache"
-    timings["encode"] = run("encode", [
-        py, "pipeline/encode.py", "--images", str(train_dir), "--out", str(cache), "--image-size", "64",
-        "--texture", "standin-f4", "--random-encoders", "0", "--semvae-steps", str(semvae_steps),
-        "--rows-per-shard", "128", "--rows-per-chunk", "32",
-    ], log, env)
+    timings["encode"] = run("encode", encode_command(train_dir, cache, semvae_steps), log, env)
     ref_npz = out / "heldout_ref.npz"
     t0 = time.perf_counter()
     if not ref_npz.is_file():
