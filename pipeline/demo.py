@@ -133,13 +133,17 @@ def main() -> None:
         "-o", f"sample_every={steps}",
     ], log, env)
 
+    # Sampling and feature extraction run alone: let them use both cores (training and encoding
+    # run one thread per process).
+    env_solo = {**env, "OMP_NUM_THREADS": str(os.cpu_count() or 1)}
+
     # 4. A labelled grid from the EMA weights: every class, Heun on the exact three-phase grid.
     grid = out / "grid.png"
     timings["grid"] = run("grid", [
         py, "sample/grid.py", "--ckpt", str(train), "--stats", str(cache),
         "--classes", ",".join(str(i) for i in range(len(CLASSES))), "--per-class", "4",
         "--sampler", "heun", "--steps", "25", "--out", str(grid), "--device", "cpu",
-    ], log, env)
+    ], log, env_solo)
 
     # 5. Distance to held-out images in a random feature space (honestly named, not FID).
     samples_dir, ref_npz, metrics = out / "samples", out / "heldout_ref.npz", out / "metrics.json"
@@ -147,14 +151,14 @@ def main() -> None:
         py, "eval/fid.py", "gen", "--ckpt", str(train), "--stats", str(cache), "--out", str(samples_dir),
         "--num-samples", str(samples), "--num-classes", str(len(CLASSES)), "--sampler", "heun", "--steps", "25",
         "--batch-size", "50", "--device", "cpu",
-    ], log, env)
+    ], log, env_solo)
     timings["eval"] += run("eval ref", [
         py, "eval/fid.py", "ref", str(ref_dir), "--out", str(ref_npz), "--detector", "random", "--device", "cpu",
-    ], log, env)
+    ], log, env_solo)
     timings["eval"] += run("eval calc", [
         py, "eval/fid.py", "calc", str(samples_dir), "--ref", str(ref_npz), "--detector", "random",
         "--out", str(metrics), "--device", "cpu",
-    ], log, env)
+    ], log, env_solo)
 
     # 6. Loss curves.
     timings["plot"] = run("plot", [py, "eval/plot.py", str(train)], log, env)
