@@ -45,14 +45,13 @@ import torch.distributed as dist
 from PIL import Image
 from tqdm import tqdm
 
-from sfd.checkpoint import resolve_weights
+from sfd.checkpoint import file_sha256, resolve_weights
 from sfd.generate import (
     AUTHORS_SHUFFLE_SEED,
     add_model_args,
     add_sampling_args,
     balanced_labels,
     clock_for,
-    file_sha256,
     generate_latents,
     latents_to_images,
     load_pipeline,
@@ -222,10 +221,10 @@ def generation_settings(
     sampling = sampling_config_from_args(args)
     return {
         "checkpoint": str(ckpt_file),
-        "checkpoint_sha256": file_sha256(ckpt_file),
+        "checkpoint_sha256": file_sha256(ckpt_file, 16),
         "ema": not args.no_ema,
         "model": json.loads(json.dumps(model.cfg.__dict__)),
-        "guide_sha256": file_sha256(resolve_guide_file(args)) if args.guide else None,
+        "guide_sha256": file_sha256(resolve_guide_file(args), 16) if args.guide else None,
         "sampling": sampling.describe(),
         "delta_t": clock_for(model.cfg, sampling).delta_t,
         "num_samples": args.num_samples,
@@ -439,7 +438,7 @@ def load_reference(
         keys = set(data.files)
         stored = {k: data[k] for k in ("mu", "sigma", "mu_s", "sigma_s", "pool") if k in keys}
         ref_detector = str(data["detector"]) if "detector" in keys else None
-    info: dict[str, Any] = {"path": str(path), "sha256": file_sha256(path)}
+    info: dict[str, Any] = {"path": str(path), "sha256": file_sha256(path, 16)}
     if ref_detector is not None:  # a `ref` output
         if ref_detector != detector.detector_name:
             raise SystemExit(f"{path} was made with detector {ref_detector!r}, this run uses {detector.detector_name!r}")

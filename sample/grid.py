@@ -26,11 +26,11 @@ from pathlib import Path
 
 import torch
 
+from sfd.checkpoint import file_sha256
 from sfd.generate import (
     add_model_args,
     add_sampling_args,
     clock_for,
-    file_sha256,
     generate_latents,
     latents_to_images,
     load_pipeline,
@@ -120,7 +120,7 @@ def main() -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     make_grid(torch.cat(images), nrow=args.per_class, captions=captions).save(out)
     summary = {
-        "png": str(out), "checkpoint": str(ckpt_file), "checkpoint_sha256": file_sha256(ckpt_file),
+        "png": str(out), "checkpoint": str(ckpt_file), "checkpoint_sha256": file_sha256(ckpt_file, 16),
         "classes": classes, "per_class": args.per_class, "sampling": sampling.describe(),
         "delta_t": clock_for(cfg, sampling).delta_t,
         "nfe_per_batch": nfe, "stats": stats.source, "decoder": vae.decoder_identity,

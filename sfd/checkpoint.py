@@ -96,11 +96,37 @@ def resolve_weights(kind: str, path: str | os.PathLike[str] | None = None) -> Pa
     return p
 
 
-def load_tensors(path: str | os.PathLike[str]) -> dict[str, Any]:
+def file_sha256(path: str | os.PathLike[str], length: int | None = None) -> str:
+    """Hex SHA-256 of a file (its first ``length`` digits if given), read in 16 MiB blocks."""
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 24):
+            h.update(block)
+    return h.hexdigest()[:length]
+
+
+class _Inert:
+    """Stand-in for a non-tensor object pickled inside a training checkpoint (see load_tensors)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def __setstate__(self, state: Any) -> None:
+        pass
+
+
+def load_tensors(path: str | os.PathLike[str], *, inert_objects: bool = False) -> dict[str, Any]:
     """Read a weight file without executing pickle code.
 
     ``.safetensors`` through safetensors; anything else (``.pt``, ``.pth``, ``.ckpt``) through
     ``torch.load(weights_only=True)``. Returns whatever container the file holds.
+
+    Training checkpoints can carry pickled classes beside the weights (older Lightning keys
+    callback states by class; trainers store config objects). With ``inert_objects`` a file that
+    ``weights_only`` refuses is retried with every refused global mapped to an inert stand-in:
+    still no code from the file runs, the tensors load, and the (unused) objects become inert.
     """
     p = Path(path)
     if not p.is_file():
@@ -112,9 +138,16 @@ def load_tensors(path: str | os.PathLike[str]) -> dict[str, Any]:
     try:
         return torch.load(str(p), map_location="cpu", weights_only=True)
     except Exception as e:  # pickle refused or file broken: say which file and why
-        raise WeightsError(
-            f"could not read '{p}' safely (torch.load with weights_only=True): {e}"
-        ) from e
+        first = WeightsError(f"could not read '{p}' safely (torch.load with weights_only=True): {e}")
+        first.__cause__ = e
+    if not inert_objects:
+        raise first
+    try:
+        names = torch.serialization.get_unsafe_globals_in_checkpoint(str(p))
+        with torch.serialization.safe_globals([(_Inert, name) for name in names]):
+            return torch.load(str(p), map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise first from e
 
 
 def read_safetensors_metadata(path: str | os.PathLike[str]) -> dict[str, str]:

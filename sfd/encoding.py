@@ -42,7 +42,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from sfd.checkpoint import WeightsError, read_safetensors_metadata, resolve_weights
+from sfd.checkpoint import WeightsError, file_sha256, read_safetensors_metadata, resolve_weights
 from sfd.config import (
     DINO_PRESETS,
     SEMVAE_PRESETS,
@@ -56,7 +56,7 @@ from sfd.config import (
 )
 from sfd.data.cache import NUM_FLIPS, LatentCache
 from sfd.data.images import hflip, load_image, to_model_input
-from sfd.models.standins import PixelUnshuffleAutoencoder, file_sha256, parse_standin, random_init
+from sfd.models.standins import PixelUnshuffleAutoencoder, parse_standin, random_init
 
 _PART_IDS = {"texture": 1, "semantic": 2}
 

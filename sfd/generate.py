@@ -17,7 +17,6 @@ Pure library code: no prints, no global flags (TF32 and friends are the scripts'
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -31,7 +30,14 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 from torch import Tensor
 
-from sfd.checkpoint import WeightsError, list_checkpoints, load_tensors, read_safetensors_metadata, resolve_weights
+from sfd.checkpoint import (
+    WeightsError,
+    file_sha256,
+    list_checkpoints,
+    load_tensors,
+    read_safetensors_metadata,
+    resolve_weights,
+)
 from sfd.config import ConfigError, ModelConfig, model_preset
 from sfd.diffusion import (
     AsyncClock,
@@ -48,7 +54,7 @@ from sfd.models.lightningdit import LightningDiT, load_lightningdit, model_confi
 __all__ = [
     "SamplingConfig", "build_velocity_fn", "clock_for", "generate_latents",
     "TextureStats", "load_texture_stats", "latents_to_images", "Decoder",
-    "make_grid", "resolve_checkpoint", "load_model", "file_sha256",
+    "make_grid", "resolve_checkpoint", "load_model",
     "rank_indices", "balanced_labels", "shuffled_order", "AUTHORS_SHUFFLE_SEED",
     "pick_device", "add_model_args", "add_sampling_args", "sampling_config_from_args", "load_pipeline",
 ]
@@ -398,15 +404,6 @@ def load_model(
     return model.to(device).eval().requires_grad_(False), file
 
 
-def file_sha256(path: str | os.PathLike[str], length: int = 16) -> str:
-    """The first ``length`` hex digits of a file's SHA-256 (results JSON provenance)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()[:length]
-
-
 # ---------------------------------------------------------------------------------------------
 # The evaluation protocol: which index, which label, which order (method.md §7.3)
 
@@ -527,7 +524,7 @@ def load_pipeline(args: Any, device: torch.device) -> tuple[LightningDiT, Path, 
     else:
         vae_file = resolve_weights("texture_vae", args.vae)
         vae = load_texture_vae(vae_file, preset=args.vae_preset).to(device)
-        identity = {"file": vae_file.name, "sha256": file_sha256(vae_file), "preset": args.vae_preset}
+        identity = {"file": vae_file.name, "sha256": file_sha256(vae_file, 16), "preset": args.vae_preset}
     # What decodes the images is part of the settings that decide them (compared on resume).
     vae.decoder_identity = identity
     have = vae.embed_dim if hasattr(vae, "embed_dim") else vae.cfg.embed_dim

@@ -94,3 +94,24 @@ def test_atomic_path_keeps_old_file_on_failure(tmp_path):
             raise RuntimeError("killed")
     assert dst.read_bytes() == b"old"
     assert [p.name for p in tmp_path.iterdir()] == ["ckpt.bin"]
+
+
+class _CallbackState:  # stands for a class an old trainer pickled beside its weights
+    def __init__(self):
+        self.best = 1.0
+
+
+def test_inert_objects_loads_tensors_without_running_pickled_code(tmp_path):
+    path = tmp_path / "trainer.ckpt"
+    torch.save({"state_dict": {"w": torch.ones(2)}, "callbacks": _CallbackState()}, path)
+    with pytest.raises(WeightsError, match="weights_only"):
+        load_tensors(path)  # refused by default
+    obj = load_tensors(path, inert_objects=True)
+    assert torch.equal(obj["state_dict"]["w"], torch.ones(2))
+    assert not isinstance(obj["callbacks"], _CallbackState)  # became an inert stand-in
+    # A pickle that calls a system function stays refused (torch blocks such modules outright).
+    evil = tmp_path / "evil.ckpt"
+    with open(evil, "wb") as f:
+        pickle.dump({"w": _Evil()}, f)
+    with pytest.raises(WeightsError):
+        load_tensors(evil, inert_objects=True)

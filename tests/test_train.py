@@ -207,8 +207,8 @@ def test_sample_grid_png_with_a_texture_vae(tmp_path: Path, capsys: pytest.Captu
 
     vae_cfg = TEXTURE_VAE_PRESETS["tiny"]  # 8 latent channels at 8x8 for 32x32 images
     torch.manual_seed(0)
+    from sfd.checkpoint import file_sha256
     from sfd.config import to_dict
-    from sfd.models.standins import file_sha256
 
     save_safetensors(AutoencoderKL(vae_cfg).state_dict(), tmp_path / "vae.safetensors")
     # The cache records which VAE made its latents (name, config, file hash), as encode.py does.

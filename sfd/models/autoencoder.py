@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -24,7 +23,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from sfd.checkpoint import (
-    WeightsError,
     load_state_dict_strict,
     load_tensors,
     resolve_weights,
@@ -319,37 +317,6 @@ def texture_vae_config_from_authors(ddconfig: Mapping[str, Any], embed_dim: int 
     return from_dict(TextureVAEConfig, fields, where="texture VAE ddconfig")
 
 
-class _Inert:
-    """Stand-in for a non-tensor object pickled inside a training checkpoint (see below)."""
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        pass
-
-    def __setstate__(self, state: Any) -> None:
-        pass
-
-
-def _read_checkpoint(path: Path) -> Any:
-    """``load_tensors``, then for a pickle that ``weights_only`` refuses, one safe retry.
-
-    Lightning checkpoints can carry pickled classes beside the weights (e.g. older Lightning keys
-    callback states by the callback's class). Such a file is retried with every global the
-    ``weights_only`` unpickler refuses mapped to an inert stand-in: still no code from the file
-    runs, the tensors load, and the non-tensor metadata (never used here) becomes inert.
-    """
-    try:
-        return load_tensors(path)
-    except WeightsError as first:
-        if path.suffix == ".safetensors":
-            raise
-        try:
-            names = torch.serialization.get_unsafe_globals_in_checkpoint(str(path))
-            with torch.serialization.safe_globals([(_Inert, name) for name in names]):
-                return torch.load(str(path), map_location="cpu", weights_only=True)
-        except Exception as e:
-            raise first from e
-
-
 def texture_vae_state_dict(obj: Any) -> dict[str, torch.Tensor]:
     """The autoencoder's state dict from a checkpoint container, minus :data:`IGNORED_PREFIXES`."""
     sd = unwrap_state_dict(obj, prefer=("state_dict", "model_state_dict", "model", "ema"))
@@ -372,7 +339,7 @@ def load_texture_vae(
     if cfg is None:
         cfg = config_preset(TEXTURE_VAE_PRESETS, preset, "texture VAE")
     p = resolve_weights("texture_vae", path)
-    state_dict = texture_vae_state_dict(_read_checkpoint(p))
+    state_dict = texture_vae_state_dict(load_tensors(p, inert_objects=True))
     model = AutoencoderKL(cfg)
     load_state_dict_strict(model, state_dict, source=f"'{p}'")
     model.eval().requires_grad_(False)

@@ -30,16 +30,20 @@ scripts must not report distances from it as FID (see :func:`is_fid_detector`).
 
 from __future__ import annotations
 
-import hashlib
 import os
-from pathlib import Path
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sfd.checkpoint import load_state_dict_strict, load_tensors, resolve_weights, unwrap_state_dict
+from sfd.checkpoint import (
+    file_sha256,
+    load_state_dict_strict,
+    load_tensors,
+    resolve_weights,
+    unwrap_state_dict,
+)
 
 FID_DETECTOR_NAME = "inception-2015-12-05"
 RANDOM_DETECTOR_NAME = "random-inception (not FID)"
@@ -377,14 +381,6 @@ def random_inception(seed: int = 0) -> InceptionV3:
     return model.eval().requires_grad_(False)
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def load_inception(
     path: str | os.PathLike[str] | None = None,
     *,
@@ -407,7 +403,7 @@ def load_inception(
         optional=("num_batches_tracked",),
         source=str(file),
     )
-    model.weights_sha256 = _sha256(file)
+    model.weights_sha256 = file_sha256(file)
     if expected_sha256_prefix is None or model.weights_sha256.startswith(expected_sha256_prefix):
         model.detector_name = FID_DETECTOR_NAME
     else:

@@ -623,7 +623,7 @@ def load_lightningdit(
     tables are recomputed and may be absent from the file.
     """
     path = Path(path)
-    raw = load_tensors(path)
+    raw = load_tensors(path, inert_objects=True)  # an authors' {model, ema, opt, config} file may pickle its config object
     prefer = ("ema", "model", "state_dict") if prefer_ema else ("model", "ema", "state_dict")
     state_dict = unwrap_state_dict(raw, prefer=prefer)
     if cfg is None:

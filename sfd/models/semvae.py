@@ -213,7 +213,7 @@ def load_semvae(
     """
     cfg = cfg if cfg is not None else config_preset(SEMVAE_PRESETS, preset, "SemVAE")
     file = resolve_weights("semvae", path)
-    state = unwrap_state_dict(load_tensors(file), prefer=("model_state_dict", "ema", "model", "state_dict"))
+    state = unwrap_state_dict(load_tensors(file, inert_objects=True), prefer=("model_state_dict", "ema", "model", "state_dict"))
     model = SemVAE(cfg)
     load_state_dict_strict(model, state, source=str(file))
     model.eval().requires_grad_(False)

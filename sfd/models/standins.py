@@ -15,7 +15,6 @@ which needs its weight file and is checked against the recorded SHA-256.
 
 from __future__ import annotations
 
-import hashlib
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -25,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sfd.checkpoint import WeightsError, resolve_weights
+from sfd.checkpoint import WeightsError, file_sha256, resolve_weights
 from sfd.config import TextureVAEConfig, from_dict
 
 STANDIN_PREFIX = "standin-f"  # CLI spelling: standin-f4, standin-f8, ...
@@ -98,15 +97,6 @@ def random_init(module_cls: type[nn.Module], cfg: Any, seed: int) -> nn.Module:
     return model.eval().requires_grad_(False)
 
 
-def file_sha256(path: str | os.PathLike[str], block: int = 1 << 24) -> str:
-    """Full hex SHA-256 of a file (read in 16 MiB blocks)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(block):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def build_texture_decoder(
     cache_attrs: Mapping[str, Any], vae_path: str | os.PathLike[str] | None = None
 ) -> nn.Module:
@@ -152,6 +142,5 @@ __all__ = [
     "STANDIN_SCALE",
     "parse_standin",
     "random_init",
-    "file_sha256",
     "build_texture_decoder",
 ]
