@@ -1,8 +1,9 @@
 """Encode throughput: the Ray job against a plain sequential loop, with the same tiny models.
 
 Both paths run the very same per-shard code (``sfd.encoding.ShardWorker.encode_shard``: decode
-the JPEG, ADM crop, flip, tiny texture VAE, tiny DINOv2 at 224², write the shard) on the
-ImageNet sample, into fresh caches. Thread settings are stated in the output:
+the JPEG, ADM crop, flip, tiny texture VAE, tiny DINOv2 at 224², write the shard) on 100
+photo-like synthetic JPEGs at ImageNet sizes (or ``--images``), into fresh caches. Thread
+settings are stated in the output:
 
 - ``sequential``: one process, one loop over the shards, ``torch.set_num_threads(T)`` for T in
   ``--seq-threads`` (1 = the same setting as each Ray actor; 2 = one process using both cores);
@@ -59,7 +60,8 @@ def dir_bytes(path: Path) -> int:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__[__doc__.index("Example:"):],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--images", default=str(REPO.parent / "shared" / "data" / "imagenet-sample"))
+    p.add_argument("--images", default=None,
+                   help="image folder <class>/<image> (default: 100 synthetic photo-like JPEGs at ImageNet sizes)")
     p.add_argument("--image-size", type=int, default=64)
     p.add_argument("--rows-per-shard", type=int, default=10)
     p.add_argument("--batch-size", type=int, default=10)
@@ -70,6 +72,11 @@ def main() -> None:
     args = p.parse_args()
     encode = load_encode_script()
     tmp = Path(tempfile.mkdtemp(prefix="bench_encode_"))
+    if args.images is None:
+        from sfd.data.synthetic import write_image_folder
+
+        write_image_folder(tmp / "images", num_classes=100)
+        args.images = str(tmp / "images")
     common = [
         "--images", args.images, "--image-size", str(args.image_size), "--random-encoders", "0",
         "--rows-per-shard", str(args.rows_per_shard), "--rows-per-chunk", str(args.rows_per_shard),

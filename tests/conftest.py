@@ -13,41 +13,34 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
 REPO = Path(__file__).resolve().parents[1]
-# ../shared beside the checkout (CI clones main with shared/ beside it); SFD_SHARED overrides.
-SHARED = Path(os.environ.get("SFD_SHARED", REPO.parent / "shared"))
-
-
-def _need(path: Path) -> Path:
-    if not path.exists():
-        pytest.fail(
-            f"reference data not found at {path}: tests need the shared/ folder beside the "
-            "checkout (or SFD_SHARED pointing at it)"
-        )
-    return path
-
-
-@pytest.fixture(scope="session")
-def shared_dir() -> Path:
-    return _need(SHARED)
+# Reference data the tests need lives in the repository (tests/data/README.md says where it came
+# from); images are generated (sfd.data.synthetic). Nothing outside the checkout is read.
+DATA = Path(__file__).resolve().parent / "data"
 
 
 @pytest.fixture(scope="session")
 def golden_dir() -> Path:
-    return _need(SHARED / "reference" / "golden")
+    return DATA / "golden"
 
 
 @pytest.fixture(scope="session")
 def keys_dir() -> Path:
-    return _need(SHARED / "reference" / "keys")
+    return DATA / "keys"
 
 
 @pytest.fixture(scope="session")
-def imagenet_sample() -> Path:
-    return _need(SHARED / "data" / "imagenet-sample")
+def sample_images(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An ImageNet-like folder of 30 classes × 1 synthetic photo at real ImageNet sizes (read-only by
+    convention: tests that damage files copy them first)."""
+    from sfd.data.synthetic import write_image_folder
+
+    root = tmp_path_factory.mktemp("sample-images")
+    write_image_folder(root, num_classes=30, per_class=1, seed=0)
+    return root
 
 
 def read_keys_file(path: Path) -> dict[str, tuple[tuple[int, ...], str]]:
-    """Parse ``reference/keys/*.txt``: ``name<TAB>(shape)<TAB>dtype`` lines, ``#`` comments."""
+    """Parse ``tests/data/keys/*.txt``: ``name<TAB>(shape)<TAB>dtype`` lines, ``#`` comments."""
     out: dict[str, tuple[tuple[int, ...], str]] = {}
     for line in path.read_text().splitlines():
         if not line.strip() or line.startswith("#"):

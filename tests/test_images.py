@@ -20,6 +20,7 @@ from sfd.data.images import (
     load_image,
     to_model_input,
 )
+from sfd.data.synthetic import PHOTO_SIZES, QUIRKS, write_quirks
 
 
 def _reference_crop(img: Image.Image, size: int) -> np.ndarray:
@@ -37,13 +38,13 @@ def _reference_crop(img: Image.Image, size: int) -> np.ndarray:
     return np.asarray(img.crop((left, top, left + size, top + size)))
 
 
-def test_discover_imagenet_sample(imagenet_sample: Path) -> None:
-    images = discover(imagenet_sample)
-    assert len(images) == 100 and len(images.class_names) == 100
+def test_discover_sample_folder(sample_images: Path) -> None:
+    images = discover(sample_images)
+    assert len(images) == 30 and len(images.class_names) == 30
     assert list(images.class_names) == sorted(images.class_names)
-    assert images.class_names[0] == "n01440764"
+    assert images.class_names[0] == "n00000000"
     # One image per class here, so labels follow the sorted class order exactly.
-    np.testing.assert_array_equal(images.labels, np.arange(100))
+    np.testing.assert_array_equal(images.labels, np.arange(30))
     assert all(p.split("/")[0] == images.class_names[k] for p, k in zip(images.paths, images.labels))
     assert images.abspath(0).is_file()
     perm = images.permuted(seed=3)
@@ -75,9 +76,10 @@ def test_discover_custom_dataset(tmp_path: Path) -> None:
         discover(root / "missing")
 
 
-def test_adm_crop_matches_reference(imagenet_sample: Path) -> None:
-    images = discover(imagenet_sample)
-    for i in (0, 9, 40, 55):  # includes 909x768 (one halving round), 1152x864, 106x150 upscale
+def test_adm_crop_matches_reference(sample_images: Path) -> None:
+    images = discover(sample_images)
+    for i in (0, 1, 3, 4, 9):  # 500x375, 909x768 (one halving round), 1152x864, 106x150 upscale, 2100x1400
+        assert Image.open(images.abspath(i)).size == PHOTO_SIZES[i]
         with Image.open(images.abspath(i)) as im:
             im = im.convert("RGB")
             ours = adm_center_crop(im, 256)
@@ -100,8 +102,8 @@ def test_adm_crop_offsets_and_resize_facts() -> None:
     np.testing.assert_array_equal(adm_center_crop(Image.fromarray(up), 256), block)
 
 
-def test_hflip_and_model_input(imagenet_sample: Path) -> None:
-    images = discover(imagenet_sample)
+def test_hflip_and_model_input(sample_images: Path) -> None:
+    images = discover(sample_images)
     crops = np.stack([load_image(images.abspath(i), 64)[0] for i in range(3)])  # NHWC
     flipped = hflip(crops)
     np.testing.assert_array_equal(flipped[:, :, 0], crops[:, :, -1])
@@ -123,9 +125,9 @@ def test_hflip_and_model_input(imagenet_sample: Path) -> None:
 
 
 @pytest.fixture()
-def bad_dir(tmp_path: Path, imagenet_sample: Path) -> dict[str, Path]:
-    """A copy of real JPEGs plus one file of every bad kind (the shared sample is read-only)."""
-    src = sorted(imagenet_sample.glob("*/*.JPEG"))
+def bad_dir(tmp_path: Path, sample_images: Path) -> dict[str, Path]:
+    """A copy of sample JPEGs plus one file of every bad kind (the sample folder is shared)."""
+    src = sorted(sample_images.glob("*/*.JPEG"))
     d = tmp_path / "imgs"
     d.mkdir()
     files: dict[str, Path] = {}
@@ -209,8 +211,8 @@ def test_pil_warning_bomb_and_truncation_flag(bad_dir: dict[str, Path], monkeypa
     assert arr is None and "LOAD_TRUNCATED_IMAGES" in reason
 
 
-def test_mode_conversions(tmp_path: Path, imagenet_sample: Path) -> None:
-    rgb = Image.open(sorted(imagenet_sample.glob("*/*.JPEG"))[0]).convert("RGB")
+def test_mode_conversions(tmp_path: Path, sample_images: Path) -> None:
+    rgb = Image.open(sorted(sample_images.glob("*/*.JPEG"))[0]).convert("RGB")
 
     rgb.convert("CMYK").save(tmp_path / "cmyk.jpg")
     arr, reason = load_image(tmp_path / "cmyk.jpg", 64)
@@ -260,3 +262,28 @@ def test_mode_conversions(tmp_path: Path, imagenet_sample: Path) -> None:
     for name in ("small.webp", "upper.BMP"):
         arr, reason = load_image(tmp_path / name, 64)
         assert reason is None and arr.shape == (64, 64, 3), name
+
+
+def test_generated_quirks_decode_or_give_reasons(tmp_path: Path) -> None:
+    """Every format quirk of real collections: the convertible ones decode to the ADM crop, the
+    broken ones are refused with a reason (the same kinds a real ImageNet copy contains)."""
+    files = write_quirks(tmp_path)
+    assert set(files) == set(QUIRKS)
+    for kind, path in files.items():
+        arr, reason = load_image(path, 64)
+        needle = QUIRKS[kind][1]
+        if needle is None:
+            assert reason is None and arr.shape == (64, 64, 3) and arr.dtype == np.uint8, (kind, reason)
+        else:
+            assert arr is None and needle in reason, (kind, reason)
+    # EXIF orientation is ignored, as in the authors' ImageFolder loading: the stored pixels count.
+    with Image.open(files["exif_rotated"]) as im:
+        assert im.getexif()[0x0112] == 6
+        np.testing.assert_array_equal(load_image(files["exif_rotated"], 64)[0], adm_center_crop(im.convert("RGB"), 64))
+    # Progressive JPEGs decode to the same pixels a baseline decoder gives for them.
+    with Image.open(files["progressive"]) as im:
+        assert im.info.get("progressive") or im.info.get("progression")
+        np.testing.assert_array_equal(load_image(files["progressive"], 64)[0], adm_center_crop(im.convert("RGB"), 64))
+    # The 17×11 image is upscaled, the 4000×90 strip (44:1, under the 50:1 limit) cropped.
+    assert Image.open(files["tiny_17x11"]).size == (17, 11)
+    assert Image.open(files["strip_4000x90"]).size == (4000, 90)

@@ -26,7 +26,7 @@ KEYS_FILE = "inception-fid-2015-12-05.txt"
 
 
 def _real_image(folder: Path, index: int = 0) -> np.ndarray:
-    """A real ImageNet photo as uint8 HWC (not square: ImageNet JPEGs are e.g. 500×375)."""
+    """A photo-like JPEG as uint8 HWC (not square, at ImageNet sizes such as 500×375)."""
     files = sorted(folder.glob("*/*.JPEG"))
     return np.asarray(Image.open(files[index]).convert("RGB"))
 
@@ -70,9 +70,9 @@ def loaded(inception_file: tuple[Path, dict]) -> InceptionV3:
 
 
 @pytest.fixture(scope="module")
-def two_images(imagenet_sample: Path) -> torch.Tensor:
+def two_images(sample_images: Path) -> torch.Tensor:
     return torch.from_numpy(
-        np.stack([_center_crop_256(_real_image(imagenet_sample, i)) for i in (0, 1)])
+        np.stack([_center_crop_256(_real_image(sample_images, i)) for i in (0, 1)])
     )
 
 
@@ -263,9 +263,9 @@ def _tf1_resize_bilinear_reference(img: np.ndarray, out_h: int, out_w: int) -> n
     [("square_256", (299, 299)), ("raw_nonsquare", (299, 299)), ("raw_nonsquare", (160, 411))],
 )
 def test_tf_resize_matches_reference_on_a_real_image(
-    imagenet_sample: Path, case: str, out_hw: tuple[int, int]
+    sample_images: Path, case: str, out_hw: tuple[int, int]
 ) -> None:
-    img = _real_image(imagenet_sample, 3)
+    img = _real_image(sample_images, 3)
     if case == "square_256":
         img = _center_crop_256(img)
     else:

@@ -1,4 +1,4 @@
-"""The encode pipeline end to end on real JPEGs with tiny random-init encoders (Ray local, CPU).
+"""The encode pipeline end to end on synthetic JPEGs with tiny random-init encoders (Ray local, CPU).
 
 Covers the issue's "must show": the cache round-trips (shapes, labels, flips, stats), a job
 killed mid-way and re-run gives the same bytes as an uninterrupted one, broken files are reported
@@ -29,6 +29,7 @@ from PIL import Image
 from sfd.checkpoint import WeightsError, load_tensors
 from sfd.data.cache import CacheMismatchError, LatentCache
 from sfd.data.images import discover, hflip, load_image, to_model_input
+from sfd.data.synthetic import QUIRKS, write_quirks
 from sfd.encoding import (
     build_semvae,
     build_texture_encoder,
@@ -70,10 +71,10 @@ def ray_local():
 
 
 @pytest.fixture(scope="module")
-def subset(imagenet_sample: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+def subset(sample_images: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The first NUM_IMAGES classes of the sample (one JPEG each), linked into a fresh folder."""
     root = tmp_path_factory.mktemp("subset")
-    for cls in sorted(p for p in imagenet_sample.iterdir() if p.is_dir())[:NUM_IMAGES]:
+    for cls in sorted(p for p in sample_images.iterdir() if p.is_dir())[:NUM_IMAGES]:
         (root / cls.name).mkdir()
         for f in cls.iterdir():
             (root / cls.name / f.name).symlink_to(f)
@@ -217,36 +218,28 @@ def test_killed_job_resumes_to_identical_cache(full_cache: tuple[Path, list], su
         assert a.dtype == b.dtype and a.shape == b.shape and a.tobytes() == b.tobytes(), name
 
 
-def _broken_folder(imagenet_sample: Path, root: Path) -> dict[str, str | None]:
-    """Two classes of real JPEGs plus problem files; value = expected reason fragment (None: valid)."""
-    classes = sorted(p for p in imagenet_sample.iterdir() if p.is_dir())[:2]
+def _broken_folder(sample_images: Path, root: Path) -> dict[str, str | None]:
+    """Two classes of sample JPEGs plus problem files; value = expected reason fragment (None: valid)."""
+    classes = sorted(p for p in sample_images.iterdir() if p.is_dir())[:2]
     expected: dict[str, str | None] = {}
     for cls in classes:
         (root / cls.name).mkdir(parents=True)
         for f in cls.iterdir():
             (root / cls.name / f.name).write_bytes(f.read_bytes())
             expected[f"{cls.name}/{f.name}"] = None
-    jpeg = next(classes[0].iterdir()).read_bytes()
     a, b = root / classes[0].name, root / classes[1].name
-    (a / "truncated.JPEG").write_bytes(jpeg[: len(jpeg) // 3])
-    (a / "empty.jpg").write_bytes(b"")
-    (a / "notes.JPEG").write_text("this is not an image\n")
+    # Every format quirk of real collections (sfd.data.synthetic.QUIRKS), plus a 1-pixel image.
+    for kind, path in write_quirks(a).items():
+        expected[f"{a.name}/{path.name}"] = QUIRKS[kind][1]
     Image.new("RGB", (1, 1), (255, 0, 0)).save(b / "tiny.png")
-    Image.open(io.BytesIO(jpeg)).convert("CMYK").save(b / "cmyk.jpg")
-    Image.fromarray((np.arange(96 * 80).reshape(96, 80) * 8).astype(np.uint16)).save(b / "deep16.png")
-    Image.new("RGBA", (90, 70), (10, 200, 30, 128)).save(b / "alpha.png")
-    expected.update({
-        f"{a.name}/truncated.JPEG": "truncated", f"{a.name}/empty.jpg": "empty file",
-        f"{a.name}/notes.JPEG": "not a recognised image", f"{b.name}/tiny.png": "too small",
-        f"{b.name}/cmyk.jpg": None, f"{b.name}/deep16.png": None, f"{b.name}/alpha.png": None,
-    })
+    expected[f"{b.name}/tiny.png"] = "too small"
     return expected
 
 
-def test_broken_files_are_reported_and_skipped(imagenet_sample: Path, tmp_path: Path) -> None:
+def test_broken_files_are_reported_and_skipped(sample_images: Path, tmp_path: Path) -> None:
     """Also the given-SemVAE path: semantic latents in the encode pass, no DINO stored."""
     images = tmp_path / "images"
-    expected = _broken_folder(imagenet_sample, images)
+    expected = _broken_folder(sample_images, images)
     out = tmp_path / "cache"
     results = encode_mod.main([
         "--images", str(images), "--out", str(out), *COMMON, "--semvae", "random", "--repa-targets", "none", "--row-order", "sorted",
