@@ -84,3 +84,12 @@ bench-train *args:
 # Convergence study on the demo data: Δt = 0.3 vs Δt = 0 vs no semantic channels (results: docs/study.md).
 study out="runs/study" *args:
     {{python}} pipeline/study.py --out {{out}} {{args}}
+
+# What is under `dir` of the released files (published layout), and the public command for each missing one.
+weights dir="weights" *args:
+    {{python}} -m sfd.weights {{dir}} {{args}}
+
+# Reproduce one published FID-50K (e.g. `just paper-fid xl-4m 8`): the authors' checkpoint, guide, AutoGuidance scale,
+# dopri5 protocol, 50K balanced samples and ADM reference; rows: `python eval/paper_fid.py --help`.
+paper-fid row nproc="1" weights="weights" *args:
+    {{python}} eval/paper_fid.py {{row}} --nproc {{nproc}} --weights {{weights}} {{args}}
