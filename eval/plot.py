@@ -23,6 +23,17 @@ matplotlib.use("Agg")  # files only: no display on clusters or CI
 import matplotlib.pyplot as plt  # noqa: E402
 
 LOSS_TERMS = ("total", "mse", "cos", "repa")
+# Training signals beside the losses: (field, panel title, y-axis label, log scale?)
+TRAIN_PANELS = (
+    ("lr", "learning rate", "learning rate", False),
+    ("grad_norm", "gradient norm (before clipping)", "‖g‖₂", True),
+)
+LOSS_YLABEL = {
+    "total": "total loss",
+    "mse": "velocity MSE (β-weighted)",
+    "cos": "1 − cos(v̂, v)",
+    "repa": "REPA term (unweighted)",
+}
 NOT_METRICS = {"step", "event", "images", "nfe", "seconds", "num_samples"}
 
 
@@ -38,19 +49,29 @@ def _finite(v: object) -> bool:
 
 
 def plot_losses(runs: list[Path], labels: list[str], out: Path) -> Path | None:
-    """One panel per loss term, one line per run; None when no run has training logs."""
+    """One panel per loss term, then learning rate and gradient norm, one line per run; None when no
+    run has training logs."""
     logs = [read_jsonl(run / "metrics.jsonl", "train") for run in runs]
     terms = [t for t in LOSS_TERMS if any(_finite(r.get(t)) and r.get(t) != 0 for rows in logs for r in rows)]
     if not terms:
         return None
-    fig, axes = plt.subplots(1, len(terms), figsize=(4 * len(terms), 3.2), squeeze=False)
-    for ax, term in zip(axes[0], terms):
+    panels = [(t, f"loss: {t}", LOSS_YLABEL[t], False) for t in terms]
+    panels += [p for p in TRAIN_PANELS if any(_finite(r.get(p[0])) for rows in logs for r in rows)]
+    cols = min(3, len(panels))
+    rows_ = math.ceil(len(panels) / cols)
+    fig, axes = plt.subplots(rows_, cols, figsize=(4.6 * cols, 3.4 * rows_), squeeze=False)
+    for ax in axes.flat[len(panels):]:
+        ax.axis("off")
+    for ax, (field, title, ylabel, log) in zip(axes.flat, panels):
         for rows, label in zip(logs, labels):
-            pts = [(r["step"], r[term]) for r in rows if _finite(r.get(term))]
+            pts = [(r["step"], r[field]) for r in rows if _finite(r.get(field))]
             if pts:
                 ax.plot(*zip(*pts), label=label, linewidth=1.2)
-        ax.set_title(f"loss: {term}")
-        ax.set_xlabel("step")
+        ax.set_title(title)
+        ax.set_xlabel("training step")
+        ax.set_ylabel(ylabel)
+        if log:
+            ax.set_yscale("log")
         ax.grid(alpha=0.3)
     if len(runs) > 1:
         axes[0][0].legend(fontsize=8)
@@ -75,7 +96,8 @@ def plot_metrics(runs: list[Path], labels: list[str], out: Path) -> Path | None:
             if pts:
                 ax.plot(*zip(*pts), marker="o", label=label, linewidth=1.2)
         ax.set_title(name)
-        ax.set_xlabel("step")
+        ax.set_xlabel("training step")
+        ax.set_ylabel(name)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.tight_layout()
