@@ -29,7 +29,7 @@ smoke out="runs/smoke":
     HF_HUB_OFFLINE=1 {{python}} bench/smoke.py --out {{out}}
 
 # Every stage is skipped when done, so the same command resumes. `imagenet` uses the released
-# encoders under weights/ (and the released SemVAE if weights/semantic_ae_final.pt exists); any
+# encoders under weights/ (and the released SemVAE if weights/semantic_vae/…/semantic_ae_final.pt exists); any
 # other name is an image folder (<root>/<class>/<image>) cached at data/cache/<folder name>.
 # Extra flags go to pipeline/encode.py, e.g. `just encode imagenet --repa-targets none`.
 # Build the latent cache (Ray job): encode → train SemVAE (unless given) → semantic latents → stats.
@@ -38,7 +38,7 @@ encode dataset="imagenet" *args:
     set -euo pipefail
     if [ "{{dataset}}" = "imagenet" ]; then
         semvae=()
-        if [ -f weights/semantic_ae_final.pt ]; then semvae=(--semvae weights/semantic_ae_final.pt); fi
+        if found=$({{python}} -m sfd.weights weights --path semvae 2>/dev/null); then semvae=(--semvae "$found"); fi
         {{python}} pipeline/encode.py --images data/imagenet/train --out data/cache/imagenet256 \
             --texture-vae weights/ldm-imagenet256-f16d32-50ep.ckpt \
             --dino weights/dinov2_vitb14_reg4_pretrain.pth "${semvae[@]}" {{args}}

@@ -192,7 +192,17 @@ def main(argv: list[str] | None = None) -> int:
         epilog="Example: python -m sfd.weights weights --sha256")
     p.add_argument("dir", nargs="?", default=str(DEFAULT_DIR), help="weights directory (default: weights)")
     p.add_argument("--sha256", action="store_true", help="also hash every present file (slow for large files)")
+    p.add_argument("--path", metavar="KEY", choices=sorted(FILES), default=None,
+                   help="print only the path of this file (exit 1 if absent), e.g. --path semvae; "
+                        f"keys: {', '.join(FILES)}")
     args = p.parse_args(argv)
+    if args.path:
+        found = FILES[args.path].find(Path(args.dir))
+        if found is None:
+            print(missing_message(args.dir, [FILES[args.path]]), file=sys.stderr)
+            return 1
+        print(found)
+        return 0
     text, complete = report(args.dir, hashes=args.sha256)
     print(text)
     return 0 if complete else 1
