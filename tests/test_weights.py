@@ -46,6 +46,10 @@ def test_report_finds_the_published_layout(tmp_path: Path, capsys: pytest.Captur
     # A placeholder is not the real Inception: its digest must not pass the published prefix.
     assert "DOES NOT MATCH the published 6726825d" in out
     assert all("ready" in line for line in out.splitlines() if line.strip().startswith(tuple(PAPER_ROWS)))
+    # --path finds a file inside the publisher's own subfolders (what `just encode imagenet` uses).
+    assert main([str(root), "--path", "semvae"]) == 0
+    assert capsys.readouterr().out.strip().endswith("transformer_ch16/checkpoints/semantic_ae_final.pt")
+    assert main([str(tmp_path / "empty"), "--path", "semvae"]) == 1
 
 
 def test_paper_rows_pair_checkpoints_with_the_authors_guides() -> None:
