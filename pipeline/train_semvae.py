@@ -43,7 +43,6 @@ import argparse
 import contextlib
 import json
 import math
-import os
 import time
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -56,11 +55,12 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from sfd import runtime
 from sfd.checkpoint import (
     list_checkpoints,
-    load_tensors,
     load_training_state,
-    save_safetensors,
+    read_checkpoint,
+    save_checkpoint,
     save_training_checkpoint,
 )
 from sfd.config import SEMVAE_PRESETS, to_json
@@ -184,14 +184,6 @@ class DinoStream:
             pending.cancel()
 
 
-def _distributed() -> tuple[int, int, int]:
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        dist.init_process_group(backend)
-        return dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0"))
-    return 0, 1, 0
-
-
 def train(cfg: TrainSemVAEConfig) -> Path:
     """Train (or resume, or find finished) and return the path of the final weights."""
     run_dir = Path(cfg.run_dir)
@@ -203,13 +195,8 @@ def train(cfg: TrainSemVAEConfig) -> Path:
         raise SystemExit("--cos-axis must be 'token' or 'feature'")
 
     # ---- distributed, device, precision
-    rank, world, local_rank = _distributed()
-    if cfg.device == "auto":
-        device = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
-    else:
-        device = torch.device(cfg.device)
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
+    d = runtime.init_distributed(cfg.device)
+    rank, world, device = d.rank, d.world_size, d.device
     use_bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
     master = rank == 0
 
@@ -237,7 +224,7 @@ def train(cfg: TrainSemVAEConfig) -> Path:
     if ckpts:
         ckpt_step, ckpt_dir = ckpts[-1]
         state = load_training_state(ckpt_dir)
-        model.load_state_dict(load_tensors(ckpt_dir / "model.safetensors"))
+        model.load_state_dict(read_checkpoint(ckpt_dir, kind="semvae", prefer_ema=False).state_dict)
         opt.load_state_dict(state["optimizer"])
         step, epoch, batch_in_epoch = int(state["step"]), int(state["epoch"]), int(state["batch_in_epoch"])
         gen.set_state(state["generators"][rank])
@@ -246,6 +233,7 @@ def train(cfg: TrainSemVAEConfig) -> Path:
         if master:
             print(f"[semvae] resumed from {ckpt_dir} (step {ckpt_step})", flush=True)
 
+    run_config = {**asdict(cfg), "cache_index_sha256": cache.layout.index_sha256}
     config_json = json.dumps({"semvae": json.loads(to_json(sem_cfg)), "train": asdict(cfg)})
     if master:
         print(f"[semvae] config {config_json}", flush=True)
@@ -267,7 +255,10 @@ def train(cfg: TrainSemVAEConfig) -> Path:
                 "optimizer": opt.state_dict(), "step": at_step, "epoch": epoch, "batch_in_epoch": batch_in_epoch,
                 "generators": gens, "world_size": world,
             }
-            save_training_checkpoint(run_dir, at_step, model=model, ema=None, state=state, config_json=config_json, keep_last=cfg.keep_last)
+            save_training_checkpoint(
+                run_dir, at_step, model=model, ema=None, state=state, kind="semvae", model_config=sem_cfg,
+                run_config=run_config, keep_last=cfg.keep_last,
+            )
         if world > 1:
             dist.barrier()
 
@@ -316,12 +307,10 @@ def train(cfg: TrainSemVAEConfig) -> Path:
             print(f"[semvae] stopped at step {step} (--stop-after); re-run the same command to continue", flush=True)
         return final
     if master:
-        meta = {"config": to_json(sem_cfg, indent=None), "train": json.dumps(asdict(cfg)), "step": str(step), "cache_index_sha256": cache.layout.index_sha256}
-        save_safetensors(model.state_dict(), final, meta)
+        save_checkpoint(final, model.state_dict(), "semvae", sem_cfg, run_config, step=step)
         print(f"[semvae] wrote {final}", flush=True)
-    if world > 1:
-        dist.barrier()
-        dist.destroy_process_group()
+    d.barrier()
+    runtime.shutdown()
     return final
 
 

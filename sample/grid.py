@@ -26,18 +26,12 @@ from pathlib import Path
 
 import torch
 
+from sfd import runtime
 from sfd.checkpoint import file_sha256
-from sfd.generate import (
-    add_model_args,
-    add_sampling_args,
-    clock_for,
-    generate_latents,
-    latents_to_images,
-    load_pipeline,
-    make_grid,
-    pick_device,
-    sampling_config_from_args,
-)
+from sfd.cli import add_model_args, add_sampling_args, pipeline_kwargs, sampling_config_from_args
+from sfd.loading import load_pipeline
+from sfd.pixels import latents_to_images, make_grid
+from sfd.samplers import clock_for, generate_latents
 
 
 def read_class_names(args: argparse.Namespace, num_classes: int) -> list[str] | None:
@@ -45,7 +39,7 @@ def read_class_names(args: argparse.Namespace, num_classes: int) -> list[str] | 
     names = None
     if args.class_names is not None:
         names = [line.strip() for line in Path(args.class_names).read_text().splitlines() if line.strip()]
-    elif Path(args.stats).is_dir():
+    elif args.stats is not None and Path(args.stats).is_dir():
         from sfd.data.cache import LatentCache
 
         stored = LatentCache.open(args.stats).attrs.get("class_names")
@@ -89,12 +83,10 @@ def main() -> None:
     args = ap.parse_args()
 
     # Policy, decided once: TF32 as in the authors' inference (method.md §7.1) unless disabled.
-    device = pick_device(args.device)
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = not args.no_tf32
-        torch.backends.cudnn.allow_tf32 = not args.no_tf32
+    device = runtime.pick_device(args.device)
+    runtime.set_precision(device, tf32=not args.no_tf32)
     sampling = sampling_config_from_args(args)
-    model, ckpt_file, guide, stats, vae = load_pipeline(args, device)
+    model, ckpt_file, guide, stats, vae = load_pipeline(args.ckpt, device=device, **pipeline_kwargs(args))
     cfg = model.cfg
     names = read_class_names(args, cfg.num_classes)
     classes = parse_classes(args.classes, names, cfg.num_classes)

@@ -16,9 +16,7 @@ from sfd.config import (
     TextureVAEConfig,
     TrainConfig,
     from_dict,
-    load_json,
     model_preset,
-    save_json,
     to_dict,
     to_json,
     train_preset,
@@ -85,8 +83,8 @@ def test_unknown_keys_in_json_are_errors(tmp_path):
 @pytest.mark.parametrize("name", sorted(TRAIN_PRESETS))
 def test_train_presets_round_trip_json(name, tmp_path):
     cfg = train_preset(name)
-    save_json(cfg, tmp_path / "config.json")
-    assert load_json(TrainConfig, tmp_path / "config.json") == cfg
+    (tmp_path / "config.json").write_text(to_json(cfg))
+    assert from_dict(TrainConfig, json.loads((tmp_path / "config.json").read_text())) == cfg
     assert json.loads(to_json(cfg))["model"]["hidden_size"] == cfg.model.hidden_size
 
 
