@@ -11,7 +11,8 @@ Examples:
         --stats weights/latents_stats.pt --classes 207,360,387,974,88,979,417,279 \\
         --per-class 4 --out grid.png
 
-    # the latest checkpoint of our own run, Euler 100 steps, CFG 1.5 from τ ≥ 0.1
+    # the latest checkpoint of our own run (latent statistics stored with it; a cache via --stats
+    # adds class names), Euler 100 steps, CFG 1.5 from τ ≥ 0.1
     python sample/grid.py --ckpt runs/sfd-xl --stats data/imagenet256-sfd \\
         --classes n02099601,n01443537 --sampler euler --steps 100 --cfg-scale 1.5 \\
         --cfg-interval-start 0.1 --out grid.png

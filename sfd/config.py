@@ -4,6 +4,9 @@ Every entry point owns one dataclass config. Presets are plain Python values sel
 any field can be overridden with ``key=value`` strings (nested fields with dots). Unknown keys
 are errors everywhere: a typo in a flag or in a saved JSON never silently falls back to a default.
 
+Every entry point's config lives here (one front-end), which is why this file is longer than
+~600 lines: models, encoders, training runs and sampling settings, with their presets.
+
 Model field names are the authors' LightningDiT constructor arguments, so the ``config`` JSON
 stored with their checkpoints (and with ``../shared/reference/golden``) parses as-is.
 """

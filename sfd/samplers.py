@@ -6,7 +6,6 @@
   (default for Heun and dopri5); ``grid="authors"`` reproduces the authors' torchdiffeq
   integration (one run over the whole clock with a channel-masked drift, method.md §7.1; default
   for Euler, where its ``num_steps`` counts grid points as their ``num_sampling_steps`` does).
-  dopri5 is one step function (:func:`_dopri5_step`) under two small drivers, one per grid.
 - Initial noise for sample i depends only on (seed, i) (:func:`initial_noise`, DESIGN.md §3).
 - :func:`generate_latents` — composite latents for global sample indices under a
   :class:`sfd.config.SamplingConfig` (the model's own Δt unless overridden, :func:`clock_for`).
