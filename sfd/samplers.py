@@ -6,6 +6,7 @@
   (default for Heun and dopri5); ``grid="authors"`` reproduces the authors' torchdiffeq
   integration (one run over the whole clock with a channel-masked drift, method.md §7.1; default
   for Euler, where its ``num_steps`` counts grid points as their ``num_sampling_steps`` does).
+  dopri5 is one step function (:func:`_dopri5_step`) under two small drivers, one per grid.
 - Initial noise for sample i depends only on (seed, i) (:func:`initial_noise`, DESIGN.md §3).
 - :func:`generate_latents` — composite latents for global sample indices under a
   :class:`sfd.config.SamplingConfig` (the model's own Δt unless overridden, :func:`clock_for`).
@@ -351,65 +352,44 @@ def sample_dopri5(
     if grid == "authors" and error_norm != "batch":
         raise ValueError("grid='authors' uses torchdiffeq's batch-wide error norm")
     drift = _Drift(fn, y, clock)
-    x = x0
-    steps = rejected = 0
     if grid == "authors":
-        runs: list[tuple[Phase | None, float, float]] = [(None, 0.0, clock.tau_end)]
-    else:
-        runs = [(p, p.start, p.end) for p in clock.phases()]
-    for phase_index, (phase, tau_start, tau_stop) in enumerate(runs):
-        x, n_acc, n_rej = _dopri5_run(
-            drift,
-            x,
-            phase,
-            tau_start,
-            tau_stop,
-            atol=atol,
-            rtol=rtol,
-            per_sample=error_norm == "sample",
-            authors=grid == "authors",
-            max_steps=max_steps,
-            callback=callback,
-            phase_index=phase_index,
+        x, steps, rejected = _dopri5_authors_run(
+            drift, x0, clock.tau_end, atol=atol, rtol=rtol, max_steps=max_steps, callback=callback
+        )
+        return SampleResult(x, drift.nfe, steps, rejected)
+    x, steps, rejected = x0, 0, 0
+    for phase_index, phase in enumerate(clock.phases()):
+        x, n_acc, n_rej = _dopri5_exact_run(
+            drift, x, phase, atol=atol, rtol=rtol, per_sample=error_norm == "sample",
+            max_steps=max_steps, callback=callback, phase_index=phase_index,
         )
         steps, rejected = steps + n_acc, rejected + n_rej
     return SampleResult(x, drift.nfe, steps, rejected)
 
 
-def _dopri5_run(
-    drift: _Drift,
-    x: Tensor,
-    phase: Phase | None,
-    tau_start: float,
-    tau_stop: float,
-    *,
-    atol: float,
-    rtol: float,
-    per_sample: bool,
-    authors: bool,
-    max_steps: int,
-    callback: Callback | None,
-    phase_index: int,
-) -> tuple[Tensor, int, int]:
-    B, C = x.shape[:2]
-    S = drift.clock.semantic_chans
-    # Channels the error norm looks at: the moving part only on the exact grid.
-    active = slice(None)
-    if phase is not None and not phase.texture_moves:
-        active = slice(C - S, C)
-    elif phase is not None and not phase.semantic_moves:
-        active = slice(0, C - S)
+RmsFn = Callable[[Tensor], Tensor]
 
-    def rms(v: Tensor) -> Tensor:  # (B,) per-sample or batch-wide RMS
-        sq = v[:, active].float().square()
-        return sq.flatten(1).mean(1).sqrt() if per_sample else sq.mean().sqrt().expand(B)
 
-    t_dtype = _tau_dtype(x.device)
-    tau = torch.full((B,), tau_start, dtype=t_dtype, device=x.device)
-    end = torch.full_like(tau, tau_stop)
-    k1 = drift(x, tau, phase)
+def _dopri5_step(
+    drift: _Drift, x: Tensor, k1: Tensor, h_step: Tensor, stage_taus: Sequence[Tensor], phase: Phase | None
+) -> tuple[Tensor, Tensor, list[Tensor]]:
+    """One Dormand–Prince 5(4) step of size ``h_step`` from x with k1 = v(x): (x_new, error
+    estimate, the seven stages). ``stage_taus[i]`` is the clock value of stage i (one per
+    ``_DP_C``) — the one thing the two grids do differently inside a step."""
+    hx = _bcast(h_step, x)
+    ks = [k1]
+    for i in range(1, 7):
+        ks.append(drift(_combine(x, hx, _DP_A[i], ks), stage_taus[i], phase))
+    x_new = _combine(x, hx, _DP_A[6], ks)  # 5th order; ks[6] = v(x_new) is reused (FSAL)
+    err = _combine(torch.zeros_like(x), hx, _DP_ERR, ks)
+    return x_new, err, ks
 
-    # Starting step (Hairer, Nørsett & Wanner I, II.4), with torchdiffeq's constants, order 4.
+
+def _dopri5_initial_step(
+    drift: _Drift, x: Tensor, k1: Tensor, tau: Tensor, phase: Phase | None, rms: RmsFn, atol: float, rtol: float
+) -> Tensor:
+    """Starting step (Hairer, Nørsett & Wanner I, II.4), with torchdiffeq's constants, order 4."""
+    t_dtype = tau.dtype
     scale = atol + x.abs() * rtol
     d0, d1 = rms(x / scale).to(t_dtype), rms(k1 / scale).to(t_dtype)
     h0 = torch.where((d0 < 1e-5) | (d1 < 1e-5), torch.full_like(d0, 1e-6), 0.01 * d0 / d1)
@@ -420,64 +400,127 @@ def _dopri5_run(
         torch.clamp(h0 * 1e-3, min=1e-6),
         (0.01 / torch.maximum(d1, d2)) ** (1 / 5),
     )
-    h = torch.minimum(100 * h0, h1)
+    return torch.minimum(100 * h0, h1)
 
+
+def _dopri5_error_ratio(rms: RmsFn, err: Tensor, x: Tensor, x_new: Tensor, atol: float, rtol: float, tau: Tensor) -> Tensor:
+    ratio = rms(err / (atol + rtol * torch.maximum(x.abs(), x_new.abs()))).to(tau.dtype)
+    if not bool(torch.isfinite(ratio).all()):
+        raise RuntimeError(f"dopri5: non-finite velocity or state at τ≈{tau.min().item():.4f}")
+    return ratio
+
+
+def _dopri5_next_h(h_step: Tensor, ratio: Tensor) -> Tensor:
+    """Step-size controller (torchdiffeq _optimal_step_size): grow ≤ 10×, shrink ≥ 0.2× after a
+    rejection, never shrink after an acceptance."""
+    floor = torch.where(ratio < 1, torch.ones_like(ratio), torch.full_like(ratio, _DFACTOR))
+    return h_step * torch.clamp(torch.maximum(_SAFETY * ratio ** (-1 / 5), floor), max=_IFACTOR)
+
+
+def _check_progress(h_step: Tensor, tau: Tensor, tau_new: Tensor, done: Tensor, count: int, max_steps: int) -> None:
+    if count >= max_steps:
+        raise RuntimeError(f"dopri5 exceeded max_steps={max_steps} at τ≈{tau.min().item():.4f}")
+    if bool((h_step[~done] <= 0).any()) or bool((tau_new[~done] <= tau[~done]).any()):
+        raise RuntimeError(f"dopri5 step size underflow at τ≈{tau.min().item():.4f}")
+
+
+def _dopri5_exact_run(
+    drift: _Drift,
+    x: Tensor,
+    phase: Phase,
+    *,
+    atol: float,
+    rtol: float,
+    per_sample: bool,
+    max_steps: int,
+    callback: Callback | None,
+    phase_index: int,
+) -> tuple[Tensor, int, int]:
+    """The exact grid: one phase, landing exactly on its end; the error norm sees the moving
+    channels only, per sample (``per_sample``) or over the batch."""
+    B, C = x.shape[:2]
+    S = drift.clock.semantic_chans
+    active = slice(None)
+    if not phase.texture_moves:
+        active = slice(C - S, C)
+    elif not phase.semantic_moves:
+        active = slice(0, C - S)
+
+    def rms(v: Tensor) -> Tensor:  # (B,) per-sample or batch-wide RMS
+        sq = v[:, active].float().square()
+        return sq.flatten(1).mean(1).sqrt() if per_sample else sq.mean().sqrt().expand(B)
+
+    tau = torch.full((B,), phase.start, dtype=_tau_dtype(x.device), device=x.device)
+    end = torch.full_like(tau, phase.end)
+    k1 = drift(x, tau, phase)
+    h = _dopri5_initial_step(drift, x, k1, tau, phase, rms, atol, rtol)
+    n_acc = n_rej = 0
+    done = tau >= end
+    while not bool(done.all()):
+        lands = h >= end - tau
+        h_step = torch.where(done, torch.zeros_like(h), torch.where(lands, end - tau, h))
+        tau_new = torch.where(lands | done, end, tau + h_step)
+        _check_progress(h_step, tau, tau_new, done, n_acc + n_rej, max_steps)
+        # Stage times on the clock; the step end is exactly the phase end on a landing step.
+        taus = [tau_new if c == 1.0 else tau + c * h_step for c in _DP_C]
+        x_new, err, ks = _dopri5_step(drift, x, k1, h_step, taus, phase)
+        ratio = _dopri5_error_ratio(rms, err, x, x_new, atol, rtol, tau)
+        accept = (ratio <= 1) | done
+        h = torch.where(done, h, _dopri5_next_h(h_step, ratio))
+        a = accept.reshape(-1, *([1] * (x.ndim - 1)))
+        x = torch.where(a, x_new, x)
+        k1 = torch.where(a, ks[6], k1)
+        tau = torch.where(accept, tau_new, tau)
+        n_acc += int(bool((accept & ~done).any()))
+        n_rej += int(bool((~accept).any()))
+        done = tau >= end
+        if callback is not None:
+            callback(SamplerStep(x, tau, phase_index, drift.nfe))
+    return x, n_acc, n_rej
+
+
+def _dopri5_authors_run(
+    drift: _Drift, x: Tensor, tau_stop: float, *, atol: float, rtol: float, max_steps: int, callback: Callback | None
+) -> tuple[Tensor, int, int]:
+    """The authors' grid (torchdiffeq odeint): one run over [0, τ_end] with the τ-masked drift, one
+    RMS over the batch and all channels, stage times in the state's dtype with the step end taken
+    one float below it, and the last step overshooting, read off the dense output at τ_end."""
+    B = x.shape[0]
+
+    def rms(v: Tensor) -> Tensor:
+        return v.float().square().mean().sqrt().expand(B)
+
+    tau = torch.full((B,), 0.0, dtype=_tau_dtype(x.device), device=x.device)
+    end = torch.full_like(tau, tau_stop)
+    k1 = drift(x, tau, None)
+    h = _dopri5_initial_step(drift, x, k1, tau, None, rms, atol, rtol)
     n_acc = n_rej = 0
     last = None  # (x_old, x_new, ks, h, tau_old) of the last accepted step, for dense output
     done = tau >= end
     while not bool(done.all()):
-        if n_acc + n_rej >= max_steps:
-            raise RuntimeError(f"dopri5 exceeded max_steps={max_steps} at τ≈{tau.min().item():.4f}")
-        if authors:
-            h_step, tau_new = h, tau + h  # torchdiffeq steps past the end, then interpolates
-        else:
-            lands = h >= end - tau
-            h_step = torch.where(done, torch.zeros_like(h), torch.where(lands, end - tau, h))
-            tau_new = torch.where(lands | done, end, tau + h_step)
-        if bool((h_step[~done] <= 0).any()) or bool((tau_new[~done] <= tau[~done]).any()):
-            raise RuntimeError(f"dopri5 step size underflow at τ≈{tau.min().item():.4f}")
-        hx = _bcast(h_step, x)
-        ks = [k1]
-        for i in range(1, 7):
-            if authors and _DP_C[i] == 1.0:
-                # torchdiffeq evaluates the stages at the step end one float below it
-                # (Perturb.PREV), which keeps the τ-masked drift on the near side of τ = 1.
-                tau_end = tau_new.to(x.dtype)
-                tau_i = torch.nextafter(tau_end, torch.full_like(tau_end, -math.inf))
-            elif authors:  # torchdiffeq forms stage times in the state's dtype
-                tau_i = tau.to(x.dtype) + _DP_C[i] * h_step.to(x.dtype)
-            elif _DP_C[i] == 1.0:
-                tau_i = tau_new  # exactly the phase end on a landing step
-            else:
-                tau_i = tau + _DP_C[i] * h_step
-            ks.append(drift(_combine(x, hx, _DP_A[i], ks), tau_i, phase))
-        x_new = _combine(x, hx, _DP_A[6], ks)  # 5th order; ks[6] = v(x_new) is reused (FSAL)
-        err = _combine(torch.zeros_like(x), hx, _DP_ERR, ks)
-        ratio = rms(err / (atol + rtol * torch.maximum(x.abs(), x_new.abs()))).to(t_dtype)
-        if not bool(torch.isfinite(ratio).all()):
-            raise RuntimeError(f"dopri5: non-finite velocity or state at τ≈{tau.min().item():.4f}")
+        h_step, tau_new = h, tau + h  # torchdiffeq steps past the end, then interpolates
+        _check_progress(h_step, tau, tau_new, done, n_acc + n_rej, max_steps)
+        # torchdiffeq forms stage times in the state's dtype and evaluates the stages at the step
+        # end one float below it (Perturb.PREV), keeping the τ-masked drift on the near side of τ = 1.
+        tau_end = tau_new.to(x.dtype)
+        below_end = torch.nextafter(tau_end, torch.full_like(tau_end, -math.inf))
+        taus = [below_end if c == 1.0 else tau.to(x.dtype) + c * h_step.to(x.dtype) for c in _DP_C]
+        x_new, err, ks = _dopri5_step(drift, x, k1, h_step, taus, None)
+        ratio = _dopri5_error_ratio(rms, err, x, x_new, atol, rtol, tau)
         accept = (ratio <= 1) | done
-
-        # Step-size controller (torchdiffeq _optimal_step_size): grow ≤ 10×, shrink ≥ 0.2× after
-        # a rejection, never shrink after an acceptance.
-        floor = torch.where(ratio < 1, torch.ones_like(ratio), torch.full_like(ratio, _DFACTOR))
-        factor = torch.clamp(torch.maximum(_SAFETY * ratio ** (-1 / 5), floor), max=_IFACTOR)
-        h = torch.where(done, h, h_step * factor)
-
-        if authors and bool(accept.all()):
+        h = torch.where(done, h, _dopri5_next_h(h_step, ratio))
+        if bool(accept.all()):
             last = (x, x_new, ks, h_step, tau)
         a = accept.reshape(-1, *([1] * (x.ndim - 1)))
         x = torch.where(a, x_new, x)
         k1 = torch.where(a, ks[6], k1)
         tau = torch.where(accept, tau_new, tau)
-        moved = accept & ~done
-        n_acc += int(bool(moved.any()))
+        n_acc += int(bool((accept & ~done).any()))
         n_rej += int(bool((~accept).any()))
         done = tau >= end
         if callback is not None:
-            callback(SamplerStep(x, tau, phase_index, drift.nfe))
-
-    if authors and last is not None:
+            callback(SamplerStep(x, tau, 0, drift.nfe))
+    if last is not None:
         x = _dense_output(*last, tau_stop)
     return x, n_acc, n_rej
 
