@@ -46,8 +46,9 @@ from PIL import Image
 from tqdm import tqdm
 
 from sfd import runtime
-from sfd.checkpoint import file_sha256, resolve_checkpoint, resolve_weights
+from sfd.checkpoint import WeightsError, file_sha256, resolve_checkpoint, resolve_weights
 from sfd.cli import add_model_args, add_sampling_args, pipeline_kwargs, sampling_config_from_args
+from sfd.config import ConfigError
 from sfd.loading import load_pipeline
 from sfd.metrics import (
     IS_SPLIT_SIZE,
@@ -625,7 +626,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
-    args.func(args)
+    try:
+        args.func(args)
+    except (ConfigError, WeightsError) as e:  # a user error: one line, exit status 2
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 if __name__ == "__main__":

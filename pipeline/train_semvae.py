@@ -43,10 +43,11 @@ import argparse
 import contextlib
 import json
 import math
+import sys
 import time
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -63,36 +64,12 @@ from sfd.checkpoint import (
     save_checkpoint,
     save_training_checkpoint,
 )
-from sfd.config import SEMVAE_PRESETS, to_json
+from sfd.cli import add_override_arg, apply_overrides
+from sfd.config import SEMVAE_PRESETS, ConfigError, TrainSemVAEConfig, to_json
 from sfd.data.cache import CacheError, LatentCache
 from sfd.models.semvae import SemVAE, semvae_loss
 
 FINAL_NAME = "semvae.safetensors"
-
-
-@dataclass
-class TrainSemVAEConfig:
-    cache: str
-    run_dir: str
-    preset: str = "transformer_ch16"  # SemVAE architecture (tiny for tests)
-    steps: int = 1_000_000  # authors: 1M iterations
-    batch_size: int = 64  # per process (authors: 64)
-    lr: float = 5e-5
-    weight_decay: float = 0.01  # torch AdamW default, as the authors
-    warmup_steps: int = 500  # from warmup_start × lr; capped at steps // 10
-    warmup_start: float = 0.01
-    decay_start: float = 0.8  # fraction of the run where the cosine decay begins
-    final_lr: float = 0.1  # × lr at the last step
-    kl_weight: float = 1e-7
-    cos_axis: str = "token"  # token (authors' code) | feature (per-token cosine)
-    window_chunks: int = 16  # zarr chunks shuffled together (memory ≈ 2 windows)
-    seed: int = 0
-    ckpt_every: int = 10_000
-    keep_last: int = 2
-    log_every: int = 100
-    precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32
-    device: str = "auto"
-    stop_after: int | None = None  # stop (with a checkpoint) after this many steps in this run
 
 
 def lr_factor(step: int, cfg: TrainSemVAEConfig) -> float:
@@ -237,6 +214,8 @@ def train(cfg: TrainSemVAEConfig) -> Path:
     config_json = json.dumps({"semvae": json.loads(to_json(sem_cfg)), "train": asdict(cfg)})
     if master:
         print(f"[semvae] config {config_json}", flush=True)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.json").write_text(config_json + "\n")  # the resolved config
         print(
             f"[semvae] {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, {world} process(es) × "
             f"batch {cfg.batch_size}, {stream.batches_per_epoch(epoch)} steps/epoch, device {device}, "
@@ -334,7 +313,10 @@ def parse_args(argv: Sequence[str] | None = None) -> TrainSemVAEConfig:
             p.add_argument(flag, choices=sorted(SEMVAE_PRESETS), default=v)
         else:
             p.add_argument(flag, type=type(v), default=v)
-    return TrainSemVAEConfig(**vars(p.parse_args(argv)))
+    add_override_arg(p, "TrainSemVAEConfig")
+    given = vars(p.parse_args(argv))
+    overrides = given.pop("override")
+    return apply_overrides(TrainSemVAEConfig(**given), overrides)
 
 
 def main(argv: Sequence[str] | None = None) -> Path:
@@ -342,4 +324,8 @@ def main(argv: Sequence[str] | None = None) -> Path:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except ConfigError as e:  # a user error: one line, exit status 2
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)

@@ -22,14 +22,16 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 
 import torch
 
 from sfd import runtime
-from sfd.checkpoint import file_sha256
+from sfd.checkpoint import WeightsError, file_sha256
 from sfd.cli import add_model_args, add_sampling_args, pipeline_kwargs, sampling_config_from_args
+from sfd.config import ConfigError
 from sfd.loading import load_pipeline
 from sfd.pixels import latents_to_images, make_grid
 from sfd.samplers import clock_for, generate_latents
@@ -124,4 +126,8 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except (ConfigError, WeightsError) as e:  # a user error: one line, exit status 2
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
