@@ -224,6 +224,15 @@ def test_sample_grid_png_with_a_texture_vae(tmp_path: Path, capsys: pytest.Captu
 
     assert Image.open(record["png"]).size == (8 * 34 + 2, 2 * (32 + 12 + 2) + 2)  # 16 tiles, 8 per row
 
+    # The checkpoint carries what sampling needs from the cache: no --stats, same pixels' inputs.
+    from sfd.loading import load_pipeline
+
+    vae = tmp_path / "vae.safetensors"
+    _, _, _, stored, decoder = load_pipeline(out, vae=vae, vae_preset="tiny")
+    _, _, _, from_cache, _ = load_pipeline(out, stats=cache, vae=vae, vae_preset="tiny")
+    assert torch.equal(stored.mean, from_cache.mean) and torch.equal(stored.std, from_cache.std)
+    assert decoder.decoder_identity["name"] == "tiny-vae" and decoder.decoder_identity["sha256"] == encoder["sha256"]
+
 
 def test_sample_grid_without_decoder_logs_statistics(cache_dir: Path, tmp_path: Path, capsys) -> None:
     run(cache_dir, tmp_path / "run", "max_steps=2", "sample_every=2")
