@@ -1,7 +1,10 @@
 """Train SFD (Semantic-First Diffusion) on a latent cache: the single-file DDP trainer.
 
-Reads top to bottom in fixed sections (../shared/STYLE.md): config → distributed init → seeds and
-precision policy → data → model → EMA → optimizer → compile → DDP → resume → loop → cleanup. The
+main() reads top to bottom in fixed sections: config → distributed init → seeds and precision
+policy → data → model → EMA → optimizer → compile → DDP → resume → loop → cleanup; the step's maths
+(TrainStep) follows it. Validation and bookkeeping live in sfd/training.py, process policy
+(distributed, TF32, autocast, seeds) in sfd/runtime.py, the hyperparameters in the presets of
+sfd/config.py (`--dry-run` prints them resolved). The
 defaults are the authors' released recipe (method.md §6, the presets in sfd/config.py); what we
 do differently fixes their bugs (method.md §12.3): the run is seeded (9), the model is wrapped
 in DDP once (10), resume restores everything including AdamW's moments and picks the latest
@@ -114,111 +117,6 @@ def resolve_config(args: argparse.Namespace) -> TrainConfig:
         if value is not None:
             cfg = dataclasses.replace(cfg, **{field: value})
     return cfg
-
-
-# ---------------------------------------------------------------------------------------------
-# The optimisation step
-
-
-@dataclass
-class StepResult:
-    losses: dict[str, float]  # global batch means
-    grad_norm: float
-    skipped: bool  # non-finite loss or gradient on some rank: no optimizer step, no EMA update
-    stop: bool  # some rank got SIGTERM/SIGINT
-
-
-class TrainStep:
-    """One optimisation step over the global batch, identical on every rank count.
-
-    Forward/backward of each micro-batch (gradients synchronised by DDP on the last one), one
-    all-reduce carrying the losses, a stop request and a non-finite flag so all ranks take the
-    same decision, then AdamW and the EMA update — or neither, if any rank saw a NaN/inf.
-    """
-
-    def __init__(
-        self,
-        cfg: TrainConfig,
-        net: nn.Module,
-        model: LightningDiT,
-        ema: LightningDiT,
-        optimizer: torch.optim.Optimizer,
-        loss_fn: Callable[..., LossTerms],
-        d: runtime.Dist,
-        micro_batch: int,
-        autocast_dtype: torch.dtype | None,
-    ) -> None:
-        self.cfg, self.net, self.optimizer, self.loss_fn, self.d = cfg, net, optimizer, loss_fn, d
-        self.micro_batch = micro_batch
-        self.autocast_dtype = autocast_dtype
-        self.use_repa = cfg.repa_weight > 0
-        trainable = [(p, e) for p, e in zip(model.parameters(), ema.parameters()) if p.requires_grad]
-        self.params = [p for p, _ in trainable]
-        self.ema_params = [e for _, e in trainable]
-
-    def draws(self, step: int) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
-        """(t_tex, t_sem, x0, drop) for the whole global batch of ``step`` (method.md §4.2)."""
-        cfg, m, device = self.cfg, self.cfg.model, self.d.device
-        gen = torch.Generator(device=device).manual_seed(runtime.derive_seed("train", cfg.seed, step))
-        B = cfg.global_batch
-        t_tex, t_sem = sample_training_times(
-            B, cfg.delta_t, generator=gen, device=device, mean=cfg.time_mean, std=cfg.time_std
-        )
-        x0 = torch.randn((B, m.in_channels, m.input_size, m.input_size), generator=gen, device=device)
-        # Label dropout decided here, not inside the model, so it is seeded and rank-independent.
-        drop = None
-        if m.class_dropout_prob > 0:
-            drop = (torch.rand(B, generator=gen, device=device) < m.class_dropout_prob).long()
-        return t_tex, t_sem, x0, drop
-
-    def __call__(self, batch: LatentBatch, step: int, stop_requested: bool = False) -> StepResult:
-        cfg, d, m = self.cfg, self.d, self.cfg.model
-        t_tex, t_sem, x0, drop = self.draws(step)
-        # Rank r's k-th item is global item r + kW (the reader's memory-mode order).
-        mine = torch.arange(d.rank, cfg.global_batch, d.world_size, device=d.device)
-        # (b, C, H, W); without semantic channels only the leading texture channels are trained on.
-        x1 = (batch.x if cfg.use_semantic else batch.x[:, : m.in_channels]).to(d.device, non_blocking=True)
-        y = batch.y.to(d.device, non_blocking=True)
-        repa_target = batch.repa.to(d.device, non_blocking=True) if self.use_repa else None
-        accum = len(mine) // self.micro_batch
-        sums = torch.zeros(len(LOSS_KEYS), device=d.device)
-        for a in range(accum):
-            sel = slice(a * self.micro_batch, (a + 1) * self.micro_batch)
-            g = mine[sel]
-            x_t, target, _ = noise_composite(x1[sel], t_tex[g], t_sem[g], m.semantic_chans, x0=x0[g])
-            # DDP all-reduces the gradients on the last micro-batch only.
-            sync = a == accum - 1 or not isinstance(self.net, DDP)
-            with contextlib.nullcontext() if sync else self.net.no_sync():
-                with runtime.autocast(d.device, self.autocast_dtype):
-                    out = self.net(
-                        x_t, (t_tex[g], t_sem[g]), y[sel], return_repa=self.use_repa,
-                        force_drop_ids=None if drop is None else drop[g],
-                    )
-                pred, projection = out if self.use_repa else (out, None)
-                terms = self.loss_fn(
-                    pred, target, repa_projection=projection,
-                    repa_target=None if repa_target is None else repa_target[sel],
-                    t_tex=t_tex[g], t_sem=t_sem[g],
-                )
-                (terms.total / accum).backward()
-            sums += torch.stack([terms.total, terms.mse, terms.cos, terms.repa]).detach() / accum
-
-        if cfg.grad_clip > 0:
-            grad_norm = nn.utils.clip_grad_norm_(self.params, cfg.grad_clip, foreach=True)
-        else:
-            grad_norm = nn.utils.get_total_norm([p.grad for p in self.params if p.grad is not None], foreach=True)
-        bad = ~(torch.isfinite(sums).all() & torch.isfinite(grad_norm))
-        flags = torch.stack([torch.tensor(float(stop_requested), device=d.device), bad.float()])
-        # One collective per step: the mean losses, and every rank's stop request and NaN flag.
-        shared = d.sum(torch.cat([sums, flags])).tolist()
-        losses = {k: v / d.world_size for k, v in zip(LOSS_KEYS, shared)}
-        skipped = shared[-1] > 0
-        if not skipped:
-            self.optimizer.step()
-            # EMA every step (method.md §6): ema ← ema + (1 − decay)·(θ − ema), one foreach kernel.
-            torch._foreach_lerp_(self.ema_params, self.params, 1.0 - cfg.ema_decay)
-        self.optimizer.zero_grad(set_to_none=True)
-        return StepResult(losses, float(grad_norm), skipped, shared[-2] > 0)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -473,6 +371,111 @@ def main(argv: list[str] | None = None) -> None:
         if metrics is not None:
             metrics.close()
     say(outcome)
+
+
+# ---------------------------------------------------------------------------------------------
+# The optimisation step
+
+
+@dataclass
+class StepResult:
+    losses: dict[str, float]  # global batch means
+    grad_norm: float
+    skipped: bool  # non-finite loss or gradient on some rank: no optimizer step, no EMA update
+    stop: bool  # some rank got SIGTERM/SIGINT
+
+
+class TrainStep:
+    """One optimisation step over the global batch, identical on every rank count.
+
+    Forward/backward of each micro-batch (gradients synchronised by DDP on the last one), one
+    all-reduce carrying the losses, a stop request and a non-finite flag so all ranks take the
+    same decision, then AdamW and the EMA update — or neither, if any rank saw a NaN/inf.
+    """
+
+    def __init__(
+        self,
+        cfg: TrainConfig,
+        net: nn.Module,
+        model: LightningDiT,
+        ema: LightningDiT,
+        optimizer: torch.optim.Optimizer,
+        loss_fn: Callable[..., LossTerms],
+        d: runtime.Dist,
+        micro_batch: int,
+        autocast_dtype: torch.dtype | None,
+    ) -> None:
+        self.cfg, self.net, self.optimizer, self.loss_fn, self.d = cfg, net, optimizer, loss_fn, d
+        self.micro_batch = micro_batch
+        self.autocast_dtype = autocast_dtype
+        self.use_repa = cfg.repa_weight > 0
+        trainable = [(p, e) for p, e in zip(model.parameters(), ema.parameters()) if p.requires_grad]
+        self.params = [p for p, _ in trainable]
+        self.ema_params = [e for _, e in trainable]
+
+    def draws(self, step: int) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+        """(t_tex, t_sem, x0, drop) for the whole global batch of ``step`` (method.md §4.2)."""
+        cfg, m, device = self.cfg, self.cfg.model, self.d.device
+        gen = torch.Generator(device=device).manual_seed(runtime.derive_seed("train", cfg.seed, step))
+        B = cfg.global_batch
+        t_tex, t_sem = sample_training_times(
+            B, cfg.delta_t, generator=gen, device=device, mean=cfg.time_mean, std=cfg.time_std
+        )
+        x0 = torch.randn((B, m.in_channels, m.input_size, m.input_size), generator=gen, device=device)
+        # Label dropout decided here, not inside the model, so it is seeded and rank-independent.
+        drop = None
+        if m.class_dropout_prob > 0:
+            drop = (torch.rand(B, generator=gen, device=device) < m.class_dropout_prob).long()
+        return t_tex, t_sem, x0, drop
+
+    def __call__(self, batch: LatentBatch, step: int, stop_requested: bool = False) -> StepResult:
+        cfg, d, m = self.cfg, self.d, self.cfg.model
+        t_tex, t_sem, x0, drop = self.draws(step)
+        # Rank r's k-th item is global item r + kW (the reader's memory-mode order).
+        mine = torch.arange(d.rank, cfg.global_batch, d.world_size, device=d.device)
+        # (b, C, H, W); without semantic channels only the leading texture channels are trained on.
+        x1 = (batch.x if cfg.use_semantic else batch.x[:, : m.in_channels]).to(d.device, non_blocking=True)
+        y = batch.y.to(d.device, non_blocking=True)
+        repa_target = batch.repa.to(d.device, non_blocking=True) if self.use_repa else None
+        accum = len(mine) // self.micro_batch
+        sums = torch.zeros(len(LOSS_KEYS), device=d.device)
+        for a in range(accum):
+            sel = slice(a * self.micro_batch, (a + 1) * self.micro_batch)
+            g = mine[sel]
+            x_t, target, _ = noise_composite(x1[sel], t_tex[g], t_sem[g], m.semantic_chans, x0=x0[g])
+            # DDP all-reduces the gradients on the last micro-batch only.
+            sync = a == accum - 1 or not isinstance(self.net, DDP)
+            with contextlib.nullcontext() if sync else self.net.no_sync():
+                with runtime.autocast(d.device, self.autocast_dtype):
+                    out = self.net(
+                        x_t, (t_tex[g], t_sem[g]), y[sel], return_repa=self.use_repa,
+                        force_drop_ids=None if drop is None else drop[g],
+                    )
+                pred, projection = out if self.use_repa else (out, None)
+                terms = self.loss_fn(
+                    pred, target, repa_projection=projection,
+                    repa_target=None if repa_target is None else repa_target[sel],
+                    t_tex=t_tex[g], t_sem=t_sem[g],
+                )
+                (terms.total / accum).backward()
+            sums += torch.stack([terms.total, terms.mse, terms.cos, terms.repa]).detach() / accum
+
+        if cfg.grad_clip > 0:
+            grad_norm = nn.utils.clip_grad_norm_(self.params, cfg.grad_clip, foreach=True)
+        else:
+            grad_norm = nn.utils.get_total_norm([p.grad for p in self.params if p.grad is not None], foreach=True)
+        bad = ~(torch.isfinite(sums).all() & torch.isfinite(grad_norm))
+        flags = torch.stack([torch.tensor(float(stop_requested), device=d.device), bad.float()])
+        # One collective per step: the mean losses, and every rank's stop request and NaN flag.
+        shared = d.sum(torch.cat([sums, flags])).tolist()
+        losses = {k: v / d.world_size for k, v in zip(LOSS_KEYS, shared)}
+        skipped = shared[-1] > 0
+        if not skipped:
+            self.optimizer.step()
+            # EMA every step (method.md §6): ema ← ema + (1 − decay)·(θ − ema), one foreach kernel.
+            torch._foreach_lerp_(self.ema_params, self.params, 1.0 - cfg.ema_decay)
+        self.optimizer.zero_grad(set_to_none=True)
+        return StepResult(losses, float(grad_norm), skipped, shared[-2] > 0)
 
 
 def cli() -> None:
