@@ -18,7 +18,6 @@ Example:
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
 import dataclasses
 import functools
@@ -139,8 +138,7 @@ def main() -> None:
         def step(i: int) -> None:
             t_tex, t_sem = sample_training_times(B, cfg.delta_t, device=device)
             x_t, target, _ = noise_composite(x1, t_tex, t_sem, m.semantic_chans)
-            amp = torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype else contextlib.nullcontext()
-            with amp:
+            with runtime.autocast(device, autocast_dtype):
                 pred, proj = model(x_t, (t_tex, t_sem), y, return_repa=True)
             loss = sfd_loss(pred, target, repa_projection=proj, repa_target=repa, **loss_kw).total
             opt.zero_grad(set_to_none=True)

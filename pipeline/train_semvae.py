@@ -40,7 +40,6 @@ Examples:
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import math
 import sys
@@ -242,7 +241,7 @@ def train(cfg: TrainSemVAEConfig) -> Path:
             dist.barrier()
 
     # ---- loop
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else contextlib.nullcontext()
+    autocast = runtime.autocast(device, torch.bfloat16 if use_bf16 else None)
     run_steps = 0
     t_last, n_last = time.perf_counter(), 0
     model.train()

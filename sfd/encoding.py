@@ -57,7 +57,7 @@ from sfd.config import (
 from sfd.data.cache import NUM_FLIPS, LatentCache
 from sfd.data.images import hflip, load_image, to_model_input
 from sfd.models.standins import PixelUnshuffleAutoencoder, parse_standin, random_init
-from sfd.runtime import derive_seed, set_precision
+from sfd.runtime import autocast, derive_seed, set_precision
 
 _PART_IDS = {"texture": 1, "semantic": 2}
 
@@ -279,9 +279,7 @@ class ShardWorker:
         return {"pid": os.getpid(), "host": socket.gethostname(), "device": str(self.device), "threads": torch.get_num_threads()}
 
     def _autocast(self) -> contextlib.AbstractContextManager[Any]:
-        if self.s.precision == "bf16":
-            return torch.autocast(self.device.type, dtype=torch.bfloat16)
-        return contextlib.nullcontext()
+        return autocast(self.device, torch.bfloat16 if self.s.precision == "bf16" else None)
 
     def _semantic_latent(self, tokens: torch.Tensor, rows: Sequence[int], flips: Sequence[int]) -> torch.Tensor:
         from sfd.models.semvae import tokens_to_latent

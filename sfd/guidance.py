@@ -15,6 +15,7 @@ from torch import Tensor, nn
 
 from sfd.config import ConfigError, ModelConfig, SamplingConfig
 from sfd.diffusion import VelocityFn, per_channel
+from sfd.runtime import autocast
 
 __all__ = ["model_velocity", "guide", "classifier_free_guidance", "autoguidance", "build_velocity_fn"]
 
@@ -185,7 +186,7 @@ def build_velocity_fn(
 
     def autocast_fn(x: Tensor, t_tex: Tensor, t_sem: Tensor, y: Tensor) -> Tensor:
         # Only the network runs in bf16; the solver state and its error control stay fp32.
-        with torch.autocast(device_type=x.device.type, dtype=torch.bfloat16):
+        with autocast(x.device, torch.bfloat16):
             return inner(x, t_tex, t_sem, y).float()
 
     return autocast_fn

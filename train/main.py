@@ -62,8 +62,8 @@ from sfd.checkpoint import (
     WeightsError,
     list_checkpoints,
     load_state_dict_strict,
-    load_tensors,
     load_training_state,
+    read_checkpoint,
     save_training_checkpoint,
 )
 from sfd.config import TRAIN_PRESETS, ConfigError, TrainConfig, to_json, train_preset
@@ -253,11 +253,9 @@ def main(argv: list[str] | None = None) -> None:
     metrics_path = run_dir / "metrics.jsonl"
     if ckpts:
         start_dir = ckpts[-1][1]
-        for module, name in ((model, "model"), (ema, "ema")):
-            load_state_dict_strict(
-                module, load_tensors(start_dir / f"{name}.safetensors"), optional=ROPE_BUFFERS,
-                source=f"'{start_dir / name}.safetensors'",
-            )
+        for module, prefer_ema in ((model, False), (ema, True)):
+            saved = read_checkpoint(start_dir, prefer_ema=prefer_ema, model_config=m)
+            load_state_dict_strict(module, saved.state_dict, optional=ROPE_BUFFERS, source=f"'{saved.path}'")
         state = load_training_state(start_dir)
         try:
             optimizer.load_state_dict(state["optimizer"])
