@@ -44,13 +44,11 @@ import json
 import math
 import sys
 import time
-from collections.abc import Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -65,7 +63,8 @@ from sfd.checkpoint import (
 )
 from sfd.cli import add_override_arg, apply_overrides
 from sfd.config import SEMVAE_PRESETS, ConfigError, TrainSemVAEConfig, to_json
-from sfd.data.cache import CacheError, LatentCache
+from sfd.data.cache import LatentCache
+from sfd.data.reader import DinoTokenReader
 from sfd.models.semvae import SemVAE, semvae_loss
 
 FINAL_NAME = "semvae.safetensors"
@@ -81,83 +80,6 @@ def lr_factor(step: int, cfg: TrainSemVAEConfig) -> float:
         return 1.0
     progress = (step - decay_start) / max(1, cfg.steps - 1 - decay_start)
     return cfg.final_lr + (1.0 - cfg.final_lr) * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-
-
-class DinoStream:
-    """Batches of DINO tokens (B, N, D) float32 from a cache, chunk-window shuffled, resumable.
-
-    The order depends only on (seed, epoch, rank, world size); ``batches(epoch, start)`` skips the
-    first ``start`` batches of the epoch without reading them. Every rank yields the same number
-    of batches per epoch (the smallest rank's count).
-    """
-
-    def __init__(self, cache: LatentCache, batch_size: int, seed: int, rank: int = 0, world_size: int = 1, window_chunks: int = 16):
-        if not cache.has_dino:
-            raise CacheError(f"cache {cache.path} stores no DINO features (encoded with --repa-targets none)")
-        if not cache.is_encoded():
-            raise CacheError(f"cache {cache.path} is not fully encoded ({len(cache.pending_shards())} shards pending)")
-        self.cache, self.batch_size, self.seed = cache, batch_size, seed
-        self.rank, self.world_size, self.window_chunks = rank, world_size, max(1, window_chunks)
-        layout = cache.layout
-        valid = cache.valid()
-        self.chunk_rows = [np.flatnonzero(valid[a:b]) + a for a, b in map(layout.chunk_rows, range(layout.num_chunks))]
-        self.arr = cache.group["dino"]
-        if sum(len(r) for r in self.chunk_rows) == 0:
-            raise CacheError(f"cache {cache.path} has no valid rows")
-        self.pool = ThreadPoolExecutor(1)
-
-    def _windows(self, epoch: int, rank: int) -> list[np.ndarray]:
-        order = np.random.default_rng([self.seed, epoch]).permutation(len(self.chunk_rows))
-        mine = order[rank :: self.world_size]
-        return [mine[i : i + self.window_chunks] for i in range(0, len(mine), self.window_chunks)]
-
-    def _size(self, chunks: np.ndarray) -> int:
-        return 2 * sum(len(self.chunk_rows[c]) for c in chunks)  # both flips
-
-    def batches_per_epoch(self, epoch: int) -> int:
-        counts = [sum(map(self._size, self._windows(epoch, r))) for r in range(self.world_size)]
-        n = min(counts) // self.batch_size
-        if n == 0:
-            raise CacheError(f"a rank has {min(counts)} samples per epoch, fewer than one batch of {self.batch_size}")
-        return n
-
-    def _load(self, epoch: int, w: int, chunks: np.ndarray) -> np.ndarray:
-        """The window's (row, flip) samples in their shuffled order, fp16 (n, N, D)."""
-        parts = []
-        for c in chunks:
-            a, b = self.cache.layout.chunk_rows(int(c))
-            block = np.asarray(self.arr[a:b])  # one zarr shard: (rows, 2, N, D)
-            parts.append(block[self.chunk_rows[c] - a].reshape(-1, *block.shape[2:]))
-        samples = np.concatenate(parts)
-        perm = np.random.default_rng([self.seed, epoch, self.rank, w]).permutation(len(samples))
-        return samples[perm]
-
-    def batches(self, epoch: int, start: int = 0) -> Iterator[torch.Tensor]:
-        num, B = self.batches_per_epoch(epoch), self.batch_size
-        windows = self._windows(epoch, self.rank)
-        first_sample, pos, emitted = start * B, 0, start
-        carry: np.ndarray | None = None
-        pending: Future[np.ndarray] | None = None
-        for w, chunks in enumerate(windows):
-            size = self._size(chunks)
-            if pos + size <= first_sample:  # wholly before the resume point: never read
-                pos += size
-                continue
-            data = pending.result() if pending is not None else self._load(epoch, w, chunks)
-            pending = self.pool.submit(self._load, epoch, w + 1, windows[w + 1]) if w + 1 < len(windows) else None
-            data = data[max(0, first_sample - pos) :]
-            pos += size
-            if carry is not None and len(carry):
-                data = np.concatenate([carry, data])
-            i = 0
-            while len(data) - i >= B and emitted < num:
-                yield torch.from_numpy(data[i : i + B].astype(np.float32))
-                i, emitted = i + B, emitted + 1
-            carry = data[i:]
-            if emitted >= num:
-                break
-        if pending is not None:
-            pending.cancel()
 
 
 def train(cfg: TrainSemVAEConfig) -> Path:
@@ -183,7 +105,7 @@ def train(cfg: TrainSemVAEConfig) -> Path:
         raise SystemExit(f"cache DINO width {cache.layout.dino_shape[1]} != SemVAE preset {cfg.preset} input_dim {sem_cfg.input_dim}")  # type: ignore[index]
     if cache.layout.semantic_shape[0] != sem_cfg.bottleneck_dim:
         raise SystemExit(f"cache semantic channels {cache.layout.semantic_shape[0]} != SemVAE bottleneck {sem_cfg.bottleneck_dim}")
-    stream = DinoStream(cache, cfg.batch_size, cfg.seed, rank, world, cfg.window_chunks)
+    stream = DinoTokenReader(cache, cfg.batch_size, cfg.seed, rank, world, cfg.window_chunks)
 
     # ---- model, optimizer (init seeded: the same command gives the same run)
     torch.manual_seed(cfg.seed)
