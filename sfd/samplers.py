@@ -11,7 +11,8 @@
 - :func:`generate_latents` — composite latents for global sample indices under a
   :class:`sfd.config.SamplingConfig` (the model's own Δt unless overridden, :func:`clock_for`).
 
-Sections: samplers · seeds · generation.
+Sections: samplers · seeds · generation. (A little over ~600 lines: the three solvers share the
+clock-driven drift, the grids and the step-size bookkeeping, and read best side by side.)
 """
 
 from __future__ import annotations
