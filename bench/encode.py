@@ -25,7 +25,6 @@ Example:
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import shutil
@@ -39,18 +38,12 @@ import torch
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # the entry folders are packages of the repository root
+
+from pipeline import encode  # noqa: E402
 from sfd.data.cache import LatentCache  # noqa: E402
 from sfd.encoding import ShardWorker, WorkerSettings  # noqa: E402
-
-REPO = Path(__file__).resolve().parents[1]
-
-
-def load_encode_script():
-    spec = importlib.util.spec_from_file_location("pipeline_encode", REPO / "pipeline" / "encode.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)  # type: ignore[union-attr]
-    return module
 
 
 def dir_bytes(path: Path) -> int:
@@ -70,7 +63,6 @@ def main() -> None:
     p.add_argument("--repa-targets", choices=("store", "none"), default="store")
     p.add_argument("--keep", action="store_true", help="keep the temporary caches")
     args = p.parse_args()
-    encode = load_encode_script()
     tmp = Path(tempfile.mkdtemp(prefix="bench_encode_"))
     if args.images is None:
         from sfd.data.synthetic import write_image_folder

@@ -19,15 +19,11 @@ import torch
 from PIL import Image
 
 from sfd.config import TEXTURE_VAE_PRESETS, model_preset
-from sfd.diffusion import (
-    AsyncClock,
-    classifier_free_guidance,
-    initial_noise,
-    model_velocity,
-    sample,
-)
+from sfd.diffusion import AsyncClock
+from sfd.guidance import classifier_free_guidance, model_velocity
 from sfd.models.autoencoder import AutoencoderKL, to_uint8
 from sfd.models.lightningdit import LightningDiT
+from sfd.samplers import initial_noise, sample
 
 
 def main() -> None:

@@ -18,11 +18,9 @@ Example:
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
 import dataclasses
 import functools
-import importlib.util
 import json
 import statistics
 import sys
@@ -32,20 +30,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from sfd import runtime
 from sfd.config import ModelConfig, model_preset, train_preset
 from sfd.data.reader import LatentBatch
 from sfd.diffusion import noise_composite, sample_training_times, sfd_loss
 from sfd.models.lightningdit import LightningDiT, count_params
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def load_trainer():
-    spec = importlib.util.spec_from_file_location("sfd_train_main", REPO / "train" / "main.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+sys.path.insert(0, str(REPO))  # the entry folders are packages of the repository root
 
 
 def train_flops(cfg: ModelConfig, batch: int, with_repa: bool) -> float:
@@ -109,7 +101,7 @@ def main() -> None:
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    trainer = load_trainer()
+    from train import main as trainer
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     on_cuda = device.type == "cuda"
     precision = "bf16" if on_cuda else "fp32"
@@ -146,8 +138,7 @@ def main() -> None:
         def step(i: int) -> None:
             t_tex, t_sem = sample_training_times(B, cfg.delta_t, device=device)
             x_t, target, _ = noise_composite(x1, t_tex, t_sem, m.semantic_chans)
-            amp = torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype else contextlib.nullcontext()
-            with amp:
+            with runtime.autocast(device, autocast_dtype):
                 pred, proj = model(x_t, (t_tex, t_sem), y, return_repa=True)
             loss = sfd_loss(pred, target, repa_projection=proj, repa_target=repa, **loss_kw).total
             opt.zero_grad(set_to_none=True)
@@ -166,7 +157,7 @@ def main() -> None:
         if compiled:
             net, loss_fn = torch.compile(model), torch.compile(loss_fn)
         run_cfg = dataclasses.replace(cfg, compile=compiled)
-        step = trainer.TrainStep(run_cfg, net, model, ema, opt, loss_fn, trainer.Dist(0, 1, 0, device, False), B, autocast_dtype)
+        step = trainer.TrainStep(run_cfg, net, model, ema, opt, loss_fn, runtime.Dist(0, 1, 0, device, False), B, autocast_dtype)
         try:
             return time_steps(lambda i: step(batch, i), args.warmup, args.steps, device)
         finally:

@@ -45,22 +45,11 @@ import torch.distributed as dist
 from PIL import Image
 from tqdm import tqdm
 
-from sfd.checkpoint import file_sha256, resolve_weights
-from sfd.generate import (
-    AUTHORS_SHUFFLE_SEED,
-    add_model_args,
-    add_sampling_args,
-    balanced_labels,
-    clock_for,
-    generate_latents,
-    latents_to_images,
-    load_pipeline,
-    pick_device,
-    rank_indices,
-    resolve_checkpoint,
-    sampling_config_from_args,
-    shuffled_order,
-)
+from sfd import runtime
+from sfd.checkpoint import WeightsError, file_sha256, resolve_checkpoint, resolve_weights
+from sfd.cli import add_model_args, add_sampling_args, pipeline_kwargs, sampling_config_from_args
+from sfd.config import ConfigError
+from sfd.loading import load_pipeline
 from sfd.metrics import (
     IS_SPLIT_SIZE,
     PR_NEIGHBOURHOOD,
@@ -75,6 +64,8 @@ from sfd.models.inception import (
     load_inception,
     random_inception,
 )
+from sfd.pixels import latents_to_images
+from sfd.samplers import clock_for, generate_latents
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 SETTINGS_FILE = "gen.json"  # identity of a sample folder; a resume must match it
@@ -86,23 +77,46 @@ def example_epilog(*lines: str) -> str:
 
 
 # ---------------------------------------------------------------------------------------------
-# Distributed helpers (torchrun sets RANK, WORLD_SIZE, LOCAL_RANK)
+# The evaluation protocol: which index, which label, which order (method.md §7.3)
+
+# The authors shuffle the 50K files with seed 42 before packing the npz (method.md §7.3).
+AUTHORS_SHUFFLE_SEED = 42
 
 
-def init_distributed(device_arg: str) -> tuple[int, int, torch.device]:
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
-    device = pick_device(device_arg, local_rank)
-    if world > 1:
-        if device.type == "cuda":
-            torch.cuda.set_device(device)
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return rank, world, device
+def rank_indices(num_samples: int, rank: int, world_size: int) -> range:
+    """Global sample indices of ``rank``: rank, rank + W, rank + 2W, ... (disjoint, covering).
+
+    Strided rather than blocks so every rank gets a mix of classes and a similar workload; the
+    partition only decides who computes an index, never what it becomes (per-index seeds).
+    """
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} outside [0, {world_size})")
+    return range(rank, num_samples, world_size)
 
 
-def barrier() -> None:
-    if dist.is_initialized():
-        dist.barrier()
+def balanced_labels(indices: Sequence[int] | range, num_samples: int, num_classes: int) -> np.ndarray:
+    """Label ⌊i / (N/K)⌋ of each index: exactly N/K samples per class (the authors' balanced
+    sampling, method.md §7.3; they pad to the batch with random labels, we require K | N)."""
+    if num_samples % num_classes:
+        raise ValueError(
+            f"{num_samples} samples cannot be split evenly over {num_classes} classes; "
+            f"use a multiple of {num_classes}"
+        )
+    per_class = num_samples // num_classes
+    idx = np.asarray(indices, dtype=np.int64)
+    if idx.size and (idx.min() < 0 or idx.max() >= num_samples):
+        raise ValueError(f"indices must lie in [0, {num_samples})")
+    return idx // per_class
+
+
+def shuffled_order(num_samples: int, seed: int = AUTHORS_SHUFFLE_SEED) -> np.ndarray:
+    """A fixed permutation of range(N): the order in which samples go into the npz.
+
+    The ADM evaluator takes IS over consecutive 5,000-sample splits, so class-sorted samples
+    would bias it; the authors shuffle with seed 42 (Python's ``random`` over a directory
+    listing, which is not reproducible); we use NumPy's PCG64 on the sorted indices.
+    """
+    return np.random.default_rng(seed).permutation(num_samples)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -275,13 +289,12 @@ def read_nfe(out: Path) -> dict[str, float] | None:
 
 
 def cmd_gen(args: argparse.Namespace) -> None:
-    rank, world, device = init_distributed(args.device)
+    d = runtime.init_distributed(args.device)
+    rank, world, device = d.rank, d.world_size, d.device
     # Policy, decided once: TF32 matmuls as in the authors' inference (method.md §7.1).
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = not args.no_tf32
-        torch.backends.cudnn.allow_tf32 = not args.no_tf32
+    runtime.set_precision(device, tf32=not args.no_tf32)
     sampling = sampling_config_from_args(args)
-    model, ckpt_file, guide, stats, vae = load_pipeline(args, device)
+    model, ckpt_file, guide, stats, vae = load_pipeline(args.ckpt, device=device, **pipeline_kwargs(args))
     num_classes = args.num_classes or model.cfg.num_classes
     if args.num_samples % num_classes:  # exactly N/K per class (method.md §7.3)
         raise SystemExit(f"--num-samples {args.num_samples} is not a multiple of the {num_classes} classes")
@@ -329,7 +342,7 @@ def cmd_gen(args: argparse.Namespace) -> None:
         bar.update(len(indices))
         bar.set_postfix(nfe=nfe)
     bar.close()
-    barrier()
+    d.barrier()
 
     if rank == 0:
         missing = [i for i in range(args.num_samples) if not png_path(out, i).is_file()]
@@ -345,8 +358,7 @@ def cmd_gen(args: argparse.Namespace) -> None:
                     first = np.asarray(im.convert("RGB"))
                 write_npz_streamed(Path(args.npz), [png_path(out, int(i)) for i in order], first.shape, settings)
                 print(f"gen: wrote {args.npz} (arr_0 {args.num_samples}x{'x'.join(map(str, first.shape))} uint8, shuffled)")
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    runtime.shutdown()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -396,15 +408,14 @@ def source_batches(
     raise SystemExit(f"{source}: expected an image folder or an .npz")
 
 
-def no_tf32() -> None:
+def no_tf32(device: torch.device) -> None:
     # The Inception port's author asks for full fp32 convolutions: TF32 moves FID visibly.
-    torch.backends.cuda.matmul.allow_tf32 = False
-    torch.backends.cudnn.allow_tf32 = False
+    runtime.set_precision(device, tf32=False)
 
 
 def cmd_ref(args: argparse.Namespace) -> None:
-    no_tf32()
-    device = pick_device(args.device)
+    device = runtime.pick_device(args.device)
+    no_tf32(device)
     detector = build_detector(args, device)
     source = Path(args.source)
     batches, count, kind = source_batches(source, args.batch_size, args.center_crop)
@@ -471,8 +482,8 @@ def metric_names(detector: torch.nn.Module) -> dict[str, str]:
 
 
 def cmd_calc(args: argparse.Namespace) -> None:
-    no_tf32()
-    device = pick_device(args.device)
+    device = runtime.pick_device(args.device)
+    no_tf32(device)
     detector = build_detector(args, device)
     samples = Path(args.samples)
     settings: dict[str, Any] | None = None
@@ -615,7 +626,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
-    args.func(args)
+    try:
+        args.func(args)
+    except (ConfigError, WeightsError) as e:  # a user error: one line, exit status 2
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 if __name__ == "__main__":

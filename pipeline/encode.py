@@ -69,7 +69,8 @@ from pathlib import Path
 from typing import Any
 
 from sfd.checkpoint import WeightsError
-from sfd.config import ConfigError
+from sfd.cli import add_override_arg, apply_overrides
+from sfd.config import ENCODE_STAGES, ConfigError, EncodeConfig
 from sfd.data.cache import CacheError, LatentCache, create_cache
 from sfd.data.images import DatasetError, discover
 from sfd.encoding import (
@@ -83,47 +84,8 @@ from sfd.encoding import (
     texture_spec,
 )
 
-STAGES = ("encode", "semvae", "semantic", "stats")
+STAGES = ENCODE_STAGES
 SEMVAE_FILE = "semvae.safetensors"
-
-
-@dataclass
-class EncodeConfig:
-    images: str
-    out: str
-    image_size: int = 256  # ADM centre crop side (px)
-    texture: str = "f16d32"  # texture-VAE preset, or standin-fN (pixel-unshuffle stand-in, not a VAE)
-    texture_vae: str | None = None  # weight file; default weights/ldm-imagenet256-f16d32-50ep.ckpt
-    dino: str | None = None  # weight file; default weights/dinov2_vitb14_reg4_pretrain.pth
-    dino_preset: str = "dinov2_vitb14_reg"
-    semvae: str | None = None  # weight file, or "random" (tests); None: train one on this cache
-    semvae_preset: str = "transformer_ch16"  # architecture to train (or of an authors' .pt file)
-    random_encoders: int | None = None  # seed: random-init tiny encoders instead of weight files
-    repa_targets: str = "store"  # store | none
-    row_order: str = "permuted"  # permuted (fixed seed) | sorted
-    order_seed: int = 0
-    seed: int = 0  # posterior-noise seed
-    rows_per_shard: int = 1024  # work unit (rows written by one actor at a time)
-    rows_per_chunk: int = 64  # zarr chunk rows (divides rows_per_shard)
-    batch_size: int = 32  # images per forward (×2 with flips)
-    precision: str = "fp32"  # fp32 (authors) | bf16 (autocast, opt-in)
-    tf32: bool = True
-    device: str = "auto"  # auto | cuda | cpu
-    num_workers: int | None = None  # actors; default one per GPU, or CPUs // threads_per_worker
-    threads_per_worker: int | None = None  # torch threads per actor (CPU default 1, GPU 2)
-    cpus_per_worker: float | None = None  # Ray CPU reservation per actor (fractional allowed)
-    decode_threads: int | None = None  # image-decoding threads per actor (GPU default 8, CPU 0)
-    max_retries: int = 3  # attempts per shard after a failure
-    ray_address: str | None = None  # default: RAY_ADDRESS or a local Ray instance
-    ray_num_cpus: int | None = None  # CPUs of a local Ray instance (default: all)
-    stages: str = ",".join(STAGES)
-    semvae_dir: str | None = None  # default <out>.semvae
-    semvae_steps: int = 1_000_000  # authors: 1M iterations at batch 64
-    semvae_batch_size: int = 64
-    semvae_nproc: int = 1  # >1: torchrun DDP on this host
-    semvae_args: str = ""  # extra flags for pipeline/train_semvae.py
-    stats_samples: int = 10_000  # rows for the statistics (authors: 10,000)
-    stats_seed: int = 0
 
 
 @dataclass
@@ -587,12 +549,19 @@ def parse_args(argv: Sequence[str] | None = None) -> EncodeConfig:
     p.add_argument("--semvae-args", default="", help="extra flags passed to pipeline/train_semvae.py")
     p.add_argument("--stats-samples", type=int, default=d.stats_samples)
     p.add_argument("--stats-seed", type=int, default=d.stats_seed)
-    return EncodeConfig(**vars(p.parse_args(argv)))
+    add_override_arg(p, "EncodeConfig")
+    given = vars(p.parse_args(argv))
+    overrides = given.pop("override")
+    return apply_overrides(EncodeConfig(**given), overrides)
 
 
 def main(argv: Sequence[str] | None = None) -> list[StageResult]:
     cfg = parse_args(argv)
     log("config: " + json.dumps(asdict(cfg)))
+    # The resolved config beside the cache, as the reports and locks (each run rewrites it).
+    saved = Path(f"{cfg.out.rstrip('/')}.encode.json")
+    saved.parent.mkdir(parents=True, exist_ok=True)
+    saved.write_text(json.dumps(asdict(cfg), indent=2) + "\n")
     return run(cfg)
 
 

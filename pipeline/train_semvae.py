@@ -40,59 +40,34 @@ Examples:
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import math
-import os
+import sys
 import time
-from collections.abc import Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from collections.abc import Sequence
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from sfd import runtime
 from sfd.checkpoint import (
     list_checkpoints,
-    load_tensors,
     load_training_state,
-    save_safetensors,
+    read_checkpoint,
+    save_checkpoint,
     save_training_checkpoint,
 )
-from sfd.config import SEMVAE_PRESETS, to_json
-from sfd.data.cache import CacheError, LatentCache
+from sfd.cli import add_override_arg, apply_overrides
+from sfd.config import SEMVAE_PRESETS, ConfigError, TrainSemVAEConfig, to_json
+from sfd.data.cache import LatentCache
+from sfd.data.reader import DinoTokenReader
 from sfd.models.semvae import SemVAE, semvae_loss
 
 FINAL_NAME = "semvae.safetensors"
-
-
-@dataclass
-class TrainSemVAEConfig:
-    cache: str
-    run_dir: str
-    preset: str = "transformer_ch16"  # SemVAE architecture (tiny for tests)
-    steps: int = 1_000_000  # authors: 1M iterations
-    batch_size: int = 64  # per process (authors: 64)
-    lr: float = 5e-5
-    weight_decay: float = 0.01  # torch AdamW default, as the authors
-    warmup_steps: int = 500  # from warmup_start × lr; capped at steps // 10
-    warmup_start: float = 0.01
-    decay_start: float = 0.8  # fraction of the run where the cosine decay begins
-    final_lr: float = 0.1  # × lr at the last step
-    kl_weight: float = 1e-7
-    cos_axis: str = "token"  # token (authors' code) | feature (per-token cosine)
-    window_chunks: int = 16  # zarr chunks shuffled together (memory ≈ 2 windows)
-    seed: int = 0
-    ckpt_every: int = 10_000
-    keep_last: int = 2
-    log_every: int = 100
-    precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32
-    device: str = "auto"
-    stop_after: int | None = None  # stop (with a checkpoint) after this many steps in this run
 
 
 def lr_factor(step: int, cfg: TrainSemVAEConfig) -> float:
@@ -107,91 +82,6 @@ def lr_factor(step: int, cfg: TrainSemVAEConfig) -> float:
     return cfg.final_lr + (1.0 - cfg.final_lr) * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
-class DinoStream:
-    """Batches of DINO tokens (B, N, D) float32 from a cache, chunk-window shuffled, resumable.
-
-    The order depends only on (seed, epoch, rank, world size); ``batches(epoch, start)`` skips the
-    first ``start`` batches of the epoch without reading them. Every rank yields the same number
-    of batches per epoch (the smallest rank's count).
-    """
-
-    def __init__(self, cache: LatentCache, batch_size: int, seed: int, rank: int = 0, world_size: int = 1, window_chunks: int = 16):
-        if not cache.has_dino:
-            raise CacheError(f"cache {cache.path} stores no DINO features (encoded with --repa-targets none)")
-        if not cache.is_encoded():
-            raise CacheError(f"cache {cache.path} is not fully encoded ({len(cache.pending_shards())} shards pending)")
-        self.cache, self.batch_size, self.seed = cache, batch_size, seed
-        self.rank, self.world_size, self.window_chunks = rank, world_size, max(1, window_chunks)
-        layout = cache.layout
-        valid = cache.valid()
-        self.chunk_rows = [np.flatnonzero(valid[a:b]) + a for a, b in map(layout.chunk_rows, range(layout.num_chunks))]
-        self.arr = cache.group["dino"]
-        if sum(len(r) for r in self.chunk_rows) == 0:
-            raise CacheError(f"cache {cache.path} has no valid rows")
-        self.pool = ThreadPoolExecutor(1)
-
-    def _windows(self, epoch: int, rank: int) -> list[np.ndarray]:
-        order = np.random.default_rng([self.seed, epoch]).permutation(len(self.chunk_rows))
-        mine = order[rank :: self.world_size]
-        return [mine[i : i + self.window_chunks] for i in range(0, len(mine), self.window_chunks)]
-
-    def _size(self, chunks: np.ndarray) -> int:
-        return 2 * sum(len(self.chunk_rows[c]) for c in chunks)  # both flips
-
-    def batches_per_epoch(self, epoch: int) -> int:
-        counts = [sum(map(self._size, self._windows(epoch, r))) for r in range(self.world_size)]
-        n = min(counts) // self.batch_size
-        if n == 0:
-            raise CacheError(f"a rank has {min(counts)} samples per epoch, fewer than one batch of {self.batch_size}")
-        return n
-
-    def _load(self, epoch: int, w: int, chunks: np.ndarray) -> np.ndarray:
-        """The window's (row, flip) samples in their shuffled order, fp16 (n, N, D)."""
-        parts = []
-        for c in chunks:
-            a, b = self.cache.layout.chunk_rows(int(c))
-            block = np.asarray(self.arr[a:b])  # one zarr shard: (rows, 2, N, D)
-            parts.append(block[self.chunk_rows[c] - a].reshape(-1, *block.shape[2:]))
-        samples = np.concatenate(parts)
-        perm = np.random.default_rng([self.seed, epoch, self.rank, w]).permutation(len(samples))
-        return samples[perm]
-
-    def batches(self, epoch: int, start: int = 0) -> Iterator[torch.Tensor]:
-        num, B = self.batches_per_epoch(epoch), self.batch_size
-        windows = self._windows(epoch, self.rank)
-        first_sample, pos, emitted = start * B, 0, start
-        carry: np.ndarray | None = None
-        pending: Future[np.ndarray] | None = None
-        for w, chunks in enumerate(windows):
-            size = self._size(chunks)
-            if pos + size <= first_sample:  # wholly before the resume point: never read
-                pos += size
-                continue
-            data = pending.result() if pending is not None else self._load(epoch, w, chunks)
-            pending = self.pool.submit(self._load, epoch, w + 1, windows[w + 1]) if w + 1 < len(windows) else None
-            data = data[max(0, first_sample - pos) :]
-            pos += size
-            if carry is not None and len(carry):
-                data = np.concatenate([carry, data])
-            i = 0
-            while len(data) - i >= B and emitted < num:
-                yield torch.from_numpy(data[i : i + B].astype(np.float32))
-                i, emitted = i + B, emitted + 1
-            carry = data[i:]
-            if emitted >= num:
-                break
-        if pending is not None:
-            pending.cancel()
-
-
-def _distributed() -> tuple[int, int, int]:
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        dist.init_process_group(backend)
-        return dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0"))
-    return 0, 1, 0
-
-
 def train(cfg: TrainSemVAEConfig) -> Path:
     """Train (or resume, or find finished) and return the path of the final weights."""
     run_dir = Path(cfg.run_dir)
@@ -203,13 +93,8 @@ def train(cfg: TrainSemVAEConfig) -> Path:
         raise SystemExit("--cos-axis must be 'token' or 'feature'")
 
     # ---- distributed, device, precision
-    rank, world, local_rank = _distributed()
-    if cfg.device == "auto":
-        device = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
-    else:
-        device = torch.device(cfg.device)
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
+    d = runtime.init_distributed(cfg.device)
+    rank, world, device = d.rank, d.world_size, d.device
     use_bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
     master = rank == 0
 
@@ -220,7 +105,7 @@ def train(cfg: TrainSemVAEConfig) -> Path:
         raise SystemExit(f"cache DINO width {cache.layout.dino_shape[1]} != SemVAE preset {cfg.preset} input_dim {sem_cfg.input_dim}")  # type: ignore[index]
     if cache.layout.semantic_shape[0] != sem_cfg.bottleneck_dim:
         raise SystemExit(f"cache semantic channels {cache.layout.semantic_shape[0]} != SemVAE bottleneck {sem_cfg.bottleneck_dim}")
-    stream = DinoStream(cache, cfg.batch_size, cfg.seed, rank, world, cfg.window_chunks)
+    stream = DinoTokenReader(cache, cfg.batch_size, cfg.seed, rank, world, cfg.window_chunks)
 
     # ---- model, optimizer (init seeded: the same command gives the same run)
     torch.manual_seed(cfg.seed)
@@ -237,7 +122,7 @@ def train(cfg: TrainSemVAEConfig) -> Path:
     if ckpts:
         ckpt_step, ckpt_dir = ckpts[-1]
         state = load_training_state(ckpt_dir)
-        model.load_state_dict(load_tensors(ckpt_dir / "model.safetensors"))
+        model.load_state_dict(read_checkpoint(ckpt_dir, kind="semvae", prefer_ema=False).state_dict)
         opt.load_state_dict(state["optimizer"])
         step, epoch, batch_in_epoch = int(state["step"]), int(state["epoch"]), int(state["batch_in_epoch"])
         gen.set_state(state["generators"][rank])
@@ -246,9 +131,12 @@ def train(cfg: TrainSemVAEConfig) -> Path:
         if master:
             print(f"[semvae] resumed from {ckpt_dir} (step {ckpt_step})", flush=True)
 
+    run_config = {**asdict(cfg), "cache_index_sha256": cache.layout.index_sha256}
     config_json = json.dumps({"semvae": json.loads(to_json(sem_cfg)), "train": asdict(cfg)})
     if master:
         print(f"[semvae] config {config_json}", flush=True)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.json").write_text(config_json + "\n")  # the resolved config
         print(
             f"[semvae] {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, {world} process(es) × "
             f"batch {cfg.batch_size}, {stream.batches_per_epoch(epoch)} steps/epoch, device {device}, "
@@ -267,12 +155,15 @@ def train(cfg: TrainSemVAEConfig) -> Path:
                 "optimizer": opt.state_dict(), "step": at_step, "epoch": epoch, "batch_in_epoch": batch_in_epoch,
                 "generators": gens, "world_size": world,
             }
-            save_training_checkpoint(run_dir, at_step, model=model, ema=None, state=state, config_json=config_json, keep_last=cfg.keep_last)
+            save_training_checkpoint(
+                run_dir, at_step, model=model, ema=None, state=state, kind="semvae", model_config=sem_cfg,
+                run_config=run_config, keep_last=cfg.keep_last,
+            )
         if world > 1:
             dist.barrier()
 
     # ---- loop
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else contextlib.nullcontext()
+    autocast = runtime.autocast(device, torch.bfloat16 if use_bf16 else None)
     run_steps = 0
     t_last, n_last = time.perf_counter(), 0
     model.train()
@@ -316,12 +207,10 @@ def train(cfg: TrainSemVAEConfig) -> Path:
             print(f"[semvae] stopped at step {step} (--stop-after); re-run the same command to continue", flush=True)
         return final
     if master:
-        meta = {"config": to_json(sem_cfg, indent=None), "train": json.dumps(asdict(cfg)), "step": str(step), "cache_index_sha256": cache.layout.index_sha256}
-        save_safetensors(model.state_dict(), final, meta)
+        save_checkpoint(final, model.state_dict(), "semvae", sem_cfg, run_config, step=step)
         print(f"[semvae] wrote {final}", flush=True)
-    if world > 1:
-        dist.barrier()
-        dist.destroy_process_group()
+    d.barrier()
+    runtime.shutdown()
     return final
 
 
@@ -345,7 +234,10 @@ def parse_args(argv: Sequence[str] | None = None) -> TrainSemVAEConfig:
             p.add_argument(flag, choices=sorted(SEMVAE_PRESETS), default=v)
         else:
             p.add_argument(flag, type=type(v), default=v)
-    return TrainSemVAEConfig(**vars(p.parse_args(argv)))
+    add_override_arg(p, "TrainSemVAEConfig")
+    given = vars(p.parse_args(argv))
+    overrides = given.pop("override")
+    return apply_overrides(TrainSemVAEConfig(**given), overrides)
 
 
 def main(argv: Sequence[str] | None = None) -> Path:
@@ -353,4 +245,8 @@ def main(argv: Sequence[str] | None = None) -> Path:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except ConfigError as e:  # a user error: one line, exit status 2
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)

@@ -11,7 +11,8 @@ Examples:
         --stats weights/latents_stats.pt --classes 207,360,387,974,88,979,417,279 \\
         --per-class 4 --out grid.png
 
-    # the latest checkpoint of our own run, Euler 100 steps, CFG 1.5 from τ ≥ 0.1
+    # the latest checkpoint of our own run (latent statistics stored with it; a cache via --stats
+    # adds class names), Euler 100 steps, CFG 1.5 from τ ≥ 0.1
     python sample/grid.py --ckpt runs/sfd-xl --stats data/imagenet256-sfd \\
         --classes n02099601,n01443537 --sampler euler --steps 100 --cfg-scale 1.5 \\
         --cfg-interval-start 0.1 --out grid.png
@@ -21,23 +22,19 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 
 import torch
 
-from sfd.checkpoint import file_sha256
-from sfd.generate import (
-    add_model_args,
-    add_sampling_args,
-    clock_for,
-    generate_latents,
-    latents_to_images,
-    load_pipeline,
-    make_grid,
-    pick_device,
-    sampling_config_from_args,
-)
+from sfd import runtime
+from sfd.checkpoint import WeightsError, file_sha256
+from sfd.cli import add_model_args, add_sampling_args, pipeline_kwargs, sampling_config_from_args
+from sfd.config import ConfigError
+from sfd.loading import load_pipeline
+from sfd.pixels import latents_to_images, make_grid
+from sfd.samplers import clock_for, generate_latents
 
 
 def read_class_names(args: argparse.Namespace, num_classes: int) -> list[str] | None:
@@ -45,7 +42,7 @@ def read_class_names(args: argparse.Namespace, num_classes: int) -> list[str] | 
     names = None
     if args.class_names is not None:
         names = [line.strip() for line in Path(args.class_names).read_text().splitlines() if line.strip()]
-    elif Path(args.stats).is_dir():
+    elif args.stats is not None and Path(args.stats).is_dir():
         from sfd.data.cache import LatentCache
 
         stored = LatentCache.open(args.stats).attrs.get("class_names")
@@ -89,12 +86,10 @@ def main() -> None:
     args = ap.parse_args()
 
     # Policy, decided once: TF32 as in the authors' inference (method.md §7.1) unless disabled.
-    device = pick_device(args.device)
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = not args.no_tf32
-        torch.backends.cudnn.allow_tf32 = not args.no_tf32
+    device = runtime.pick_device(args.device)
+    runtime.set_precision(device, tf32=not args.no_tf32)
     sampling = sampling_config_from_args(args)
-    model, ckpt_file, guide, stats, vae = load_pipeline(args, device)
+    model, ckpt_file, guide, stats, vae = load_pipeline(args.ckpt, device=device, **pipeline_kwargs(args))
     cfg = model.cfg
     names = read_class_names(args, cfg.num_classes)
     classes = parse_classes(args.classes, names, cfg.num_classes)
@@ -131,4 +126,8 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except (ConfigError, WeightsError) as e:  # a user error: one line, exit status 2
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)

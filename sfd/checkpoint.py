@@ -1,4 +1,24 @@
-"""Weight files: safe loading, clear errors, atomic writes.
+"""Weight files: safe loading, clear errors, atomic writes, and the project's checkpoint contract.
+
+The contract (format version 2): every weight file the project writes is a safetensors file
+whose metadata holds, under separate keys,
+
+- ``format_version``  ``"2"``;
+- ``kind``            ``"lightningdit"`` or ``"semvae"``: which model the weights are for;
+- ``model_config``    the model's constructor arguments (JSON of :class:`sfd.config.ModelConfig`
+                      or :class:`sfd.config.SemVAEConfig`) — Δt lives here, as the authors'
+                      ``semfirst_delta_t``, and nowhere else;
+- ``run_config``      the run that produced it (JSON of the training config without its ``model``
+                      part, or ``null`` for an export);
+- ``latent_stats``    the cache's per-channel statistics (``texture_mean``/``_std``,
+                      ``semantic_mean``/``_std``, ``source``) when the run trained on a cache, so a
+                      sampler needs no cache to denormalise;
+- ``step``            the optimiser step (training checkpoints).
+
+:func:`read_checkpoint` is the one reader: it returns the weights and both configs for these
+files, for the version-1 files of this project (one ``config`` key holding either a model or a
+whole run config) and for the authors' ``.pt`` files (whose model config it infers from their
+stored YAML, or takes from the caller for their bare EMA state dicts).
 
 Rules (DESIGN.md §5):
 - the project's own files are safetensors; the authors' pickles load with
@@ -264,6 +284,224 @@ def save_safetensors(
 
 
 # ---------------------------------------------------------------------------------------------
+# The checkpoint contract
+
+FORMAT_VERSION = 2
+KINDS = ("lightningdit", "semvae")
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """What :func:`read_checkpoint` found in a weight file."""
+
+    path: Path  # the file read
+    kind: str  # lightningdit | semvae
+    format: str  # "sfd-2", "sfd-1" (this project's older files), "authors" (their .pt), "bare"
+    state_dict: dict[str, torch.Tensor]  # empty when read with weights=False
+    model_config: Any  # ModelConfig / SemVAEConfig; None when the file has none and none was given
+    run_config: dict[str, Any] | None  # the run's settings (without the model part), if known
+    latent_stats: dict[str, Any] | None  # texture/semantic mean/std lists + source, if stored
+    step: int | None
+
+    @property
+    def delta_t(self) -> float:
+        """Δt the model was trained with (the one stored value: the model config's)."""
+        return float(self.model_config.semfirst_delta_t)
+
+
+def _config_class(kind: str) -> type:
+    from sfd.config import ModelConfig, SemVAEConfig
+
+    if kind not in KINDS:
+        raise ValueError(f"unknown checkpoint kind {kind!r}; known: {KINDS}")
+    return ModelConfig if kind == "lightningdit" else SemVAEConfig
+
+
+def latent_stats_metadata(
+    stats: Mapping[str, Any], source: str, texture_encoder: Mapping[str, Any] | None = None
+) -> dict[str, Any]:
+    """What a sampler needs from the cache, as stored in ``latent_stats``: the per-channel
+    statistics (float32 values round-trip through JSON) and the cache's texture-encoder record
+    (so the matching decoder is rebuilt without the cache)."""
+    out: dict[str, Any] = {"source": source}
+    if texture_encoder is not None:
+        out["texture_encoder"] = dict(texture_encoder)
+    for key in ("texture_mean", "texture_std", "semantic_mean", "semantic_std"):
+        if key in stats and stats[key] is not None:
+            out[key] = [float(v) for v in torch.as_tensor(stats[key]).float().reshape(-1).tolist()]
+    return out
+
+
+def checkpoint_metadata(
+    kind: str,
+    model_config: Any,
+    run_config: Mapping[str, Any] | None = None,
+    *,
+    latent_stats: Mapping[str, Any] | None = None,
+    step: int | None = None,
+) -> dict[str, str]:
+    """Metadata of a format-2 file (see the module docstring)."""
+    from sfd.config import to_json
+
+    if not isinstance(model_config, _config_class(kind)):
+        raise TypeError(f"{kind} checkpoints carry a {_config_class(kind).__name__}, got {type(model_config).__name__}")
+    if run_config is not None and "model" in run_config:
+        raise ValueError("run_config must not repeat the model config (it is stored under model_config)")
+    meta = {
+        "format_version": str(FORMAT_VERSION),
+        "kind": kind,
+        "model_config": to_json(model_config, indent=None),
+        "run_config": json.dumps(None if run_config is None else dict(run_config)),
+    }
+    if latent_stats is not None:
+        meta["latent_stats"] = json.dumps(dict(latent_stats))
+    if step is not None:
+        meta["step"] = str(int(step))
+    return meta
+
+
+def save_checkpoint(
+    path: str | os.PathLike[str],
+    state_dict: Mapping[str, torch.Tensor],
+    kind: str,
+    model_config: Any,
+    run_config: Mapping[str, Any] | None = None,
+    *,
+    latent_stats: Mapping[str, Any] | None = None,
+    step: int | None = None,
+) -> None:
+    """Atomically write weights with the format-2 metadata: the project's one weight writer."""
+    meta = checkpoint_metadata(kind, model_config, run_config, latent_stats=latent_stats, step=step)
+    save_safetensors(state_dict, path, meta)
+
+
+def _model_config_from_dict(kind: str, data: Mapping[str, Any], where: str) -> Any:
+    from sfd.config import SemVAEConfig, from_dict, model_config_from_json
+
+    if kind == "lightningdit":
+        return model_config_from_json(data, where=where)
+    return from_dict(SemVAEConfig, dict(data), where=where)
+
+
+def _migrate_v1(kind: str, meta: Mapping[str, str], where: str) -> tuple[Any, dict[str, Any] | None]:
+    """(model config, run config) of a version-1 file: one ``config`` key with either the model's
+    arguments (exports) or a whole run config with a ``model`` part (training checkpoints)."""
+    if "config" not in meta:
+        return None, None
+    data = json.loads(meta["config"])
+    if kind == "semvae":  # v1 SemVAE files: config = SemVAEConfig, train = its run config;
+        # training checkpoints: config = {semvae, train}
+        if isinstance(data, dict) and "semvae" in data:
+            return _model_config_from_dict(kind, data["semvae"], where), data.get("train")
+        run = json.loads(meta["train"]) if "train" in meta else None
+        return _model_config_from_dict(kind, data, where), run
+    if isinstance(data, dict) and isinstance(data.get("model"), dict):
+        run = {k: v for k, v in data.items() if k != "model"}
+        model_cfg = _model_config_from_dict(kind, data["model"], where)
+        # v1 run configs held Δt twice (delta_t and model.semfirst_delta_t, kept equal by a check).
+        dt = run.pop("delta_t", None)
+        if dt is not None and float(dt) != model_cfg.semfirst_delta_t:
+            raise WeightsError(f"{where}: delta_t {dt} and model.semfirst_delta_t {model_cfg.semfirst_delta_t} disagree")
+        return model_cfg, run
+    return _model_config_from_dict(kind, data, where), None
+
+
+def read_checkpoint(
+    path: str | os.PathLike[str],
+    *,
+    kind: str = "lightningdit",
+    prefer_ema: bool = True,
+    model_config: Any = None,
+    weights: bool = True,
+) -> Checkpoint:
+    """The one reader of model weights and their configs.
+
+    ``path``: a run directory (its latest complete checkpoint), a checkpoint directory
+    (``ema.safetensors``, or ``model.safetensors`` with ``prefer_ema=False``), or a file —
+    ours (format 2 or 1) or the authors' ``.pt`` (a bare state dict, ``{model, ema, opt,
+    config}`` with their YAML, or ``{model_state_dict}``; EMA first unless ``prefer_ema`` is
+    False). ``model_config`` overrides a stored config and is needed for files without one.
+    ``weights=False`` reads the configs only (safetensors: the header; others: the whole file).
+    """
+    file = resolve_checkpoint(path, prefer_ema)
+    where = f"'{file}'"
+    if kind not in KINDS:
+        raise ValueError(f"unknown checkpoint kind {kind!r}; known: {KINDS}")
+    stored_model = run = stats = step = None
+    if file.suffix == ".safetensors":
+        meta = read_safetensors_metadata(file)
+        if "format_version" in meta:
+            version = int(meta["format_version"])
+            if version > FORMAT_VERSION:
+                raise WeightsError(f"{where} has checkpoint format {version}; this code reads up to {FORMAT_VERSION}: update it")
+            if meta.get("kind") != kind:
+                raise WeightsError(f"{where} holds {meta.get('kind')} weights, not {kind}")
+            fmt = f"sfd-{version}"
+            stored_model = _model_config_from_dict(kind, json.loads(meta["model_config"]), f"{where} model_config")
+            run = json.loads(meta.get("run_config", "null"))
+            stats = json.loads(meta["latent_stats"]) if "latent_stats" in meta else None
+        else:
+            fmt = "sfd-1" if "config" in meta else "bare"
+            stored_model, run = _migrate_v1(kind, meta, where)
+        step = int(meta["step"]) if "step" in meta else None
+        state = load_tensors(file) if weights else {}
+    else:
+        # The authors' trainer pickles its config object beside the weights: load it inert.
+        raw = load_tensors(file, inert_objects=True)
+        prefer = ("ema", "model", "state_dict", "model_state_dict") if prefer_ema else ("model", "ema", "state_dict", "model_state_dict")
+        state = unwrap_state_dict(raw, prefer=prefer) if weights else {}
+        fmt = "bare"
+        if isinstance(raw, Mapping) and isinstance(raw.get("config"), Mapping):
+            from sfd.config import model_config_from_authors
+
+            fmt, run = "authors", dict(raw["config"])
+            if kind == "lightningdit":
+                # Their trainer stores its whole YAML; anything else is taken as constructor args.
+                stored_model = (
+                    model_config_from_authors(run) if "model" in run
+                    else _model_config_from_dict(kind, run, f"{where} config")
+                )
+        if isinstance(raw, Mapping) and isinstance(raw.get("steps", raw.get("step")), int):
+            step = int(raw.get("steps", raw.get("step")))
+    cfg = model_config if model_config is not None else stored_model
+    if weights and cfg is None and kind == "lightningdit":
+        from sfd.config import MODEL_PRESETS
+
+        raise WeightsError(
+            f"{where} carries no model config; pass one, e.g. --model XL/1 or "
+            f"read_checkpoint(path, model_config=model_preset('XL/1')) for the released SFD XL/1 "
+            f"(presets: {sorted(MODEL_PRESETS)})"
+        )
+    return Checkpoint(file, kind, fmt, state, cfg, run, stats, step)
+
+
+def resolve_checkpoint(path: str | os.PathLike[str], prefer_ema: bool = True) -> Path:
+    """The weight file behind ``path``.
+
+    - a run directory (has ``checkpoints/``) → its latest complete checkpoint by step number;
+    - a checkpoint directory (``<run>/checkpoints/<step>``) → its ``ema.safetensors``
+      (``model.safetensors`` with ``prefer_ema=False``; a run without EMA has only the latter);
+    - a file → itself (for the authors' ``.pt``, :func:`read_checkpoint` prefers the ``ema`` key).
+    """
+    p = Path(path)
+    if p.is_file():
+        return p
+    if not p.is_dir():
+        raise WeightsError(f"no checkpoint at '{p}' (neither a file nor a directory)")
+    if (p / "checkpoints").is_dir():
+        ckpts = list_checkpoints(p)
+        if not ckpts:
+            raise WeightsError(f"run '{p}' has no complete checkpoint (a <step>/state.pt under checkpoints/)")
+        p = ckpts[-1][1]
+    name = "ema.safetensors" if prefer_ema else "model.safetensors"
+    if not (p / name).is_file():
+        other = "model.safetensors" if prefer_ema else "ema.safetensors"
+        hint = f"; it has {other} — pass that file to use it" if (p / other).is_file() else ""
+        raise WeightsError(f"checkpoint directory '{p}' has no {name}{hint}")
+    return p / name
+
+
+# ---------------------------------------------------------------------------------------------
 # Training checkpoints: <run>/checkpoints/<step:07d>/{model,ema}.safetensors + state.pt
 
 CKPT_DIR_DIGITS = 7
@@ -296,20 +534,23 @@ def save_training_checkpoint(
     model: nn.Module,
     ema: nn.Module | None,
     state: Mapping[str, Any],
-    config_json: str,
+    kind: str,
+    model_config: Any,
+    run_config: Mapping[str, Any],
+    latent_stats: Mapping[str, Any] | None = None,
     keep_last: int = 0,
 ) -> Path:
-    """Write weights (+EMA) as safetensors carrying the config, then the trainer state, atomically.
+    """Write weights (+EMA) under the checkpoint contract, then the trainer state, atomically.
 
     ``state`` (optimizer, step, images seen, data position, RNG) must hold only tensors and plain
     Python values so it reloads with ``weights_only=True``. ``keep_last`` > 0 prunes older ones.
     """
     d = checkpoint_dir(run_dir, step)
     d.mkdir(parents=True, exist_ok=True)
-    meta = {"config": config_json, "step": str(step)}
-    save_safetensors(model.state_dict(), d / "model.safetensors", meta)
+    meta = dict(kind=kind, model_config=model_config, run_config=run_config, latent_stats=latent_stats, step=step)
+    save_checkpoint(d / "model.safetensors", model.state_dict(), **meta)
     if ema is not None:
-        save_safetensors(ema.state_dict(), d / "ema.safetensors", meta)
+        save_checkpoint(d / "ema.safetensors", ema.state_dict(), **meta)
     with atomic_path(d / "state.pt") as tmp:  # written last: marks the checkpoint complete
         torch.save(dict(state), tmp)
     if keep_last > 0:

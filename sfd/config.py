@@ -4,6 +4,9 @@ Every entry point owns one dataclass config. Presets are plain Python values sel
 any field can be overridden with ``key=value`` strings (nested fields with dots). Unknown keys
 are errors everywhere: a typo in a flag or in a saved JSON never silently falls back to a default.
 
+Every entry point's config lives here (one front-end), which is why this file is longer than
+~600 lines: models, encoders, training runs and sampling settings, with their presets.
+
 Model field names are the authors' LightningDiT constructor arguments, so the ``config`` JSON
 stored with their checkpoints (and with ``../shared/reference/golden``) parses as-is.
 """
@@ -14,9 +17,9 @@ import dataclasses
 import json
 import types
 import typing
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 T = TypeVar("T")
 
@@ -49,7 +52,7 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:
                 return _coerce(a, value, where)
             except ConfigError as e:  # try the next member of the union
                 errors.append(str(e))
-        raise ConfigError(f"{where}: {value!r} does not fit {tp}")
+        raise ConfigError(f"{where}: {value!r} does not fit {tp} ({'; '.join(errors)})")
     if dataclasses.is_dataclass(tp):
         if isinstance(value, tp):
             return value
@@ -136,14 +139,6 @@ def to_json(cfg: Any, indent: int | None = 2) -> str:
     return json.dumps(cfg, default=default, indent=indent, sort_keys=False)
 
 
-def save_json(cfg: Any, path: str | Path) -> None:
-    Path(path).write_text(to_json(cfg) + "\n")
-
-
-def load_json(cls: type[T], path: str | Path) -> T:
-    return from_dict(cls, json.loads(Path(path).read_text()), where=str(path))
-
-
 def override(cfg: T, assignments: list[str] | tuple[str, ...]) -> T:
     """Return ``cfg`` with ``key=value`` (or ``a.b=value``) assignments applied strictly.
 
@@ -155,7 +150,8 @@ def override(cfg: T, assignments: list[str] | tuple[str, ...]) -> T:
         if "=" not in assignment:
             raise ConfigError(f"override {assignment!r} is not of the form key=value")
         key, value = assignment.split("=", 1)
-        _assign(type(cfg), data, key.strip().split("."), value, key.strip())
+        key = getattr(type(cfg), "ALIASES", {}).get(key.strip(), key.strip())
+        _assign(type(cfg), data, key.split("."), value, key)
     return from_dict(type(cfg), data)
 
 
@@ -288,6 +284,80 @@ def model_preset(name: str, *overrides: str) -> ModelConfig:
     return override(MODEL_PRESETS[key], list(overrides))
 
 
+# The authors derive the REPA target width from the encoder name (lightningdit.py:404-416).
+REPA_TARGET_DIMS = {
+    "dinov2_vits14": 384,
+    "dinov2_vits14_reg": 384,
+    "dinov2_vitb14": 768,
+    "dinov2_vitb14_reg": 768,
+    "dinov2_vitl14": 1024,
+    "dinov2_vitl14_reg": 1024,
+    "mae_base": 768,
+    "mae_large": 1024,
+    "clip_vit_base_patch16": 768,
+    "clip_vit_large_patch14": 1024,
+    "siglip_base_patch16_224": 768,
+}
+
+
+def model_config_from_json(data: dict[str, Any], where: str = "LightningDiT config") -> ModelConfig:
+    """ModelConfig from stored constructor arguments (ours or the authors').
+
+    The authors' constructor has no ``timestep_embedding``: they use one embedder unless
+    Δt > 0 and semantic_chans > 0 (lightningdit.py:362-367), so that is the default here.
+    """
+    data = dict(data)
+    if "timestep_embedding" not in data:
+        sem_first = data.get("semfirst_delta_t", 0.0) > 0 and data.get("semantic_chans", 0) > 0
+        data["timestep_embedding"] = "dual" if sem_first else "single"
+    if "repa_target_dim" not in data and data.get("repa_dino_version") in REPA_TARGET_DIMS:
+        data["repa_target_dim"] = REPA_TARGET_DIMS[data["repa_dino_version"]]
+    return from_dict(ModelConfig, data, where=where)
+
+
+def model_config_from_authors(train_config: dict[str, Any]) -> ModelConfig:
+    """ModelConfig from the authors' training YAML (as stored in their ``{..., config}`` .pt).
+
+    Mirrors how their ``train.py`` builds the model, including its defaults for absent keys.
+    """
+    try:
+        m, data = train_config["model"], train_config["data"]
+        name = m["model_type"]
+        base, patch = name.rsplit("/", 1)
+        arch = MODEL_PRESETS[f"{base}/1"]
+    except (KeyError, TypeError, ValueError) as e:
+        raise ConfigError(
+            f"not an SFD/LightningDiT training config (model.model_type etc.): {e!r}"
+        ) from e
+    downsample = train_config.get("vae", {}).get("downsample_ratio", 16)
+    semantic_chans = m.get("semantic_chans", 0)
+    delta_t = float(m.get("semfirst_delta_t", 0.0))
+    use_repa = bool(m.get("use_repa", False))
+    dino = m.get("repa_dino_version") or "dinov2_vitb14_reg"
+    return ModelConfig(
+        input_size=data["image_size"] // downsample,
+        patch_size=int(patch),
+        in_channels=m.get("in_chans", 4),
+        hidden_size=arch.hidden_size,
+        depth=arch.depth,
+        num_heads=arch.num_heads,
+        class_dropout_prob=m.get("class_dropout_prob", 0.1),
+        num_classes=data["num_classes"],
+        use_qknorm=m["use_qknorm"],
+        use_swiglu=m.get("use_swiglu", False),
+        use_rope=m.get("use_rope", False),
+        use_rmsnorm=m.get("use_rmsnorm", False),
+        wo_shift=m.get("wo_shift", False),
+        use_repa=use_repa,
+        repa_dino_version=dino,
+        repa_depth=m.get("repa_feat_depth", 2) if use_repa else 2,
+        repa_target_dim=REPA_TARGET_DIMS.get(dino, 768),
+        semantic_chans=semantic_chans,
+        semfirst_delta_t=delta_t,
+        timestep_embedding="dual" if delta_t > 0 and semantic_chans > 0 else "single",
+    )
+
+
 # ---------------------------------------------------------------------------------------------
 # Encoders
 
@@ -373,6 +443,81 @@ DINO_PRESETS: dict[str, DinoConfig] = {
 
 
 # ---------------------------------------------------------------------------------------------
+# Pipeline jobs: the encode job and Semantic-VAE training
+
+ENCODE_STAGES = ("encode", "semvae", "semantic", "stats")
+
+
+@dataclass
+class EncodeConfig:
+    """The encode job (pipeline/encode.py): images to a latent cache; defaults as the authors' extractor."""
+
+    images: str
+    out: str
+    image_size: int = 256  # ADM centre crop side (px)
+    texture: str = "f16d32"  # texture-VAE preset, or standin-fN (pixel-unshuffle stand-in, not a VAE)
+    texture_vae: str | None = None  # weight file; default weights/ldm-imagenet256-f16d32-50ep.ckpt
+    dino: str | None = None  # weight file; default weights/dinov2_vitb14_reg4_pretrain.pth
+    dino_preset: str = "dinov2_vitb14_reg"
+    semvae: str | None = None  # weight file, or "random" (tests); None: train one on this cache
+    semvae_preset: str = "transformer_ch16"  # architecture to train (or of an authors' .pt file)
+    random_encoders: int | None = None  # seed: random-init tiny encoders instead of weight files
+    repa_targets: str = "store"  # store | none
+    row_order: str = "permuted"  # permuted (fixed seed) | sorted
+    order_seed: int = 0
+    seed: int = 0  # posterior-noise seed
+    rows_per_shard: int = 1024  # work unit (rows written by one actor at a time)
+    rows_per_chunk: int = 64  # zarr chunk rows (divides rows_per_shard)
+    batch_size: int = 32  # images per forward (×2 with flips)
+    precision: str = "fp32"  # fp32 (authors) | bf16 (autocast, opt-in)
+    tf32: bool = True
+    device: str = "auto"  # auto | cuda | cpu
+    num_workers: int | None = None  # actors; default one per GPU, or CPUs // threads_per_worker
+    threads_per_worker: int | None = None  # torch threads per actor (CPU default 1, GPU 2)
+    cpus_per_worker: float | None = None  # Ray CPU reservation per actor (fractional allowed)
+    decode_threads: int | None = None  # image-decoding threads per actor (GPU default 8, CPU 0)
+    max_retries: int = 3  # attempts per shard after a failure
+    ray_address: str | None = None  # default: RAY_ADDRESS or a local Ray instance
+    ray_num_cpus: int | None = None  # CPUs of a local Ray instance (default: all)
+    stages: str = ",".join(ENCODE_STAGES)
+    semvae_dir: str | None = None  # default <out>.semvae
+    semvae_steps: int = 1_000_000  # authors: 1M iterations at batch 64
+    semvae_batch_size: int = 64
+    semvae_nproc: int = 1  # >1: torchrun DDP on this host
+    semvae_args: str = ""  # extra flags for pipeline/train_semvae.py
+    stats_samples: int = 10_000  # rows for the statistics (authors: 10,000)
+    stats_seed: int = 0
+
+
+@dataclass
+class TrainSemVAEConfig:
+    """Semantic-VAE training (pipeline/train_semvae.py); ``preset`` names the architecture
+    (:data:`SEMVAE_PRESETS`). Defaults are the authors' recipe (method.md §3)."""
+
+    cache: str
+    run_dir: str
+    preset: str = "transformer_ch16"  # SemVAE architecture (tiny for tests)
+    steps: int = 1_000_000  # authors: 1M iterations
+    batch_size: int = 64  # per process (authors: 64)
+    lr: float = 5e-5
+    weight_decay: float = 0.01  # torch AdamW default, as the authors
+    warmup_steps: int = 500  # from warmup_start × lr; capped at steps // 10
+    warmup_start: float = 0.01
+    decay_start: float = 0.8  # fraction of the run where the cosine decay begins
+    final_lr: float = 0.1  # × lr at the last step
+    kl_weight: float = 1e-7
+    cos_axis: str = "token"  # token (authors' code) | feature (per-token cosine)
+    window_chunks: int = 16  # zarr chunks shuffled together (memory ≈ 2 windows)
+    seed: int = 0
+    ckpt_every: int = 10_000
+    keep_last: int = 2
+    log_every: int = 100
+    precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32
+    device: str = "auto"
+    stop_after: int | None = None  # stop (with a checkpoint) after this many steps in this run
+
+
+# ---------------------------------------------------------------------------------------------
 # Training runs
 
 
@@ -394,8 +539,8 @@ class TrainConfig:
     micro_batch: int = 0  # per-rank batch per forward; 0 = global_batch / world_size
     max_steps: int = 4_000_000  # 400K ≈ 80 epochs, 4M ≈ 800 epochs of ImageNet
     ema_decay: float = 0.9999  # every step, from a synced copy at step 0
-    # Asynchronous flow matching (method.md §4).
-    delta_t: float = 0.3  # semantic lead Δt; 0 = synchronous baseline
+    # Asynchronous flow matching (method.md §4). Δt is model.semfirst_delta_t (stored with the
+    # weights, read back by the samplers); `delta_t` is its alias in overrides and a property here.
     # False = plain LightningDiT(+REPA) on the texture channels of the same cache (no semantic
     # channels: needs model.semantic_chans=0, model.in_channels=cache texture channels, delta_t=0).
     use_semantic: bool = True
@@ -436,6 +581,14 @@ class TrainConfig:
         if self.data_mode not in ("memory", "stream"):
             raise ConfigError(f"data_mode must be memory or stream, got {self.data_mode!r}")
 
+    # Short names accepted by `override` (and so by `-o`): the one stored Δt is the model's.
+    ALIASES: ClassVar[dict[str, str]] = {"delta_t": "model.semfirst_delta_t"}
+
+    @property
+    def delta_t(self) -> float:
+        """Semantic lead Δt; 0 = synchronous baseline (the model config's ``semfirst_delta_t``)."""
+        return self.model.semfirst_delta_t
+
 
 def _run(model_name: str, **kw: Any) -> TrainConfig:
     return TrainConfig(model=model_preset(model_name), model_name=model_name, **kw)
@@ -472,6 +625,102 @@ def preset(table: dict[str, T], name: str, kind: str, *overrides: str) -> T:
     return override(table[name], list(overrides))
 
 
+# ---------------------------------------------------------------------------------------------
+# Sampling
+
+SAMPLER_METHODS = ("euler", "heun", "dopri5")
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    """Every setting that decides a sample besides the weights and the index (method.md §7).
+
+    Defaults are the authors' inference configs: dopri5, atol 1e-6, rtol 1e-3, no guidance, no
+    timestep shift, CFG interval start 0 (off). Guidance: ``guide_ckpt`` set → AutoGuidance with
+    ``ag_scale`` (all reported guided numbers, w ≈ 1.5); otherwise ``cfg_scale`` > 1 → CFG on all
+    48 channels. ``cfg_scale_tex``/``cfg_scale_sem`` override the scale of the active guidance
+    per part (the authors' ``cfg_scale_tex``/``cfg_scale_sem`` flags act on both kinds).
+    """
+
+    method: str = "dopri5"  # euler | heun | dopri5
+    num_steps: int | None = None  # fixed-step solvers; None = sampler default (euler 250 points, heun 50)
+    atol: float = 1e-6  # dopri5
+    rtol: float = 1e-3  # dopri5
+    grid: str | None = None  # exact | authors; None = sampler default (euler: authors, else exact)
+    shift: float | None = None  # timestep shift s (fixed-step solvers); None = off as the authors
+    cfg_scale: float = 1.0  # classifier-free guidance w; 1 = off
+    cfg_scale_tex: float | None = None  # per-part override of the active guidance scale
+    cfg_scale_sem: float | None = None
+    cfg_interval_start: float = 0.0  # guidance off while a part's time is below this; 0 = off
+    interval_mode: str = "both"  # both | tex | sem: which parts the interval applies to
+    ag_scale: float = 1.0  # AutoGuidance w (with guide_ckpt)
+    guide_ckpt: str | None = None  # weaker guide model for AutoGuidance
+    delta_t: float | None = None  # None = the Δt the model was trained with
+    seed: int = 0  # per-index seeds derive from this
+    bf16: bool = False  # bf16 autocast for the DiT (the authors sample in fp32/TF32, §7.1)
+
+    def __post_init__(self) -> None:
+        if self.method not in SAMPLER_METHODS:
+            raise ConfigError(f"sampler must be one of {SAMPLER_METHODS}, got {self.method!r}")
+        if self.grid not in (None, "exact", "authors"):
+            raise ConfigError(f"grid must be exact or authors, got {self.grid!r}")
+        if self.interval_mode not in ("both", "tex", "sem"):
+            raise ConfigError(f"interval_mode must be both, tex or sem, got {self.interval_mode!r}")
+        if self.num_steps is not None and self.num_steps < 1:
+            raise ConfigError(f"num_steps must be >= 1, got {self.num_steps}")
+        if self.method == "dopri5" and (self.num_steps is not None or self.shift is not None):
+            raise ConfigError("dopri5 is adaptive: num_steps and shift apply to euler/heun only")
+        if self.guide_ckpt is not None and self.cfg_scale != 1.0:
+            # The authors use CFG only without AutoGuidance (forward_with_cfg vs _autoguidance).
+            raise ConfigError("use either CFG (cfg_scale) or AutoGuidance (guide_ckpt + ag_scale), not both")
+        if self.guide_ckpt is None and self.ag_scale != 1.0:
+            raise ConfigError("ag_scale needs a guide checkpoint (guide_ckpt)")
+
+    @property
+    def scales(self) -> tuple[float, float]:
+        """(texture, semantic) scale of the active guidance."""
+        base = self.ag_scale if self.guide_ckpt is not None else self.cfg_scale
+        tex = base if self.cfg_scale_tex is None else self.cfg_scale_tex
+        sem = base if self.cfg_scale_sem is None else self.cfg_scale_sem
+        return tex, sem
+
+    @property
+    def guidance(self) -> str:
+        """"autoguidance", "cfg" or "none" (every scale 1 is no guidance, whatever the flags)."""
+        if all(s == 1.0 for s in self.scales):
+            return "none"
+        return "autoguidance" if self.guide_ckpt is not None else "cfg"
+
+    def solver_options(self) -> dict[str, Any]:
+        """Keyword options for :func:`sfd.samplers.sample` (only those that are set)."""
+        opts: dict[str, Any] = {}
+        if self.grid is not None:
+            opts["grid"] = self.grid
+        if self.method == "dopri5":
+            opts.update(atol=self.atol, rtol=self.rtol)
+        else:
+            if self.num_steps is not None:
+                opts["num_steps"] = self.num_steps
+            if self.shift is not None:
+                opts["shift"] = self.shift
+        return opts
+
+    def describe(self) -> dict[str, Any]:
+        """The settings as plain JSON values, with the derived guidance mode and scales."""
+        d = asdict(self)
+        d["guidance"] = self.guidance
+        d["scale_tex"], d["scale_sem"] = self.scales
+        return d
+
+
+# Named sampling settings (sample/grid.py and eval/fid.py gen: --preset NAME).
+SAMPLING_PRESETS: dict[str, SamplingConfig] = {
+    "authors": SamplingConfig(),  # the authors' inference: dopri5, atol 1e-6, rtol 1e-3
+    "heun": SamplingConfig(method="heun"),  # 50 Heun steps on the exact three-phase grid (100 NFE)
+    "euler": SamplingConfig(method="euler"),  # 250 Euler points on the authors' grid
+}
+
+
 __all__ = [
     "ConfigError",
     "ModelConfig",
@@ -487,10 +736,17 @@ __all__ = [
     "TrainConfig",
     "TRAIN_PRESETS",
     "train_preset",
+    "REPA_TARGET_DIMS",
+    "model_config_from_json",
+    "model_config_from_authors",
+    "ENCODE_STAGES",
+    "EncodeConfig",
+    "TrainSemVAEConfig",
+    "SAMPLER_METHODS",
+    "SamplingConfig",
+    "SAMPLING_PRESETS",
     "from_dict",
     "to_dict",
     "to_json",
-    "save_json",
-    "load_json",
     "override",
 ]

@@ -21,14 +21,14 @@ What one shard does (method.md §2.1, §2.2, §2.5, §11): decode each file into
   when a SemVAE is given; otherwise the semantic latents are filled later from the stored
   fp16 DINO features by :meth:`ShardWorker.semantic_shard`.
 
-Compute runs in fp32 as the authors' extractor does (TF32 allowed on GPU); ``precision="bf16"``
+Compute runs in fp32 as the authors' extractor does (TF32 on GPU as the entry point
+chooses, applied through sfd.runtime in each worker process); ``precision="bf16"``
 opts into bf16 autocast for the encoders (posterior maths stay fp32).
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import socket
 import time
@@ -42,7 +42,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from sfd.checkpoint import WeightsError, file_sha256, read_safetensors_metadata, resolve_weights
+from sfd.checkpoint import WeightsError, file_sha256, read_checkpoint, resolve_weights
 from sfd.config import (
     DINO_PRESETS,
     SEMVAE_PRESETS,
@@ -57,6 +57,7 @@ from sfd.config import (
 from sfd.data.cache import NUM_FLIPS, LatentCache
 from sfd.data.images import hflip, load_image, to_model_input
 from sfd.models.standins import PixelUnshuffleAutoencoder, parse_standin, random_init
+from sfd.runtime import autocast, derive_seed, set_precision
 
 _PART_IDS = {"texture": 1, "semantic": 2}
 
@@ -68,8 +69,7 @@ Spec = dict[str, Any]
 
 def row_seed(seed: int, part: str, row: int, flip: int) -> int:
     """A 63-bit generator seed for the posterior noise of (row, flip) of one latent part."""
-    state = np.random.SeedSequence([int(seed), _PART_IDS[part], int(row), int(flip)]).generate_state(2, np.uint32)
-    return ((int(state[0]) << 32) | int(state[1])) & ((1 << 63) - 1)
+    return derive_seed("encode", seed, _PART_IDS[part], row, flip)
 
 
 def row_generators(seed: int, part: str, rows: Sequence[int], flips: Sequence[int]) -> list[torch.Generator]:
@@ -141,9 +141,9 @@ def dino_spec(preset: str, path: str | None, random_seed: int | None) -> Spec:
 def semvae_config_for_file(path: Path, preset: str) -> SemVAEConfig:
     """Our safetensors carry their config in the metadata; the authors' ``.pt`` uses ``preset``."""
     if path.suffix == ".safetensors":
-        meta = read_safetensors_metadata(path)
-        if "config" in meta:
-            return from_dict(SemVAEConfig, json.loads(meta["config"]), where=f"{path} metadata 'config'")
+        stored = read_checkpoint(path, kind="semvae", weights=False).model_config
+        if stored is not None:
+            return stored
     if preset not in SEMVAE_PRESETS:
         raise ConfigError(f"unknown SemVAE preset {preset!r}; choose one of {sorted(SEMVAE_PRESETS)}")
     return SEMVAE_PRESETS[preset]
@@ -238,7 +238,7 @@ class WorkerSettings:
     semvae: Spec | None = None  # encode: semantic latents in the same pass; semantic: required
     batch_size: int = 32  # images per forward (×2 with the flipped copies)
     precision: str = "fp32"  # "fp32" (authors) or "bf16" (autocast, opt-in)
-    tf32: bool = True
+    tf32: bool = True  # the entry point's TF32 choice, applied in the worker process (sfd.runtime)
     device: str = "auto"
     threads: int = 1  # torch intra-op threads
     decode_threads: int = 0  # 0: decode inline; >0: a thread pool overlapping decode and compute
@@ -254,10 +254,8 @@ class ShardWorker:
             self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         else:
             self.device = torch.device(settings.device)
-        if self.device.type == "cuda":
-            # The authors' extractor runs fp32 with TF32 matmuls allowed (method.md §3.4).
-            torch.backends.cuda.matmul.allow_tf32 = settings.tf32
-            torch.backends.cudnn.allow_tf32 = settings.tf32
+        # A worker is its own process (a Ray actor): it applies the policy the entry point chose.
+        set_precision(self.device, settings.tf32)  # the authors' extractor: fp32 with TF32 (method.md §3.4)
         self.cache = LatentCache.open(settings.cache_path, mode="r+")
         self.root = Path(settings.images_root)
         self.vae = self.dino = self.semvae = None
@@ -281,9 +279,7 @@ class ShardWorker:
         return {"pid": os.getpid(), "host": socket.gethostname(), "device": str(self.device), "threads": torch.get_num_threads()}
 
     def _autocast(self) -> contextlib.AbstractContextManager[Any]:
-        if self.s.precision == "bf16":
-            return torch.autocast(self.device.type, dtype=torch.bfloat16)
-        return contextlib.nullcontext()
+        return autocast(self.device, torch.bfloat16 if self.s.precision == "bf16" else None)
 
     def _semantic_latent(self, tokens: torch.Tensor, rows: Sequence[int], flips: Sequence[int]) -> torch.Tensor:
         from sfd.models.semvae import tokens_to_latent

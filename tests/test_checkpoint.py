@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import pickle
+from pathlib import Path
 
 import pytest
 import torch
@@ -115,3 +116,68 @@ def test_inert_objects_loads_tensors_without_running_pickled_code(tmp_path):
         pickle.dump({"w": _Evil()}, f)
     with pytest.raises(WeightsError):
         load_tensors(evil, inert_objects=True)
+
+
+# ---- the checkpoint contract (format 2) and the files of earlier versions -----------------------
+
+V1 = Path(__file__).parent / "data" / "checkpoint-v1"  # written by the v1 code, see the script there
+
+
+def test_v1_checkpoints_of_this_project_still_load():
+    from sfd.checkpoint import read_checkpoint
+    from sfd.models.lightningdit import build_lightningdit
+
+    run = read_checkpoint(V1 / "run")  # a run directory: its latest checkpoint, EMA first
+    assert run.format == "sfd-1" and run.path.name == "ema.safetensors" and run.step == 2
+    m = run.model_config
+    assert (m.hidden_size, m.depth, m.in_channels, m.semantic_chans, m.input_size) == (16, 2, 6, 2, 2)
+    assert run.delta_t == 0.3 and "delta_t" not in run.run_config and "model" not in run.run_config
+    assert run.run_config["out_dir"] == "runs/old" and run.latent_stats is None
+    model = build_lightningdit(run)
+    assert torch.equal(model.state_dict()["final_layer.linear.weight"], run.state_dict["final_layer.linear.weight"])
+    export = read_checkpoint(V1 / "model.safetensors")  # save_lightningdit's v1 export: a bare ModelConfig
+    assert export.format == "sfd-1" and export.model_config == m and export.run_config is None
+    raw = read_checkpoint(V1 / "run", prefer_ema=False, model_config=m)
+    assert raw.path.name == "model.safetensors"
+
+
+def test_format2_round_trip_keeps_configs_apart(tmp_path):
+    import json
+
+    from sfd.checkpoint import read_checkpoint, save_checkpoint
+    from sfd.config import SEMVAE_PRESETS, model_preset
+
+    cfg = model_preset("tiny", "semfirst_delta_t=0.5")
+    stats = {"source": "cache x", "texture_mean": [0.1, 0.2], "texture_std": [1.5, 2.5]}
+    save_checkpoint(tmp_path / "w.safetensors", {"a": torch.ones(2)}, "lightningdit", cfg, {"lr": 1e-4}, latent_stats=stats, step=7)
+    meta = read_safetensors_metadata(tmp_path / "w.safetensors")
+    assert meta["format_version"] == "2" and meta["kind"] == "lightningdit" and "config" not in meta
+    assert json.loads(meta["model_config"])["semfirst_delta_t"] == 0.5 and json.loads(meta["run_config"]) == {"lr": 1e-4}
+    ck = read_checkpoint(tmp_path / "w.safetensors")
+    assert (ck.format, ck.model_config, ck.run_config, ck.latent_stats, ck.step, ck.delta_t) == ("sfd-2", cfg, {"lr": 1e-4}, stats, 7, 0.5)
+    with pytest.raises(WeightsError, match="lightningdit weights, not semvae"):
+        read_checkpoint(tmp_path / "w.safetensors", kind="semvae")
+    with pytest.raises(ValueError, match="must not repeat the model"):
+        save_checkpoint(tmp_path / "x.safetensors", {}, "lightningdit", cfg, {"model": {}})
+    with pytest.raises(TypeError):
+        save_checkpoint(tmp_path / "x.safetensors", {}, "semvae", cfg)
+    save_checkpoint(tmp_path / "s.safetensors", {"a": torch.ones(2)}, "semvae", SEMVAE_PRESETS["tiny"])
+    assert read_checkpoint(tmp_path / "s.safetensors", kind="semvae").model_config == SEMVAE_PRESETS["tiny"]
+
+
+def test_authors_yaml_container_infers_the_model_config(tmp_path):
+    from sfd.checkpoint import read_checkpoint
+    from sfd.config import model_preset
+
+    yaml = {
+        "model": {"model_type": "LightningDiT-B/1", "in_chans": 48, "use_qknorm": True, "use_swiglu": True,
+                  "use_rope": True, "use_rmsnorm": True, "use_repa": True, "semantic_chans": 16, "semfirst_delta_t": 0.3},
+        "data": {"image_size": 256, "num_classes": 1000},
+    }
+    torch.save({"ema": {"w": torch.ones(1)}, "model": {"w": torch.zeros(1)}, "config": yaml, "steps": 60000}, tmp_path / "g.pt")
+    ck = read_checkpoint(tmp_path / "g.pt")
+    assert ck.format == "authors" and ck.model_config == model_preset("B/1") and ck.step == 60000
+    assert ck.run_config == yaml and float(ck.state_dict["w"]) == 1.0
+    torch.save({"w": torch.ones(1)}, tmp_path / "bare.pt")
+    with pytest.raises(WeightsError, match="carries no model config"):
+        read_checkpoint(tmp_path / "bare.pt")

@@ -16,9 +16,7 @@ from sfd.config import (
     TextureVAEConfig,
     TrainConfig,
     from_dict,
-    load_json,
     model_preset,
-    save_json,
     to_dict,
     to_json,
     train_preset,
@@ -85,8 +83,8 @@ def test_unknown_keys_in_json_are_errors(tmp_path):
 @pytest.mark.parametrize("name", sorted(TRAIN_PRESETS))
 def test_train_presets_round_trip_json(name, tmp_path):
     cfg = train_preset(name)
-    save_json(cfg, tmp_path / "config.json")
-    assert load_json(TrainConfig, tmp_path / "config.json") == cfg
+    (tmp_path / "config.json").write_text(to_json(cfg))
+    assert from_dict(TrainConfig, json.loads((tmp_path / "config.json").read_text())) == cfg
     assert json.loads(to_json(cfg))["model"]["hidden_size"] == cfg.model.hidden_size
 
 
@@ -116,3 +114,39 @@ def test_overrides_validate_once_after_all_assignments():
     assert a == b and a.texture_chans == 8
     with pytest.raises(ConfigError, match="semantic_chans"):
         model_preset("tiny", "in_channels=12")  # 16 semantic channels cannot fit in 12
+
+
+# ---- one front-end: presets, frequent flags, strict -o overrides -----------------------------
+
+
+def test_every_entry_config_takes_strict_overrides():
+    import argparse
+
+    from sfd.cli import add_sampling_args, apply_overrides, sampling_config_from_args
+    from sfd.config import EncodeConfig, SamplingConfig, TrainSemVAEConfig
+
+    enc = apply_overrides(EncodeConfig(images="i", out="o"), ["batch_size=8", "semvae=none", "tf32=false"])
+    assert (enc.batch_size, enc.semvae, enc.tf32) == (8, None, False)
+    sv = apply_overrides(TrainSemVAEConfig(cache="c", run_dir="r"), ["steps=1_000", "stop_after=3"])
+    assert (sv.steps, sv.stop_after) == (1000, 3)
+    for cfg, bad in ((enc, "batch_sise=8"), (sv, "lr_max=1"), (SamplingConfig(), "solver=heun")):
+        with pytest.raises(ConfigError, match="valid keys are"):
+            apply_overrides(cfg, [bad])
+    with pytest.raises(ConfigError, match="expected an int"):
+        apply_overrides(enc, ["batch_size=eight"])
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--guide", default=None)
+    add_sampling_args(ap)
+    # The preset, then the flags given, then -o: each later one wins; absent flags keep the preset.
+    cfg = sampling_config_from_args(ap.parse_args(["--preset", "heun", "--steps", "10", "-o", "seed=4"]))
+    assert (cfg.method, cfg.num_steps, cfg.seed, cfg.cfg_scale) == ("heun", 10, 4, 1.0)
+    assert sampling_config_from_args(ap.parse_args([])) == SamplingConfig()  # the authors' dopri5
+    with pytest.raises(ConfigError, match="valid keys are"):
+        sampling_config_from_args(ap.parse_args(["-o", "step=3"]))
+
+
+def test_delta_t_is_stored_once_and_reachable_by_its_alias():
+    cfg = train_preset("tiny", "delta_t=0.5")
+    assert cfg.model.semfirst_delta_t == 0.5 and cfg.delta_t == 0.5
+    assert "delta_t" not in json.loads(to_json(cfg))  # one stored value: the model's

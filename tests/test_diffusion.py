@@ -1,4 +1,4 @@
-"""Tests for sfd.diffusion: time split, losses, three-phase samplers, guidance, per-sample seeds.
+"""Tests for sfd.diffusion, sfd.guidance and sfd.samplers: time split, losses, three-phase samplers, guidance, per-sample seeds.
 
 The samplers are checked against the closed-form velocity field of Gaussian data
 (method.md §4.1): for x1 ~ N(μ, σ²) per element and x_t = t·x1 + (1−t)·x0,
@@ -20,23 +20,22 @@ from safetensors.torch import load_file
 from sfd.diffusion import (
     AsyncClock,
     LossTerms,
-    SamplerStep,
-    allocate_steps,
-    autoguidance,
-    classifier_free_guidance,
-    draw_training_batch,
-    fixed_grid,
-    initial_noise,
-    model_velocity,
     noise_composite,
     per_channel,
     repa_loss,
+    sample_training_times,
+    sfd_loss,
+)
+from sfd.guidance import autoguidance, classifier_free_guidance, model_velocity
+from sfd.samplers import (
+    SamplerStep,
+    allocate_steps,
+    fixed_grid,
+    initial_noise,
     sample,
     sample_dopri5,
     sample_euler,
     sample_heun,
-    sample_training_times,
-    sfd_loss,
 )
 
 C_TEX, C_SEM, SIDE = 4, 2, 2
@@ -101,18 +100,26 @@ def test_noise_composite_per_part_times():
     assert torch.equal(x_t[2, C_TEX:], x1[2, C_TEX:])  # t_sem = 1: clean
 
 
-def test_draw_training_batch_modes():
+def test_training_draw_modes():
+    """The trainer's draw: times then noise from one generator, reproducible; Δt = 0 is plain FM."""
+
+    def draw(delta_t: float, sem: int) -> tuple[torch.Tensor, ...]:
+        gen = torch.Generator().manual_seed(0)
+        t_tex, t_sem = sample_training_times(x1.shape[0], delta_t, generator=gen)
+        x_t, target, x0 = noise_composite(x1, t_tex, t_sem, sem, generator=gen)
+        return x_t, target, x0, t_tex, t_sem
+
     x1 = torch.randn(8, C, SIDE, SIDE)
-    batch = draw_training_batch(x1, DELTA_T, C_SEM, generator=torch.Generator().manual_seed(0))
-    again = draw_training_batch(x1, DELTA_T, C_SEM, generator=torch.Generator().manual_seed(0))
-    assert torch.equal(batch.x_t, again.x_t) and torch.equal(batch.t_sem, again.t_sem)
-    assert torch.equal(batch.target, x1 - batch.x0)
-    plain = draw_training_batch(x1, 0.0, 0, generator=torch.Generator().manual_seed(0))  # plain FM
-    t = plain.t_tex.view(-1, 1, 1, 1)
-    assert torch.equal(plain.t_tex, plain.t_sem)
-    assert torch.allclose(plain.x_t, t * x1 + (1 - t) * plain.x0)
+    x_t, target, x0, _, t_sem = draw(DELTA_T, C_SEM)
+    again = draw(DELTA_T, C_SEM)
+    assert torch.equal(x_t, again[0]) and torch.equal(t_sem, again[4])
+    assert torch.equal(target, x1 - x0)
+    x_t, _, x0, t_tex, t_sem = draw(0.0, 0)  # plain FM
+    t = t_tex.view(-1, 1, 1, 1)
+    assert torch.equal(t_tex, t_sem)
+    assert torch.allclose(x_t, t * x1 + (1 - t) * x0)
     with pytest.raises(ValueError):
-        draw_training_batch(x1, DELTA_T, 0)  # Δt > 0 needs semantic channels
+        AsyncClock(DELTA_T, 0)  # Δt > 0 needs semantic channels
 
 
 # ---------------------------------------------------------------------------------------------

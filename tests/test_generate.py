@@ -1,4 +1,5 @@
-"""sfd.generate: sampling settings, per-index seeds, denormalisation, grids, checkpoints, protocol."""
+"""Sampling settings, per-index seeds, denormalisation, grids, checkpoints → models, the 50K protocol
+(sfd.config.SamplingConfig, sfd.guidance, sfd.samplers, sfd.pixels, sfd.loading, eval/fid.py)."""
 
 from __future__ import annotations
 
@@ -9,25 +10,21 @@ import numpy as np
 import pytest
 import torch
 
-from sfd.checkpoint import WeightsError, save_training_checkpoint
-from sfd.config import ConfigError, model_preset, to_json, train_preset
-from sfd.generate import (
-    SamplingConfig,
-    TextureStats,
-    balanced_labels,
-    build_velocity_fn,
-    clock_for,
-    generate_latents,
-    latents_to_images,
-    load_model,
-    load_texture_stats,
-    make_grid,
-    rank_indices,
+from eval.fid import balanced_labels, rank_indices, shuffled_order
+from sfd.checkpoint import (
+    WeightsError,
+    latent_stats_metadata,
     resolve_checkpoint,
-    shuffled_order,
+    save_training_checkpoint,
 )
+from sfd.config import ConfigError, SamplingConfig, model_preset, train_preset
+from sfd.guidance import build_velocity_fn
+from sfd.loading import load_model
 from sfd.models.autoencoder import to_uint8
 from sfd.models.lightningdit import LightningDiT, save_lightningdit
+from sfd.pixels import TextureStats, latents_to_images, load_texture_stats, make_grid
+from sfd.samplers import clock_for, generate_latents
+from sfd.training import run_config_dict
 
 SEM = 4
 
@@ -199,14 +196,21 @@ def test_resolve_checkpoint_picks_latest_step_by_number(tmp_path: Path, model: L
 
 def test_load_model_from_run_with_trainer_config(tmp_path: Path, model: LightningDiT) -> None:
     run_cfg = dataclasses.replace(train_preset("tiny"), model=model.cfg)  # the trainer's whole config
+    stats = {"texture_mean": np.linspace(-1, 1, 8, dtype=np.float32), "texture_std": np.full(8, 0.5, np.float32)}
     save_training_checkpoint(
-        tmp_path / "run", 100, model=tiny_model(5), ema=model, state={"step": 100}, config_json=to_json(run_cfg)
+        tmp_path / "run", 100, model=tiny_model(5), ema=model, state={"step": 100}, kind="lightningdit",
+        model_config=model.cfg, run_config=run_config_dict(run_cfg), latent_stats=latent_stats_metadata(stats, "test"),
     )
     loaded, file = load_model(tmp_path / "run")
     assert file.name == "ema.safetensors" and loaded.cfg == model.cfg and not loaded.training
     torch.testing.assert_close(loaded.state_dict()["final_layer.linear.weight"], model.state_dict()["final_layer.linear.weight"])
+    # The statistics travel with the checkpoint: a sampler needs no cache (bit-exact float32).
+    from_run = load_texture_stats(tmp_path / "run")
+    assert torch.equal(from_run.mean, torch.from_numpy(stats["texture_mean"])) and torch.equal(from_run.std, torch.full((8,), 0.5))
     save_lightningdit(model, tmp_path / "plain.safetensors")  # our export: a ModelConfig in metadata
     assert load_model(tmp_path / "plain.safetensors")[0].cfg == model.cfg
+    with pytest.raises(WeightsError, match="stores no latent statistics"):
+        load_texture_stats(tmp_path / "plain.safetensors")
 
 
 # ---- the evaluation protocol -------------------------------------------------------------------------

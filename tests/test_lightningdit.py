@@ -12,13 +12,12 @@ import pytest
 import torch
 
 from sfd.checkpoint import WeightsError, load_state_dict_strict, load_tensors
-from sfd.config import model_preset
+from sfd.config import model_config_from_authors, model_preset
 from sfd.models.lightningdit import (
     ROPE_BUFFERS,
     LightningDiT,
     count_params,
     load_lightningdit,
-    model_config_from_authors,
     rope_tables_2d,
     save_lightningdit,
     sincos_pos_embed_2d,
@@ -219,7 +218,7 @@ def test_authors_training_yaml_maps_to_presets():
 
 def test_golden_config_json_parses_as_constructor_args(golden_dir):
     from sfd.checkpoint import read_safetensors_metadata
-    from sfd.models.lightningdit import model_config_from_json
+    from sfd.config import model_config_from_json
 
     raw = json.loads(
         read_safetensors_metadata(golden_dir / "lightningdit-tiny-weights.safetensors")["config"]

@@ -14,9 +14,9 @@ import pytest
 import torch
 from PIL import Image
 
+from eval.fid import balanced_labels, shuffled_order
 from sfd.checkpoint import save_safetensors
 from sfd.config import TEXTURE_VAE_PRESETS
-from sfd.generate import balanced_labels, shuffled_order
 from sfd.models.autoencoder import AutoencoderKL
 from sfd.models.inception import FID_DETECTOR_NAME, random_inception
 from sfd.models.lightningdit import save_lightningdit

@@ -3,7 +3,6 @@ exactly, 2-process DDP equals one process, and bad configs fail before any step.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import signal
@@ -18,16 +17,12 @@ import torch
 from safetensors.torch import load_file
 
 from sfd.checkpoint import list_checkpoints, load_training_state
-from sfd.config import TrainConfig, load_json
+from sfd.config import TrainConfig, from_dict
 from sfd.data.cache import LatentCache, create_cache
+from train import main as trainer  # the entry folders import from the repository root
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN = REPO / "train" / "main.py"
-
-_spec = importlib.util.spec_from_file_location("sfd_train_main", TRAIN)
-trainer = importlib.util.module_from_spec(_spec)
-sys.modules[_spec.name] = trainer  # dataclasses look their module up there
-_spec.loader.exec_module(trainer)
 
 TEX, SEM, HW, CLASSES, DINO = 12, 4, 8, 10, (64, 32)  # the tiny model with 16 input channels
 TINY = [
@@ -124,7 +119,7 @@ def test_tiny_learns_and_is_bitwise_reproducible(cache_dir: Path, tmp_path: Path
     first, last = np.mean(total[:5]), np.mean(total[-5:])
     assert last < 0.9 * first, (first, last)
     assert all(curve_a[s]["repa"] > 0 for s in curve_a)  # REPA is trained (targets from the cache)
-    saved = load_json(TrainConfig, tmp_path / "a" / "config.json")
+    saved = from_dict(TrainConfig, json.loads((tmp_path / "a" / "config.json").read_text()))
     assert saved.max_steps == 40 and saved.model.in_channels == TEX + SEM
     run(cache_dir, tmp_path / "c", "max_steps=3", "seed=1")
     assert losses(tmp_path / "c")[1] != curve_a[1]  # and the seed matters
@@ -229,6 +224,15 @@ def test_sample_grid_png_with_a_texture_vae(tmp_path: Path, capsys: pytest.Captu
 
     assert Image.open(record["png"]).size == (8 * 34 + 2, 2 * (32 + 12 + 2) + 2)  # 16 tiles, 8 per row
 
+    # The checkpoint carries what sampling needs from the cache: no --stats, same pixels' inputs.
+    from sfd.loading import load_pipeline
+
+    vae = tmp_path / "vae.safetensors"
+    _, _, _, stored, decoder = load_pipeline(out, vae=vae, vae_preset="tiny")
+    _, _, _, from_cache, _ = load_pipeline(out, stats=cache, vae=vae, vae_preset="tiny")
+    assert torch.equal(stored.mean, from_cache.mean) and torch.equal(stored.std, from_cache.std)
+    assert decoder.decoder_identity["name"] == "tiny-vae" and decoder.decoder_identity["sha256"] == encoder["sha256"]
+
 
 def test_sample_grid_without_decoder_logs_statistics(cache_dir: Path, tmp_path: Path, capsys) -> None:
     run(cache_dir, tmp_path / "run", "max_steps=2", "sample_every=2")
@@ -267,7 +271,7 @@ def test_init_from_authors_checkpoint(cache_dir: Path, tmp_path: Path) -> None:
         (("model.repa_target_dim=48",), r"needs \(64, 48\)"),
         (("micro_batch=3",), "not divisible by micro_batch=3"),
         (("global_batch=128",), "exceeds the 64 valid rows"),
-        (("delta_t=0.5",), "model.semfirst_delta_t"),
+        (("delta_t=1.5",), r"delta_t must lie in \[0, 1\]"),  # the alias reaches model.semfirst_delta_t
     ],
 )
 def test_mismatch_fails_before_any_step(cache_dir: Path, tmp_path: Path, overrides, message) -> None:
@@ -287,7 +291,7 @@ def test_without_semantic_channels_trains_on_texture_only(cache_dir: Path, tmp_p
     assert all(curve[s]["repa"] > 0 for s in curve)  # REPA targets still come from the cache
     weights = final_weights(tmp_path / "plain")["model"]
     assert weights["x_embedder.proj.weight"].shape[1] == TEX  # the model never saw the semantic channels
-    saved = load_json(TrainConfig, tmp_path / "plain" / "config.json")
+    saved = from_dict(TrainConfig, json.loads((tmp_path / "plain" / "config.json").read_text()))
     assert not saved.use_semantic and saved.model.semantic_chans == 0
 
 

@@ -1,4 +1,8 @@
-"""Training-time reader of the latent cache: shuffled, resumable, DDP-sharded batches.
+"""Training-time readers of the latent cache: shuffled, resumable, DDP-sharded batches.
+
+One windowed visiting order (:func:`chunk_windows`) serves both trainers: the diffusion
+trainer's :class:`LatentCacheReader` (composite latents, below) and the Semantic-VAE trainer's
+:class:`DinoTokenReader` (DINO tokens, both flips of every row, whole-chunk reads).
 
 Each item is the composite latent ``[texture | semantic]`` (DESIGN.md §3: texture channels first),
 each part normalised per channel as ``(x - μ_c) / σ_c`` with the statistics stored in the cache
@@ -53,6 +57,24 @@ import numpy as np
 import torch
 
 from sfd.data.cache import CacheError, LatentCache
+
+
+def valid_rows_per_chunk(valid: np.ndarray, rows_per_chunk: int) -> np.ndarray:
+    """Number of valid rows in each zarr chunk of ``rows_per_chunk`` contiguous rows."""
+    return np.add.reduceat(valid.astype(np.int64), np.arange(0, len(valid), rows_per_chunk))
+
+
+def chunk_windows(
+    valid_per_chunk: np.ndarray, seed: int, epoch: int, world_size: int, window_chunks: int
+) -> list[list[np.ndarray]]:
+    """The windowed visiting order of an epoch, shared by both trainers' stream readers.
+
+    Chunks holding valid rows, permuted by ``(seed, epoch)``, dealt to ranks round-robin, then
+    grouped ``window_chunks`` at a time: ``result[rank][w]`` are the chunk ids of rank's window w.
+    """
+    chunks = np.random.default_rng([seed, epoch]).permutation(np.flatnonzero(valid_per_chunk > 0))
+    per_rank = [chunks[r::world_size] for r in range(world_size)]
+    return [[mine[i : i + window_chunks] for i in range(0, len(mine), window_chunks)] for mine in per_rank]
 
 
 class LatentBatch(NamedTuple):
@@ -154,17 +176,13 @@ class LatentCacheReader:
             zeros = np.zeros(len(rows), dtype=np.int64)
             return _EpochPlan(rows, flips[take], zeros, rows.copy(), [])
 
-        # Stream mode: chunks dealt to ranks in a per-epoch random order.
+        # Stream mode: chunks dealt to ranks in a per-epoch random order, read a window at a time.
         layout = self.cache.layout
-        starts = np.arange(0, layout.num_rows, self._rpc)
-        valid_per_chunk = np.add.reduceat(self._valid.astype(np.int64), starts)
-        chunks = rng.permutation(np.flatnonzero(valid_per_chunk > 0))
-        per_rank_chunks = [chunks[r :: self.world_size] for r in range(self.world_size)]
-        per_rank = min(int(valid_per_chunk[c].sum()) for c in per_rank_chunks)
-        mine = per_rank_chunks[self.rank]
+        valid_per_chunk = valid_rows_per_chunk(self._valid, self._rpc)
+        all_windows = chunk_windows(valid_per_chunk, self.seed, epoch, self.world_size, self.window_chunks)
+        per_rank = min(int(sum(valid_per_chunk[w].sum() for w in ws)) for ws in all_windows)
         rows_l, flips_l, win_l, slot_l, windows = [], [], [], [], []
-        for w, w0 in enumerate(range(0, len(mine), self.window_chunks)):
-            wchunks = mine[w0 : w0 + self.window_chunks]
+        for w, wchunks in enumerate(all_windows[self.rank]):
             windows.append(wchunks)
             rows = np.concatenate([np.arange(*layout.chunk_rows(int(c))) for c in wchunks])
             slots = np.concatenate(
@@ -339,3 +357,80 @@ class LatentCacheReader:
         self._pool = self._dino_pool = None
         if self.mode == "stream":
             self._windows.clear()
+
+
+class DinoTokenReader:
+    """Batches of DINO tokens (B, N, D) float32 for the Semantic-VAE trainer: both flips of every
+    valid row, in the windowed order of :func:`chunk_windows` (the stream mode's), resumable.
+
+    The order depends only on (seed, epoch, rank, world size); ``batches(epoch, start)`` skips the
+    first ``start`` batches of the epoch without reading them. Every rank yields the same number
+    of batches per epoch (the smallest rank's count).
+    """
+
+    def __init__(self, cache: LatentCache, batch_size: int, seed: int, rank: int = 0, world_size: int = 1, window_chunks: int = 16):
+        if not cache.has_dino:
+            raise CacheError(f"cache {cache.path} stores no DINO features (encoded with --repa-targets none)")
+        if not cache.is_encoded():
+            raise CacheError(f"cache {cache.path} is not fully encoded ({len(cache.pending_shards())} shards pending)")
+        self.cache, self.batch_size, self.seed = cache, batch_size, seed
+        self.rank, self.world_size, self.window_chunks = rank, world_size, max(1, window_chunks)
+        layout = cache.layout
+        valid = cache.valid()
+        self.chunk_rows = [np.flatnonzero(valid[a:b]) + a for a, b in map(layout.chunk_rows, range(layout.num_chunks))]
+        self.valid_per_chunk = valid_rows_per_chunk(valid, layout.rows_per_chunk)
+        self.arr = cache.group["dino"]
+        if sum(len(r) for r in self.chunk_rows) == 0:
+            raise CacheError(f"cache {cache.path} has no valid rows")
+        self.pool = ThreadPoolExecutor(1)
+
+    def _windows(self, epoch: int, rank: int) -> list[np.ndarray]:
+        return chunk_windows(self.valid_per_chunk, self.seed, epoch, self.world_size, self.window_chunks)[rank]
+
+    def _size(self, chunks: np.ndarray) -> int:
+        return 2 * sum(len(self.chunk_rows[c]) for c in chunks)  # both flips
+
+    def batches_per_epoch(self, epoch: int) -> int:
+        counts = [sum(map(self._size, self._windows(epoch, r))) for r in range(self.world_size)]
+        n = min(counts) // self.batch_size
+        if n == 0:
+            raise CacheError(f"a rank has {min(counts)} samples per epoch, fewer than one batch of {self.batch_size}")
+        return n
+
+    def _load(self, epoch: int, w: int, chunks: np.ndarray) -> np.ndarray:
+        """The window's (row, flip) samples in their shuffled order, fp16 (n, N, D)."""
+        parts = []
+        for c in chunks:
+            a, b = self.cache.layout.chunk_rows(int(c))
+            block = np.asarray(self.arr[a:b])  # one zarr shard: (rows, 2, N, D)
+            parts.append(block[self.chunk_rows[c] - a].reshape(-1, *block.shape[2:]))
+        samples = np.concatenate(parts)
+        perm = np.random.default_rng([self.seed, epoch, self.rank, w]).permutation(len(samples))
+        return samples[perm]
+
+    def batches(self, epoch: int, start: int = 0) -> Iterator[torch.Tensor]:
+        num, B = self.batches_per_epoch(epoch), self.batch_size
+        windows = self._windows(epoch, self.rank)
+        first_sample, pos, emitted = start * B, 0, start
+        carry: np.ndarray | None = None
+        pending: Future[np.ndarray] | None = None
+        for w, chunks in enumerate(windows):
+            size = self._size(chunks)
+            if pos + size <= first_sample:  # wholly before the resume point: never read
+                pos += size
+                continue
+            data = pending.result() if pending is not None else self._load(epoch, w, chunks)
+            pending = self.pool.submit(self._load, epoch, w + 1, windows[w + 1]) if w + 1 < len(windows) else None
+            data = data[max(0, first_sample - pos) :]
+            pos += size
+            if carry is not None and len(carry):
+                data = np.concatenate([carry, data])
+            i = 0
+            while len(data) - i >= B and emitted < num:
+                yield torch.from_numpy(data[i : i + B].astype(np.float32))
+                i, emitted = i + B, emitted + 1
+            carry = data[i:]
+            if emitted >= num:
+                break
+        if pending is not None:
+            pending.cancel()

@@ -19,12 +19,9 @@ than a frozen Parameter (same state-dict name and values); no ``torch.compile`` 
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from collections.abc import Mapping
-from pathlib import Path
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -32,32 +29,17 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from sfd.checkpoint import (
+    Checkpoint,
     WeightsError,
     load_state_dict_strict,
-    load_tensors,
-    read_safetensors_metadata,
-    save_safetensors,
-    unwrap_state_dict,
+    read_checkpoint,
+    save_checkpoint,
 )
-from sfd.config import MODEL_PRESETS, ConfigError, ModelConfig, from_dict, to_json
+from sfd.config import ModelConfig
 
 # Recomputed at construction; older or foreign files may lack them (reference/README.md).
 ROPE_BUFFERS = ("feat_rope.freqs_cos", "feat_rope.freqs_sin")
 
-# The authors derive the REPA target width from the encoder name (lightningdit.py:404-416).
-REPA_TARGET_DIMS = {
-    "dinov2_vits14": 384,
-    "dinov2_vits14_reg": 384,
-    "dinov2_vitb14": 768,
-    "dinov2_vitb14_reg": 768,
-    "dinov2_vitl14": 1024,
-    "dinov2_vitl14_reg": 1024,
-    "mae_base": 768,
-    "mae_large": 1024,
-    "clip_vit_base_patch16": 768,
-    "clip_vit_large_patch14": 1024,
-    "siglip_base_patch16_224": 768,
-}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -523,79 +505,6 @@ def count_params(cfg: ModelConfig, include_repa: bool = False) -> int:
     return total
 
 
-def model_config_from_json(data: Mapping[str, Any]) -> ModelConfig:
-    """ModelConfig from stored constructor arguments (ours or the authors').
-
-    The authors' constructor has no ``timestep_embedding``: they use one embedder unless
-    Δt > 0 and semantic_chans > 0 (lightningdit.py:362-367), so that is the default here.
-    """
-    data = dict(data)
-    if "timestep_embedding" not in data:
-        sem_first = data.get("semfirst_delta_t", 0.0) > 0 and data.get("semantic_chans", 0) > 0
-        data["timestep_embedding"] = "dual" if sem_first else "single"
-    if "repa_target_dim" not in data and data.get("repa_dino_version") in REPA_TARGET_DIMS:
-        data["repa_target_dim"] = REPA_TARGET_DIMS[data["repa_dino_version"]]
-    return from_dict(ModelConfig, data, where="LightningDiT config")
-
-
-def model_config_from_authors(train_config: Mapping[str, Any]) -> ModelConfig:
-    """ModelConfig from the authors' training YAML (as stored in their ``{..., config}`` .pt).
-
-    Mirrors how their ``train.py`` builds the model, including its defaults for absent keys.
-    """
-    try:
-        m, data = train_config["model"], train_config["data"]
-        name = m["model_type"]
-        base, patch = name.rsplit("/", 1)
-        arch = MODEL_PRESETS[f"{base}/1"]
-    except (KeyError, TypeError, ValueError) as e:
-        raise ConfigError(
-            f"not an SFD/LightningDiT training config (model.model_type etc.): {e!r}"
-        ) from e
-    downsample = train_config.get("vae", {}).get("downsample_ratio", 16)
-    semantic_chans = m.get("semantic_chans", 0)
-    delta_t = float(m.get("semfirst_delta_t", 0.0))
-    use_repa = bool(m.get("use_repa", False))
-    dino = m.get("repa_dino_version") or "dinov2_vitb14_reg"
-    return ModelConfig(
-        input_size=data["image_size"] // downsample,
-        patch_size=int(patch),
-        in_channels=m.get("in_chans", 4),
-        hidden_size=arch.hidden_size,
-        depth=arch.depth,
-        num_heads=arch.num_heads,
-        class_dropout_prob=m.get("class_dropout_prob", 0.1),
-        num_classes=data["num_classes"],
-        use_qknorm=m["use_qknorm"],
-        use_swiglu=m.get("use_swiglu", False),
-        use_rope=m.get("use_rope", False),
-        use_rmsnorm=m.get("use_rmsnorm", False),
-        wo_shift=m.get("wo_shift", False),
-        use_repa=use_repa,
-        repa_dino_version=dino,
-        repa_depth=m.get("repa_feat_depth", 2) if use_repa else 2,
-        repa_target_dim=REPA_TARGET_DIMS.get(dino, 768),
-        semantic_chans=semantic_chans,
-        semfirst_delta_t=delta_t,
-        timestep_embedding="dual" if delta_t > 0 and semantic_chans > 0 else "single",
-    )
-
-
-def _config_in_file(path: Path, raw: Any) -> ModelConfig | None:
-    if path.suffix == ".safetensors":
-        meta = read_safetensors_metadata(path)
-        return model_config_from_json(json.loads(meta["config"])) if "config" in meta else None
-    if isinstance(raw, Mapping) and isinstance(raw.get("config"), Mapping):
-        stored = raw["config"]
-        # Authors' trainer stores its whole YAML; anything else is taken as constructor args.
-        return (
-            model_config_from_authors(stored)
-            if "model" in stored
-            else model_config_from_json(stored)
-        )
-    return None
-
-
 def _check_timestep_layout(state_dict: Mapping[str, Tensor], cfg: ModelConfig, source: str) -> None:
     single = any(k.startswith("t_embedder.") for k in state_dict)
     dual = any(k.startswith(("t_embedder_sem.", "t_embedder_tex.")) for k in state_dict)
@@ -612,41 +521,31 @@ def _check_timestep_layout(state_dict: Mapping[str, Tensor], cfg: ModelConfig, s
         )
 
 
-def load_lightningdit(
-    path: str | os.PathLike[str], cfg: ModelConfig | None = None, *, prefer_ema: bool = True
-) -> LightningDiT:
-    """Build a LightningDiT from a weight file and load it strict; returned in eval mode.
-
-    Reads our safetensors (config JSON in metadata ``config``) or the authors' ``.pt`` (bare
-    state dict, or ``{model, ema, opt, config}`` with EMA preferred unless ``prefer_ema`` is
-    False). ``cfg`` overrides a stored config and is required when the file has none. The RoPE
-    tables are recomputed and may be absent from the file.
-    """
-    path = Path(path)
-    raw = load_tensors(path, inert_objects=True)  # an authors' {model, ema, opt, config} file may pickle its config object
-    prefer = ("ema", "model", "state_dict") if prefer_ema else ("model", "ema", "state_dict")
-    state_dict = unwrap_state_dict(raw, prefer=prefer)
-    if cfg is None:
-        cfg = _config_in_file(path, raw)
-    if cfg is None:
-        raise WeightsError(
-            f"'{path}' carries no model config; pass one, e.g. "
-            f"load_lightningdit(path, model_preset('XL/1')) for the released SFD XL/1 "
-            f"(presets: {sorted(MODEL_PRESETS)})"
-        )
-    _check_timestep_layout(state_dict, cfg, f"'{path}'")
+def build_lightningdit(ckpt: Checkpoint) -> LightningDiT:
+    """A LightningDiT from what :func:`sfd.checkpoint.read_checkpoint` found, loaded strict, in eval
+    mode. The RoPE tables are recomputed and may be absent from the file."""
+    source = f"'{ckpt.path}'"
+    _check_timestep_layout(ckpt.state_dict, ckpt.model_config, source)
     # Build without random init (instant for XL), then fill the constant tables and load.
     with torch.device("meta"):
-        model = LightningDiT(cfg)
+        model = LightningDiT(ckpt.model_config)
     model = model.to_empty(device="cpu")
     model.reset_constant_buffers()
-    load_state_dict_strict(model, state_dict, optional=ROPE_BUFFERS, source=f"'{path}'")
+    load_state_dict_strict(model, ckpt.state_dict, optional=ROPE_BUFFERS, source=source)
     return model.eval()
 
 
+def load_lightningdit(
+    path: str | os.PathLike[str], cfg: ModelConfig | None = None, *, prefer_ema: bool = True
+) -> LightningDiT:
+    """``build_lightningdit(read_checkpoint(path, ...))``: any file, run or checkpoint directory
+    the one reader takes; ``cfg`` overrides a stored config and is required when there is none."""
+    return build_lightningdit(read_checkpoint(path, prefer_ema=prefer_ema, model_config=cfg))
+
+
 def save_lightningdit(model: LightningDiT, path: str | os.PathLike[str]) -> None:
-    """Write ``model``'s weights as safetensors with its config JSON in metadata ``config``."""
-    save_safetensors(model.state_dict(), path, metadata={"config": to_json(model.cfg, indent=None)})
+    """Export ``model``'s weights under the checkpoint contract (no run config)."""
+    save_checkpoint(path, model.state_dict(), "lightningdit", model.cfg)
 
 
 __all__ = [
@@ -654,8 +553,7 @@ __all__ = [
     "count_params",
     "load_lightningdit",
     "save_lightningdit",
-    "model_config_from_json",
-    "model_config_from_authors",
+    "build_lightningdit",
     "sincos_pos_embed_2d",
     "rope_tables_2d",
     "ROPE_BUFFERS",
