@@ -58,9 +58,10 @@ import argparse
 import contextlib
 import json
 import os
-import socket
+import signal
 import subprocess
 import sys
+import threading
 import time
 from collections import Counter, deque
 from collections.abc import Iterator, Sequence
@@ -75,6 +76,9 @@ from sfd.data.images import DatasetError, discover
 from sfd.encoding import (
     ShardWorker,
     WorkerSettings,
+    build_dino,
+    build_semvae,
+    build_texture_encoder,
     dino_spec,
     identity,
     semvae_plan_spec,
@@ -82,6 +86,7 @@ from sfd.encoding import (
     spec_latent_shapes,
     texture_spec,
 )
+from sfd.runlock import LockError, run_lock
 
 STAGES = ("encode", "semvae", "semantic", "stats")
 SEMVAE_FILE = "semvae.safetensors"
@@ -124,6 +129,7 @@ class EncodeConfig:
     semvae_args: str = ""  # extra flags for pipeline/train_semvae.py
     stats_samples: int = 10_000  # rows for the statistics (authors: 10,000)
     stats_seed: int = 0
+    verify: bool = False  # decode every file of the finished shards (checksums) before the stages
 
 
 @dataclass
@@ -200,6 +206,7 @@ def preflight(cfg: EncodeConfig) -> Plan:
     for name, spec in (("texture", tex), ("DINO", dino), ("SemVAE", sem)):
         if spec["kind"] in ("random-init", "standin"):
             log(f"WARNING: {name} encoder is {spec['name']} ({spec['kind']}): latents are for tests/demos only")
+    check_weights_load(tex, dino, None if semantic_pass else sem)
 
     images = discover(cfg.images)
     if cfg.row_order == "permuted":
@@ -223,6 +230,9 @@ def preflight(cfg: EncodeConfig) -> Plan:
     out = Path(cfg.out)
     if out.exists():
         log(f"found an existing cache at {out}: checking it was made with the same encoders and images")
+        with contextlib.suppress(CacheError):  # create_cache rewrites a damaged index; say so
+            for problem in LatentCache.open(out).index_damage(deep=True):
+                log(f"integrity: index: {problem}; rewriting the file index (paths, labels)")
     # Called under the job lock (run()): create the cache, or check the existing one is the same.
     cache = create_cache(
         out,
@@ -240,47 +250,50 @@ def preflight(cfg: EncodeConfig) -> Plan:
     return Plan(cfg, tex, dino, sem, semantic_pass, images.root, cache, stages)
 
 
+def check_weights_load(tex: dict[str, Any], dino: dict[str, Any], sem: dict[str, Any] | None) -> None:
+    """Build each encoder from its weight file once, here, before any cache or actor exists: a
+    refused or unfitting file is then one clear error (in an actor it is a crash with a traceback)."""
+    for what, spec, build in (("texture VAE", tex, build_texture_encoder), ("DINOv2", dino, build_dino),
+                              ("SemVAE", sem, build_semvae)):
+        if spec is None or spec.get("kind") != "weights":
+            continue
+        try:
+            build(spec)
+        except (WeightsError, ConfigError):
+            raise
+        except Exception as e:  # noqa: BLE001 - any other failure to build from the file
+            raise WeightsError(f"cannot build the {what} from '{spec.get('path')}': {type(e).__name__}: {e}") from e
+
+
 @contextlib.contextmanager
 def job_lock(out: str) -> Iterator[None]:
-    """``<out>.lock``: one driver per cache. A lock left by a dead process on this host is taken over."""
-    lock = Path(f"{out}.lock")
-    lock.parent.mkdir(parents=True, exist_ok=True)
-    me = {"host": socket.gethostname(), "pid": os.getpid(), "time": time.strftime("%Y-%m-%d %H:%M:%S")}
-    for _ in range(2):
-        try:
-            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-        except FileExistsError:
-            try:
-                owner = json.loads(lock.read_text() or "{}")
-            except (OSError, ValueError):
-                owner = {}
-            if owner.get("host") == me["host"] and not _pid_alive(int(owner.get("pid", -1))):
-                log(f"taking over a stale lock of dead process {owner.get('pid')} ({lock})")
-                lock.unlink(missing_ok=True)
-                continue
-            raise SystemExit(
-                f"{lock} is held by another encode job ({owner or 'unknown owner'}); two jobs on one cache "
-                "would write the same shards. Wait for it, or delete the lock file if that job is gone."
-            ) from None
-        with os.fdopen(fd, "w") as f:
-            json.dump(me, f)
-        break
-    try:
+    """``<out>.lock``: one driver per cache (sfd.runlock: a stale lock of a dead process on this
+    host is taken over; folders made for the lock are removed again if the run left them empty)."""
+    with run_lock(f"{out}.lock", "encode job", log=log):
         yield
-    finally:
-        lock.unlink(missing_ok=True)
 
 
-def _pid_alive(pid: int) -> bool:
-    if pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+class Stopped(BaseException):
+    """SIGTERM/SIGINT reached the driver: unwind (actors killed, Ray shut down, lock released)."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def _raise_stopped(signum: int, frame: Any) -> None:
+    # Ignore further signals while unwinding: a second one must not interrupt the clean-up.
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, signal.SIG_IGN)
+    raise Stopped(signum)
+
+
+def install_stop_handlers() -> None:
+    """Turn SIGTERM/SIGINT into :class:`Stopped` in the main thread. Installed again after
+    ``ray.init``, which replaces the driver's SIGTERM handler with one that ends in SIGABRT."""
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, _raise_stopped)
 
 
 # ---- Ray scheduling ----------------------------------------------------------------------------
@@ -509,10 +522,12 @@ def run(cfg: EncodeConfig) -> list[StageResult]:
             f"cache {c.path}: {c.num_rows} images, {c.num_shards} shards of {c.layout.rows_per_shard}; texture "
             f"{c.layout.texture_shape}, semantic {c.layout.semantic_shape}, DINO {c.layout.dino_shape or 'not stored'}"
         )
+        repair_damage(c, deep=cfg.verify)
         needs_ray = ("encode" in plan.stages and c.pending_shards()) or (
             "semantic" in plan.stages and plan.semantic_pass and c.pending_semantic_shards()
         )
         owns_ray = ensure_ray(cfg) if needs_ray else False
+        install_stop_handlers()  # again: ray.init replaced them
         results: list[StageResult] = []
         try:
             for stage in plan.stages:
@@ -526,6 +541,27 @@ def run(cfg: EncodeConfig) -> list[StageResult]:
                 ray.shutdown()
     print_summary(results)
     return results
+
+
+def repair_damage(cache: LatentCache, deep: bool) -> list[int]:
+    """Check every finished shard's files (``deep``: also decode them) and clear the flags of the
+    damaged ones, so the stages below redo exactly those. Damaged statistics are dropped (the
+    stats stage recomputes them); a damaged index was already rewritten by ``create_cache``."""
+    if not cache.shard_done().any():
+        return []
+    t0 = time.perf_counter()
+    damage = cache.find_damage(deep=deep, progress=deep)
+    kind = "decoded every file (checksums)" if deep else "checked that every recorded file exists with its size"
+    if not damage:
+        log(f"integrity: {kind} of {int(cache.shard_done().sum())} finished shards: no damage ({time.perf_counter() - t0:.1f} s)")
+        return []
+    for part, problems in damage.items():
+        for p in problems[:5]:
+            log(f"integrity: {part}: {p}")
+    shards = cache.mark_for_redo(damage)
+    log(f"integrity: {len(damage)} damaged part(s); redoing shards {shards[:20]}{' ...' if len(shards) > 20 else ''}"
+        + (" and the statistics" if "stats" in damage else ""))
+    return shards
 
 
 def _rates(r: StageResult) -> str:
@@ -587,6 +623,11 @@ def parse_args(argv: Sequence[str] | None = None) -> EncodeConfig:
     p.add_argument("--semvae-args", default="", help="extra flags passed to pipeline/train_semvae.py")
     p.add_argument("--stats-samples", type=int, default=d.stats_samples)
     p.add_argument("--stats-seed", type=int, default=d.stats_seed)
+    p.add_argument(
+        "--verify", action="store_true",
+        help="decode every file of the finished shards (checksums) first and redo the damaged ones; without it "
+        "only file presence and sizes are checked",
+    )
     return EncodeConfig(**vars(p.parse_args(argv)))
 
 
@@ -596,9 +637,27 @@ def main(argv: Sequence[str] | None = None) -> list[StageResult]:
     return run(cfg)
 
 
-if __name__ == "__main__":
+def cli(argv: Sequence[str] | None = None) -> int:
+    """Run; expected failures are one ``error:`` line (exit 2), a stop signal one line (128+sig)."""
+    install_stop_handlers()
     try:
-        main()
-    except (WeightsError, CacheError, DatasetError, ConfigError) as e:  # expected, explained failures
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        main(argv)
+    except (WeightsError, CacheError, DatasetError, ConfigError, LockError) as e:  # expected, explained
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        return 2
+    except Stopped as e:
+        print(
+            f"[encode] stopped by {e}: lock released, finished shards kept; run the same command to resume",
+            file=sys.stderr, flush=True,
+        )
+        return 128 + e.signum
+    return 0
+
+
+if __name__ == "__main__":
+    code = cli()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # After a stop Ray's native threads may still be winding down; skip interpreter teardown
+    # (where they abort) and leave with the status the shell expects (143 SIGTERM, 130 SIGINT).
+    os._exit(code)

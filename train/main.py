@@ -71,7 +71,9 @@ from sfd.config import TRAIN_PRESETS, ConfigError, TrainConfig, to_dict, to_json
 from sfd.data.cache import CacheError, LatentCache
 from sfd.data.reader import LatentBatch, LatentCacheReader
 from sfd.diffusion import AsyncClock, LossTerms, noise_composite, sample_training_times, sfd_loss
+from sfd.manifest import CheckpointError, usable_checkpoints, write_manifest
 from sfd.models.lightningdit import ROPE_BUFFERS, LightningDiT, count_params, load_lightningdit
+from sfd.runlock import LockError, die_with_parent, hold_for_ranks, release_held_locks
 
 LOSS_KEYS = ("total", "mse", "cos", "repa")
 SAMPLE_GRID_SIZE = 16  # images per periodic EMA grid (labels 0, 1, 2, ... cycling over classes)
@@ -464,7 +466,13 @@ def truncate_metrics(path: Path, step: int) -> None:
     """Drop log lines past ``step``: a killed run may have logged steps its checkpoint lacks."""
     if not path.exists():
         return
-    keep = [line for line in path.read_text().splitlines() if line and json.loads(line).get("step", 0) <= step]
+    def before(line: str) -> bool:
+        try:
+            return json.loads(line).get("step", 0) <= step
+        except ValueError:  # a line cut short by a kill
+            return False
+
+    keep = [line for line in path.read_text().splitlines() if line and before(line)]
     path.write_text("".join(line + "\n" for line in keep))
 
 
@@ -545,12 +553,17 @@ def main(argv: list[str] | None = None) -> None:
 
     # -- distributed init -----------------------------------------------------------------------
     d = init_distributed(connect=not args.dry_run)
+    if d.initialized:
+        die_with_parent()  # torchrun workers run in their own sessions: stop (and save) if it dies
     say = (lambda msg: print(msg, flush=True)) if d.is_main else (lambda msg: None)
     per_rank, micro, accum = batch_split(cfg, d.world_size)
     cache = None if args.dry_run and not Path(cfg.cache).exists() else open_cache(cfg)
     if cache is not None:
         check_cache(cfg, cache, d.world_size, per_rank)
-    ckpts = list_checkpoints(run_dir)
+    # One writer per run directory (rank 0 holds <out_dir>/run.lock), then only intact checkpoints.
+    if not args.dry_run:
+        hold_for_ranks(run_dir / "run.lock", "trainer", d.is_main)
+    ckpts = usable_checkpoints(run_dir, list_checkpoints, say, move_aside=d.is_main and not args.dry_run)
     if d.initialized and d.world_size > 1:
         # Every rank must resume from the same step: the run dir has to be on a shared filesystem.
         found = torch.tensor([ckpts[-1][0] if ckpts else -1] * 2, device=d.device)
@@ -742,6 +755,7 @@ def main(argv: list[str] | None = None) -> None:
                         run_dir, step, model=model, ema=ema, state=state, config_json=to_json(cfg, indent=None),
                         keep_last=cfg.keep_last,
                     )
+                    write_manifest(path)  # last: sizes and SHA-256 of the files above
                     pbar.write(f"step {step}: checkpoint {path}")
                 barrier(d)
             if last or stop:
@@ -787,7 +801,7 @@ def cli() -> None:
     try:
         main()
         code = 0
-    except (TrainError, CacheError, WeightsError) as e:
+    except (TrainError, CacheError, WeightsError, LockError, CheckpointError) as e:
         if int(os.environ.get("RANK", 0)) == 0:
             print(f"error: {e}", file=sys.stderr, flush=True)
         code = 2
@@ -796,6 +810,7 @@ def cli() -> None:
     except BaseException:
         traceback.print_exc()
         code = 1
+    release_held_locks()  # before os._exit below, which skips atexit
     if dist.is_available() and dist.is_initialized():
         with contextlib.suppress(Exception):
             dist.destroy_process_group()
