@@ -288,10 +288,15 @@ def _raise_stopped(signum: int, frame: Any) -> None:
     raise Stopped(signum)
 
 
-def install_stop_handlers() -> None:
-    """Turn SIGTERM/SIGINT into :class:`Stopped` in the main thread. Installed again after
-    ``ray.init``, which replaces the driver's SIGTERM handler with one that ends in SIGABRT."""
-    if threading.current_thread() is threading.main_thread():
+_stop_handlers = False  # set by cli(); library callers (tests, bench) keep their own handlers
+
+
+def install_stop_handlers(first: bool = False) -> None:
+    """Turn SIGTERM/SIGINT into :class:`Stopped` in the main thread (command line only). Installed
+    again after ``ray.init``, which replaces the driver's SIGTERM handler with its own."""
+    global _stop_handlers
+    _stop_handlers = _stop_handlers or first
+    if _stop_handlers and threading.current_thread() is threading.main_thread():
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, _raise_stopped)
 
@@ -639,7 +644,7 @@ def main(argv: Sequence[str] | None = None) -> list[StageResult]:
 
 def cli(argv: Sequence[str] | None = None) -> int:
     """Run; expected failures are one ``error:`` line (exit 2), a stop signal one line (128+sig)."""
-    install_stop_handlers()
+    install_stop_handlers(first=True)
     try:
         main(argv)
     except (WeightsError, CacheError, DatasetError, ConfigError, LockError) as e:  # expected, explained

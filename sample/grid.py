@@ -21,12 +21,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 
 import torch
 
-from sfd.checkpoint import file_sha256
+from sfd.checkpoint import WeightsError, file_sha256
+from sfd.config import ConfigError
+from sfd.data.cache import CacheError
 from sfd.generate import (
     add_model_args,
     add_sampling_args,
@@ -131,4 +134,8 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except (WeightsError, CacheError, ConfigError) as e:  # refused or damaged input
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
