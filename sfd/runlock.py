@@ -198,13 +198,19 @@ def hold_for_ranks(path: str | os.PathLike[str], what: str, is_main: bool) -> Ru
 
 
 def die_with_parent(sig: int = signal.SIGTERM, poll_s: float = 2.0) -> None:
-    """Get ``sig`` when the parent (the launcher) dies; no-op if it already is init.
+    """Get ``sig`` when the parent (the launcher) dies.
 
-    On Linux through ``prctl(PR_SET_PDEATHSIG)``; everywhere (and as a backstop) a daemon thread
-    polls the parent pid. With SIGTERM the trainer finishes its step, saves and exits.
+    On Linux through ``prctl(PR_SET_PDEATHSIG)``; elsewhere a daemon thread polls the parent
+    pid. With SIGTERM the trainer finishes its step, saves and exits. Call it early, before
+    connecting to the launcher's store (a worker orphaned there waits for the store's timeout):
+    if the parent is already init (pid 1) the launcher died before this call, and ``sig`` is
+    sent at once. (Under a subreaper an early death goes unnoticed; the lock still guards.)
     """
     parent = os.getppid()
-    if parent <= 1:
+    if parent == 1:
+        os.kill(os.getpid(), sig)
+        return
+    if parent <= 0:
         return
     armed = False
     if sys.platform.startswith("linux"):

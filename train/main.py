@@ -552,9 +552,9 @@ def main(argv: list[str] | None = None) -> None:
     run_dir = Path(cfg.out_dir)
 
     # -- distributed init -----------------------------------------------------------------------
-    d = init_distributed(connect=not args.dry_run)
-    if d.initialized:
+    if "TORCHELASTIC_RUN_ID" in os.environ and not args.dry_run:
         die_with_parent()  # torchrun workers run in their own sessions: stop (and save) if it dies
+    d = init_distributed(connect=not args.dry_run)
     say = (lambda msg: print(msg, flush=True)) if d.is_main else (lambda msg: None)
     per_rank, micro, accum = batch_split(cfg, d.world_size)
     cache = None if args.dry_run and not Path(cfg.cache).exists() else open_cache(cfg)
@@ -769,6 +769,9 @@ def main(argv: list[str] | None = None) -> None:
             pbar.update(1)
             window.append(result)
             stop = result.stop
+            if step == 1 and cfg.use_cosine_loss and result.grad_norm > 1e4:
+                pbar.write(f"step 1: grad norm {result.grad_norm:.3g} is expected (faithful): the cosine loss on the "
+                           "zero-initialised output layer has a 1/eps gradient there; see docs/decisions.md")
             if result.skipped:
                 nan_total, nan_run = nan_total + 1, nan_run + 1
                 pbar.write(f"step {step}: non-finite loss or gradient, step skipped ({nan_run} in a row)")
