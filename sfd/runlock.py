@@ -198,13 +198,19 @@ def hold_for_ranks(path: str | os.PathLike[str], what: str, is_main: bool) -> Ru
 
 
 def die_with_parent(sig: int = signal.SIGTERM, poll_s: float = 2.0) -> None:
-    """Get ``sig`` when the parent (the launcher) dies.
+    """Get ``sig`` once when the parent process (the launcher) is gone.
 
-    On Linux through ``prctl(PR_SET_PDEATHSIG)``; elsewhere a daemon thread polls the parent
-    pid. With SIGTERM the trainer finishes its step, saves and exits. Call it early, before
-    connecting to the launcher's store (a worker orphaned there waits for the store's timeout):
-    if the parent is already init (pid 1) the launcher died before this call, and ``sig`` is
-    sent at once. (Under a subreaper an early death goes unnoticed; the lock still guards.)
+    Linux: ``prctl(PR_SET_PDEATHSIG)`` with a private real-time signal whose handler (main thread)
+    checks that the parent *process* is gone, then sends ``sig`` once. The check matters: the
+    kernel signals the child each time the thread that started it exits and the child moves to
+    another of the parent's threads, i.e. several times while a multi-threaded launcher dies
+    (and also when just that thread ends). Elsewhere a daemon thread polls the parent pid. With
+    SIGTERM the trainer finishes its step, saves and exits.
+
+    Call it early, before connecting to the launcher's store (a worker orphaned there waits for
+    the store's timeout): if the parent is already init (pid 1), the launcher died before this
+    call and ``sig`` is sent at once. (Under a subreaper such an early death goes unnoticed; the
+    run lock still keeps a second writer out.)
     """
     parent = os.getppid()
     if parent == 1:
@@ -212,24 +218,32 @@ def die_with_parent(sig: int = signal.SIGTERM, poll_s: float = 2.0) -> None:
         return
     if parent <= 0:
         return
+    fired = threading.Event()
+
+    def fire() -> None:
+        if not fired.is_set() and os.getppid() != parent:
+            fired.set()
+            os.kill(os.getpid(), sig)
+
     armed = False
-    if sys.platform.startswith("linux"):
+    private = getattr(signal, "SIGRTMIN", None)
+    if sys.platform.startswith("linux") and private is not None and threading.current_thread() is threading.main_thread():
+        private = int(private) + 3
         with contextlib.suppress(Exception):
             import ctypes
 
+            signal.signal(private, lambda signum, frame: fire())
             libc = ctypes.CDLL(None, use_errno=True)
-            armed = libc.prctl(1, int(sig), 0, 0, 0) == 0  # PR_SET_PDEATHSIG = 1
-    if os.getppid() != parent:  # the parent died before prctl took effect
-        os.kill(os.getpid(), sig)
+            armed = libc.prctl(1, private, 0, 0, 0) == 0  # PR_SET_PDEATHSIG = 1
+    if os.getppid() != parent:  # the parent died while arming
+        fire()
         return
-    if armed:  # one signal only: a second SIGTERM would abort the trainer's checkpoint save
+    if armed:
         return
 
     def watch() -> None:
-        while True:
+        while not fired.is_set():
             time.sleep(poll_s)
-            if os.getppid() != parent:
-                os.kill(os.getpid(), sig)
-                return
+            fire()
 
     threading.Thread(target=watch, name="sfd-parent-watch", daemon=True).start()

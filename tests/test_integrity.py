@@ -489,9 +489,15 @@ def test_trainer_soak_kills_lock_and_launcher_death(train_cache: Path, uninterru
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
 
-    # 2. Restart; while it runs a second trainer on the same directory is refused.
+    # 2. Restart; once it trains (a new checkpoint), a second trainer on the directory is refused.
+    from sfd.checkpoint import list_checkpoints
+
+    resumed = max([s for s, _ in list_checkpoints(out)], default=0)
     proc = _torchrun(train_cache, out, 40)
-    _wait_steps(out, proc, 2)
+    deadline = time.time() + 120
+    while max([s for s, _ in list_checkpoints(out)], default=0) <= resumed:
+        assert time.time() < deadline and proc.poll() is None, proc.stdout.read() if proc.poll() is not None else "slow"
+        time.sleep(0.05)
     worker = _worker_pid(out)
     with pytest.raises(LockError, match=f"held by trainer pid {worker}"):
         _train(train_cache, out, "max_steps=40")
