@@ -281,11 +281,31 @@ class Stopped(BaseException):
         self.signum = signum
 
 
+_stop_signal: int | None = None  # set by the handler
+_in_ray = 0  # > 0 inside a Ray call: raising there corrupts Ray's C++ state ("SystemError")
+
+
 def _raise_stopped(signum: int, frame: Any) -> None:
+    global _stop_signal
     # Ignore further signals while unwinding: a second one must not interrupt the clean-up.
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, signal.SIG_IGN)
-    raise Stopped(signum)
+    _stop_signal = signum
+    if not _in_ray:
+        raise Stopped(signum)
+
+
+@contextlib.contextmanager
+def ray_call() -> Iterator[None]:
+    """Around blocking Ray calls: a stop signal is only recorded inside, and raised right after."""
+    global _in_ray
+    _in_ray += 1
+    try:
+        yield
+    finally:
+        _in_ray -= 1
+    if _stop_signal is not None and not _in_ray:
+        raise Stopped(_stop_signal)
 
 
 _stop_handlers = False  # set by cli(); library callers (tests, bench) keep their own handlers
@@ -310,10 +330,11 @@ def ensure_ray(cfg: EncodeConfig) -> bool:
 
     if ray.is_initialized():
         return False
-    if cfg.ray_address or os.environ.get("RAY_ADDRESS"):
-        ray.init(address=cfg.ray_address)  # a cluster (ray job submit sets RAY_ADDRESS)
-    else:
-        ray.init(num_cpus=cfg.ray_num_cpus, include_dashboard=False)
+    with ray_call():
+        if cfg.ray_address or os.environ.get("RAY_ADDRESS"):
+            ray.init(address=cfg.ray_address)  # a cluster (ray job submit sets RAY_ADDRESS)
+        else:
+            ray.init(num_cpus=cfg.ray_num_cpus, include_dashboard=False)
     return True
 
 
@@ -357,7 +378,9 @@ def run_shards(
 
     def start_actors(ids: list[int]) -> list[Any]:
         new = [remote_cls.remote(settings) for _ in ids]  # start together, then wait for all
-        for i, info in zip(ids, ray.get([a.info.remote() for a in new])):
+        with ray_call():
+            infos = ray.get([a.info.remote() for a in new])
+        for i, info in zip(ids, infos):
             log(f"  worker {i}: pid {info['pid']} on {info['host']} ({info['device']}, {info['threads']} threads)")
         return new
 
@@ -375,10 +398,15 @@ def run_shards(
         for i in range(min(n, len(queue))):
             submit(i)
         while inflight:
-            (ref,), _ = ray.wait(list(inflight), num_returns=1)
+            with ray_call():  # a short timeout: a stop signal is acted on within a second
+                ready, _ = ray.wait(list(inflight), num_returns=1, timeout=1.0)
+            if not ready:
+                continue
+            ref = ready[0]
             i, shard = inflight.pop(ref)
             try:
-                res = ray.get(ref)
+                with ray_call():
+                    res = ray.get(ref)
             except (ray.exceptions.RayActorError, ray.exceptions.RayTaskError) as e:
                 attempts[shard] += 1
                 if attempts[shard] > cfg.max_retries:
