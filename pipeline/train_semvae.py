@@ -64,7 +64,7 @@ from sfd.checkpoint import (
     save_training_checkpoint,
 )
 from sfd.config import SEMVAE_PRESETS, to_json
-from sfd.data.cache import CacheError, LatentCache
+from sfd.data.cache import FIX_HINT, CacheError, LatentCache
 from sfd.models.semvae import SemVAE, semvae_loss
 
 FINAL_NAME = "semvae.safetensors"
@@ -120,6 +120,10 @@ class DinoStream:
             raise CacheError(f"cache {cache.path} stores no DINO features (encoded with --repa-targets none)")
         if not cache.is_encoded():
             raise CacheError(f"cache {cache.path} is not fully encoded ({len(cache.pending_shards())} shards pending)")
+        damage = {k: v for k, v in cache.find_damage(deep=False).items() if k != "stats"}
+        if damage:  # a missing DINO file would read as zeros (zarr's fill value)
+            part, problems = next(iter(damage.items()))
+            raise CacheError(f"cache {cache.path} is damaged ({len(damage)} part(s); {part}: {problems[0]}). Fix: {FIX_HINT}")
         self.cache, self.batch_size, self.seed = cache, batch_size, seed
         self.rank, self.world_size, self.window_chunks = rank, world_size, max(1, window_chunks)
         layout = cache.layout
@@ -150,7 +154,7 @@ class DinoStream:
         parts = []
         for c in chunks:
             a, b = self.cache.layout.chunk_rows(int(c))
-            block = np.asarray(self.arr[a:b])  # one zarr shard: (rows, 2, N, D)
+            block = self.cache.checked_read("dino", slice(a, b), (a, b))  # one zarr shard: (rows, 2, N, D)
             parts.append(block[self.chunk_rows[c] - a].reshape(-1, *block.shape[2:]))
         samples = np.concatenate(parts)
         perm = np.random.default_rng([self.seed, epoch, self.rank, w]).permutation(len(samples))

@@ -345,6 +345,17 @@ def test_refused_weights_one_error_line_and_no_new_directory(images: Path, tmp_p
     assert r.returncode == 2 and r.stderr.startswith("error:") and "Traceback" not in r.stderr, r.stderr
 
 
+def test_trainer_refused_weights_leave_no_run_directory(train_cache: Path, tmp_path: Path) -> None:
+    evil = _evil_pickle(tmp_path / "evil.pt")
+    out = tmp_path / "runs" / "new"
+    cmd = [sys.executable, str(REPO / "train" / "main.py"), *TINY, "--cache", str(train_cache), "--out-dir", str(out),
+           "--init-from", str(evil)]
+    r = subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=300)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert [line for line in r.stderr.splitlines() if line.startswith("error:")][0].count("evil.pt") >= 1
+    assert not (tmp_path / "runs").exists()  # the lock's folders are removed again
+
+
 # ---------------------------------------------------------------------------------------------
 # Locks
 
