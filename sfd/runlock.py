@@ -76,8 +76,9 @@ _HELD: list[RunLock] = []
 class RunLock:
     """An exclusive lock file. ``acquire()`` or refuse with :class:`LockError`; ``release()``."""
 
-    def __init__(self, path: str | os.PathLike[str], what: str, log: Any = None) -> None:
+    def __init__(self, path: str | os.PathLike[str], what: str, log: Any = None, reentrant: bool = False) -> None:
         self.path = Path(path)
+        self.reentrant = reentrant  # this process may take it again (a function run twice in-process)
         self.what = what  # e.g. "encode job", "trainer": names the owner in messages
         self.log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
         self.created_dirs: list[Path] = []
@@ -115,8 +116,9 @@ class RunLock:
                 if not owner:  # being written right now, or an empty/corrupt file
                     time.sleep(0.2)
                     owner = self.owner()
-                if owner.get("host") == me["host"] and owner.get("pid") == me["pid"] and owner_alive(owner):
-                    # Left by an earlier run in this same process (e.g. main() called twice): ours.
+                mine = owner.get("host") == me["host"] and owner.get("pid") == me["pid"]
+                if mine and (self.reentrant or not any(h.path.resolve() == self.path.resolve() for h in _HELD)):
+                    # Ours: left by an earlier run in this same process (e.g. main() called twice).
                     self.path.unlink(missing_ok=True)
                     continue
                 if owner.get("host") == me["host"] and not owner_alive(owner):
@@ -183,7 +185,7 @@ def hold_for_ranks(path: str | os.PathLike[str], what: str, is_main: bool) -> Ru
     lock, error = None, ""
     if is_main:
         try:
-            lock = RunLock(path, what).acquire()
+            lock = RunLock(path, what, reentrant=True).acquire()
         except LockError as e:
             error = str(e)
     import torch.distributed as dist
