@@ -24,7 +24,14 @@ images / settings are reported as one clear error before any work starts. A lock
 taken over), and within a job a shard is only ever given to one actor at a time; a shard of an
 actor that died is given out again only after Ray reports that actor dead. Non-detached actors
 die with their driver, so killing the job stops all writers; shards not flagged complete are
-redone from scratch by the next run.
+redone from scratch by the next run. SIGTERM/SIGINT stop the job cleanly (actors killed, lock
+released, one line, exit 143/130). Weight files are loaded once by the driver before anything is
+created, so a refused file is one ``error:`` line and leaves no folder behind.
+
+Integrity (docs/reliability.md): every run first checks that every file recorded by the finished
+shards exists with its size (``--verify``: also decodes every file, i.e. checks the CRC32C
+checksums) and redoes exactly the damaged shards, byte-identical; damaged statistics are
+recomputed and a damaged file index rewritten. ``just verify-cache CACHE`` only reports.
 
 REPA targets (``--repa-targets``): ``store`` (default, faithful) keeps the DINOv2 patch tokens,
 fp16, for both flips: 256×768×2 B×2 ≈ 0.79 MB per image, ≈ 1.0 TB for ImageNet-1k train
