@@ -46,6 +46,11 @@ encode dataset="imagenet" *args:
         {{python}} pipeline/encode.py --images "{{dataset}}" --out "data/cache/$(basename "{{dataset}}")" {{args}}
     fi
 
+# Check a latent cache: every chunk file present and its checksum right (`--quick`: presence and
+# sizes only). Exit 1 names each damaged file; re-running `just encode` re-encodes exactly those shards.
+verify-cache cache="data/cache/imagenet256" *args:
+    {{python}} pipeline/verify_cache.py {{cache}} {{args}}
+
 # `just encode` runs this stage itself; use this for multi-GPU training (nproc > 1) or custom flags.
 # Train (or resume) the Semantic VAE alone on a cache's DINO features.
 semvae cache="data/cache/imagenet256" nproc="1" *args:

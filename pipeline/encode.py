@@ -24,7 +24,14 @@ images / settings are reported as one clear error before any work starts. A lock
 taken over), and within a job a shard is only ever given to one actor at a time; a shard of an
 actor that died is given out again only after Ray reports that actor dead. Non-detached actors
 die with their driver, so killing the job stops all writers; shards not flagged complete are
-redone from scratch by the next run.
+redone from scratch by the next run. SIGTERM/SIGINT stop the job cleanly (actors killed, lock
+released, one line, exit 143/130). Weight files are loaded once by the driver before anything is
+created, so a refused file is one ``error:`` line and leaves no folder behind.
+
+Integrity (docs/reliability.md): every run first checks that every file recorded by the finished
+shards exists with its size (``--verify``: also decodes every file, i.e. checks the CRC32C
+checksums) and redoes exactly the damaged shards, byte-identical; damaged statistics are
+recomputed and a damaged file index rewritten. ``just verify-cache CACHE`` only reports.
 
 REPA targets (``--repa-targets``): ``store`` (default, faithful) keeps the DINOv2 patch tokens,
 fp16, for both flips: 256×768×2 B×2 ≈ 0.79 MB per image, ≈ 1.0 TB for ImageNet-1k train
@@ -58,9 +65,10 @@ import argparse
 import contextlib
 import json
 import os
-import socket
+import signal
 import subprocess
 import sys
+import threading
 import time
 from collections import Counter, deque
 from collections.abc import Iterator, Sequence
@@ -76,6 +84,9 @@ from sfd.data.images import DatasetError, discover
 from sfd.encoding import (
     ShardWorker,
     WorkerSettings,
+    build_dino,
+    build_semvae,
+    build_texture_encoder,
     dino_spec,
     identity,
     semvae_plan_spec,
@@ -83,6 +94,7 @@ from sfd.encoding import (
     spec_latent_shapes,
     texture_spec,
 )
+from sfd.runlock import LockError, run_lock
 
 STAGES = ENCODE_STAGES
 SEMVAE_FILE = "semvae.safetensors"
@@ -162,6 +174,7 @@ def preflight(cfg: EncodeConfig) -> Plan:
     for name, spec in (("texture", tex), ("DINO", dino), ("SemVAE", sem)):
         if spec["kind"] in ("random-init", "standin"):
             log(f"WARNING: {name} encoder is {spec['name']} ({spec['kind']}): latents are for tests/demos only")
+    check_weights_load(tex, dino, None if semantic_pass else sem)
 
     images = discover(cfg.images)
     if cfg.row_order == "permuted":
@@ -185,6 +198,9 @@ def preflight(cfg: EncodeConfig) -> Plan:
     out = Path(cfg.out)
     if out.exists():
         log(f"found an existing cache at {out}: checking it was made with the same encoders and images")
+        with contextlib.suppress(CacheError):  # create_cache rewrites a damaged index; say so
+            for problem in LatentCache.open(out).index_damage(deep=True):
+                log(f"integrity: index: {problem}; rewriting the file index (paths, labels)")
     # Called under the job lock (run()): create the cache, or check the existing one is the same.
     cache = create_cache(
         out,
@@ -202,47 +218,75 @@ def preflight(cfg: EncodeConfig) -> Plan:
     return Plan(cfg, tex, dino, sem, semantic_pass, images.root, cache, stages)
 
 
+def check_weights_load(tex: dict[str, Any], dino: dict[str, Any], sem: dict[str, Any] | None) -> None:
+    """Build each encoder from its weight file once, here, before any cache or actor exists: a
+    refused or unfitting file is then one clear error (in an actor it is a crash with a traceback)."""
+    for what, spec, build in (("texture VAE", tex, build_texture_encoder), ("DINOv2", dino, build_dino),
+                              ("SemVAE", sem, build_semvae)):
+        if spec is None or spec.get("kind") != "weights":
+            continue
+        try:
+            build(spec)
+        except (WeightsError, ConfigError):
+            raise
+        except Exception as e:  # noqa: BLE001 - any other failure to build from the file
+            raise WeightsError(f"cannot build the {what} from '{spec.get('path')}': {type(e).__name__}: {e}") from e
+
+
 @contextlib.contextmanager
 def job_lock(out: str) -> Iterator[None]:
-    """``<out>.lock``: one driver per cache. A lock left by a dead process on this host is taken over."""
-    lock = Path(f"{out}.lock")
-    lock.parent.mkdir(parents=True, exist_ok=True)
-    me = {"host": socket.gethostname(), "pid": os.getpid(), "time": time.strftime("%Y-%m-%d %H:%M:%S")}
-    for _ in range(2):
-        try:
-            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-        except FileExistsError:
-            try:
-                owner = json.loads(lock.read_text() or "{}")
-            except (OSError, ValueError):
-                owner = {}
-            if owner.get("host") == me["host"] and not _pid_alive(int(owner.get("pid", -1))):
-                log(f"taking over a stale lock of dead process {owner.get('pid')} ({lock})")
-                lock.unlink(missing_ok=True)
-                continue
-            raise SystemExit(
-                f"{lock} is held by another encode job ({owner or 'unknown owner'}); two jobs on one cache "
-                "would write the same shards. Wait for it, or delete the lock file if that job is gone."
-            ) from None
-        with os.fdopen(fd, "w") as f:
-            json.dump(me, f)
-        break
+    """``<out>.lock``: one driver per cache (sfd.runlock: a stale lock of a dead process on this
+    host is taken over; folders made for the lock are removed again if the run left them empty)."""
+    with run_lock(f"{out}.lock", "encode job", log=log):
+        yield
+
+
+class Stopped(BaseException):
+    """SIGTERM/SIGINT reached the driver: unwind (actors killed, Ray shut down, lock released)."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+_stop_signal: int | None = None  # set by the handler
+_in_ray = 0  # > 0 inside a Ray call: raising there corrupts Ray's C++ state ("SystemError")
+
+
+def _raise_stopped(signum: int, frame: Any) -> None:
+    global _stop_signal
+    # Ignore further signals while unwinding: a second one must not interrupt the clean-up.
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, signal.SIG_IGN)
+    _stop_signal = signum
+    if not _in_ray:
+        raise Stopped(signum)
+
+
+@contextlib.contextmanager
+def ray_call() -> Iterator[None]:
+    """Around blocking Ray calls: a stop signal is only recorded inside, and raised right after."""
+    global _in_ray
+    _in_ray += 1
     try:
         yield
     finally:
-        lock.unlink(missing_ok=True)
+        _in_ray -= 1
+    if _stop_signal is not None and not _in_ray:
+        raise Stopped(_stop_signal)
 
 
-def _pid_alive(pid: int) -> bool:
-    if pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+_stop_handlers = False  # set by cli(); library callers (tests, bench) keep their own handlers
+
+
+def install_stop_handlers(first: bool = False) -> None:
+    """Turn SIGTERM/SIGINT into :class:`Stopped` in the main thread (command line only). Installed
+    again after ``ray.init``, which replaces the driver's SIGTERM handler with its own."""
+    global _stop_handlers
+    _stop_handlers = _stop_handlers or first
+    if _stop_handlers and threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, _raise_stopped)
 
 
 # ---- Ray scheduling ----------------------------------------------------------------------------
@@ -254,10 +298,11 @@ def ensure_ray(cfg: EncodeConfig) -> bool:
 
     if ray.is_initialized():
         return False
-    if cfg.ray_address or os.environ.get("RAY_ADDRESS"):
-        ray.init(address=cfg.ray_address)  # a cluster (ray job submit sets RAY_ADDRESS)
-    else:
-        ray.init(num_cpus=cfg.ray_num_cpus, include_dashboard=False)
+    with ray_call():
+        if cfg.ray_address or os.environ.get("RAY_ADDRESS"):
+            ray.init(address=cfg.ray_address)  # a cluster (ray job submit sets RAY_ADDRESS)
+        else:
+            ray.init(num_cpus=cfg.ray_num_cpus, include_dashboard=False)
     return True
 
 
@@ -301,7 +346,9 @@ def run_shards(
 
     def start_actors(ids: list[int]) -> list[Any]:
         new = [remote_cls.remote(settings) for _ in ids]  # start together, then wait for all
-        for i, info in zip(ids, ray.get([a.info.remote() for a in new])):
+        with ray_call():
+            infos = ray.get([a.info.remote() for a in new])
+        for i, info in zip(ids, infos):
             log(f"  worker {i}: pid {info['pid']} on {info['host']} ({info['device']}, {info['threads']} threads)")
         return new
 
@@ -319,10 +366,15 @@ def run_shards(
         for i in range(min(n, len(queue))):
             submit(i)
         while inflight:
-            (ref,), _ = ray.wait(list(inflight), num_returns=1)
+            with ray_call():  # a short timeout: a stop signal is acted on within a second
+                ready, _ = ray.wait(list(inflight), num_returns=1, timeout=1.0)
+            if not ready:
+                continue
+            ref = ready[0]
             i, shard = inflight.pop(ref)
             try:
-                res = ray.get(ref)
+                with ray_call():
+                    res = ray.get(ref)
             except (ray.exceptions.RayActorError, ray.exceptions.RayTaskError) as e:
                 attempts[shard] += 1
                 if attempts[shard] > cfg.max_retries:
@@ -471,10 +523,12 @@ def run(cfg: EncodeConfig) -> list[StageResult]:
             f"cache {c.path}: {c.num_rows} images, {c.num_shards} shards of {c.layout.rows_per_shard}; texture "
             f"{c.layout.texture_shape}, semantic {c.layout.semantic_shape}, DINO {c.layout.dino_shape or 'not stored'}"
         )
+        repair_damage(c, deep=cfg.verify)
         needs_ray = ("encode" in plan.stages and c.pending_shards()) or (
             "semantic" in plan.stages and plan.semantic_pass and c.pending_semantic_shards()
         )
         owns_ray = ensure_ray(cfg) if needs_ray else False
+        install_stop_handlers()  # again: ray.init replaced them
         results: list[StageResult] = []
         try:
             for stage in plan.stages:
@@ -488,6 +542,27 @@ def run(cfg: EncodeConfig) -> list[StageResult]:
                 ray.shutdown()
     print_summary(results)
     return results
+
+
+def repair_damage(cache: LatentCache, deep: bool) -> list[int]:
+    """Check every finished shard's files (``deep``: also decode them) and clear the flags of the
+    damaged ones, so the stages below redo exactly those. Damaged statistics are dropped (the
+    stats stage recomputes them); a damaged index was already rewritten by ``create_cache``."""
+    if not cache.shard_done().any():
+        return []
+    t0 = time.perf_counter()
+    damage = cache.find_damage(deep=deep, progress=deep)
+    kind = "decoded every file (checksums)" if deep else "checked that every recorded file exists with its size"
+    if not damage:
+        log(f"integrity: {kind} of {int(cache.shard_done().sum())} finished shards: no damage ({time.perf_counter() - t0:.1f} s)")
+        return []
+    for part, problems in damage.items():
+        for p in problems[:5]:
+            log(f"integrity: {part}: {p}")
+    shards = cache.mark_for_redo(damage)
+    log(f"integrity: {len(damage)} damaged part(s); redoing shards {shards[:20]}{' ...' if len(shards) > 20 else ''}"
+        + (" and the statistics" if "stats" in damage else ""))
+    return shards
 
 
 def _rates(r: StageResult) -> str:
@@ -549,6 +624,11 @@ def parse_args(argv: Sequence[str] | None = None) -> EncodeConfig:
     p.add_argument("--semvae-args", default="", help="extra flags passed to pipeline/train_semvae.py")
     p.add_argument("--stats-samples", type=int, default=d.stats_samples)
     p.add_argument("--stats-seed", type=int, default=d.stats_seed)
+    p.add_argument(
+        "--verify", action="store_true",
+        help="decode every file of the finished shards (checksums) first and redo the damaged ones; without it "
+        "only file presence and sizes are checked",
+    )
     add_override_arg(p, "EncodeConfig")
     given = vars(p.parse_args(argv))
     overrides = given.pop("override")
@@ -565,9 +645,27 @@ def main(argv: Sequence[str] | None = None) -> list[StageResult]:
     return run(cfg)
 
 
-if __name__ == "__main__":
+def cli(argv: Sequence[str] | None = None) -> int:
+    """Run; expected failures are one ``error:`` line (exit 2), a stop signal one line (128+sig)."""
+    install_stop_handlers(first=True)
     try:
-        main()
-    except (WeightsError, CacheError, DatasetError, ConfigError) as e:  # expected, explained failures
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        main(argv)
+    except (WeightsError, CacheError, DatasetError, ConfigError, LockError) as e:  # expected, explained
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        return 2
+    except Stopped as e:
+        print(
+            f"[encode] stopped by {e}: lock released, finished shards kept; run the same command to resume",
+            file=sys.stderr, flush=True,
+        )
+        return 128 + e.signum
+    return 0
+
+
+if __name__ == "__main__":
+    code = cli()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # After a stop Ray's native threads may still be winding down; skip interpreter teardown
+    # (where they abort) and leave with the status the shell expects (143 SIGTERM, 130 SIGINT).
+    os._exit(code)

@@ -63,7 +63,7 @@ from sfd.checkpoint import (
 )
 from sfd.cli import add_override_arg, apply_overrides
 from sfd.config import SEMVAE_PRESETS, ConfigError, TrainSemVAEConfig, to_json
-from sfd.data.cache import LatentCache
+from sfd.data.cache import CacheError, LatentCache
 from sfd.data.reader import DinoTokenReader
 from sfd.models.semvae import SemVAE, semvae_loss
 
@@ -247,6 +247,6 @@ def main(argv: Sequence[str] | None = None) -> Path:
 if __name__ == "__main__":
     try:
         main()
-    except ConfigError as e:  # a user error: one line, exit status 2
+    except (ConfigError, CacheError) as e:  # a user error or a damaged cache: one line, exit status 2
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

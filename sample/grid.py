@@ -32,6 +32,7 @@ from sfd import runtime
 from sfd.checkpoint import WeightsError, file_sha256
 from sfd.cli import add_model_args, add_sampling_args, pipeline_kwargs, sampling_config_from_args
 from sfd.config import ConfigError
+from sfd.data.cache import CacheError
 from sfd.loading import load_pipeline
 from sfd.pixels import latents_to_images, make_grid
 from sfd.samplers import clock_for, generate_latents
@@ -128,6 +129,6 @@ def main() -> None:
 if __name__ == "__main__":
     try:
         main()
-    except (ConfigError, WeightsError) as e:  # a user error: one line, exit status 2
+    except (ConfigError, WeightsError, CacheError) as e:  # a user error or refused/damaged input: one line, exit 2
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

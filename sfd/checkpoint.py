@@ -154,7 +154,10 @@ def load_tensors(path: str | os.PathLike[str], *, inert_objects: bool = False) -
     if p.suffix == ".safetensors":
         from safetensors.torch import load_file
 
-        return load_file(str(p), device="cpu")
+        try:
+            return load_file(str(p), device="cpu")
+        except Exception as e:  # SafetensorError (truncated, bad header), OSError: name the file
+            raise WeightsError(f"could not read '{p}' (damaged or not a safetensors file): {e}") from e
     try:
         return torch.load(str(p), map_location="cpu", weights_only=True)
     except Exception as e:  # pickle refused or file broken: say which file and why
@@ -173,8 +176,11 @@ def load_tensors(path: str | os.PathLike[str], *, inert_objects: bool = False) -
 def read_safetensors_metadata(path: str | os.PathLike[str]) -> dict[str, str]:
     from safetensors import safe_open
 
-    with safe_open(str(path), framework="pt") as f:
-        return dict(f.metadata() or {})
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return dict(f.metadata() or {})
+    except Exception as e:  # SafetensorError, missing file: name the file
+        raise WeightsError(f"could not read the metadata of '{path}' (damaged or not a safetensors file): {e}") from e
 
 
 def unwrap_state_dict(obj: Any, prefer: tuple[str, ...] = ("ema", "model", "state_dict", "model_state_dict")) -> dict[str, torch.Tensor]:

@@ -487,6 +487,7 @@ class EncodeConfig:
     semvae_args: str = ""  # extra flags for pipeline/train_semvae.py
     stats_samples: int = 10_000  # rows for the statistics (authors: 10,000)
     stats_seed: int = 0
+    verify: bool = False  # decode every file of the finished shards (checksums) before the stages
 
 
 @dataclass

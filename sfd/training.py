@@ -235,7 +235,13 @@ def truncate_metrics(path: Path, step: int) -> None:
     """Drop log lines past ``step``: a killed run may have logged steps its checkpoint lacks."""
     if not path.exists():
         return
-    keep = [line for line in path.read_text().splitlines() if line and json.loads(line).get("step", 0) <= step]
+    def before(line: str) -> bool:
+        try:
+            return json.loads(line).get("step", 0) <= step
+        except ValueError:  # a line cut short by a kill
+            return False
+
+    keep = [line for line in path.read_text().splitlines() if line and before(line)]
     path.write_text("".join(line + "\n" for line in keep))
 
 

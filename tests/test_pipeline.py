@@ -39,6 +39,7 @@ from sfd.encoding import (
 )
 from sfd.models.semvae import tokens_to_latent
 from sfd.models.standins import PixelUnshuffleAutoencoder, build_texture_decoder
+from sfd.runlock import LockError
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -300,7 +301,7 @@ def test_standin_and_texture_decoder(tmp_path: Path) -> None:
 def test_job_lock_keeps_a_second_driver_out(tmp_path: Path) -> None:
     out = str(tmp_path / "cache")
     with encode_mod.job_lock(out):
-        with pytest.raises(SystemExit, match="held by another encode job"):
+        with pytest.raises(LockError, match="held by encode job"):
             with encode_mod.job_lock(out):
                 pass
     assert not Path(f"{out}.lock").exists()

@@ -70,7 +70,9 @@ from sfd.config import TRAIN_PRESETS, ConfigError, TrainConfig, to_json, train_p
 from sfd.data.cache import CacheError
 from sfd.data.reader import LatentBatch, LatentCacheReader
 from sfd.diffusion import LossTerms, noise_composite, sample_training_times, sfd_loss
+from sfd.manifest import CheckpointError, usable_checkpoints, write_manifest
 from sfd.models.lightningdit import ROPE_BUFFERS, LightningDiT, count_params, load_lightningdit
+from sfd.runlock import LockError, die_with_parent, hold_for_ranks, release_held_locks
 from sfd.training import (
     LOSS_KEYS,
     StopSignals,
@@ -135,13 +137,18 @@ def main(argv: list[str] | None = None) -> None:
     run_dir = Path(cfg.out_dir)
 
     # -- distributed init -----------------------------------------------------------------------
+    if "TORCHELASTIC_RUN_ID" in os.environ and not args.dry_run:
+        die_with_parent()  # torchrun workers run in their own sessions: stop (and save) if it dies
     d = runtime.init_distributed(connect=not args.dry_run)
     say = d.say
     per_rank, micro, accum = batch_split(cfg, d.world_size)
     cache = None if args.dry_run and not Path(cfg.cache).exists() else open_cache(cfg)
     if cache is not None:
         check_cache(cfg, cache, d.world_size, per_rank)
-    ckpts = list_checkpoints(run_dir)
+    # One writer per run directory (rank 0 holds <out_dir>/run.lock), then only intact checkpoints.
+    if not args.dry_run:
+        hold_for_ranks(run_dir / "run.lock", "trainer", d.is_main)
+    ckpts = usable_checkpoints(run_dir, list_checkpoints, say, move_aside=d.is_main and not args.dry_run)
     if d.initialized and d.world_size > 1:
         # Every rank must resume from the same step: the run dir has to be on a shared filesystem.
         found = torch.tensor([ckpts[-1][0] if ckpts else -1] * 2, device=d.device)
@@ -331,6 +338,7 @@ def main(argv: list[str] | None = None) -> None:
                         model_config=m, run_config=run_config_dict(cfg), latent_stats=latent_stats,
                         keep_last=cfg.keep_last,
                     )
+                    write_manifest(path)  # last: sizes and SHA-256 of the files above
                     pbar.write(f"step {step}: checkpoint {path}")
                 d.barrier()
             if last or stop:
@@ -344,6 +352,9 @@ def main(argv: list[str] | None = None) -> None:
             pbar.update(1)
             window.append(result)
             stop = result.stop
+            if step == 1 and cfg.use_cosine_loss and result.grad_norm > 1e4:
+                pbar.write(f"step 1: grad norm {result.grad_norm:.3g} is expected (faithful): the cosine loss on the "
+                           "zero-initialised output layer has a 1/eps gradient there; see docs/decisions.md")
             if result.skipped:
                 nan_total, nan_run = nan_total + 1, nan_run + 1
                 pbar.write(f"step {step}: non-finite loss or gradient, step skipped ({nan_run} in a row)")
@@ -481,7 +492,7 @@ def cli() -> None:
     try:
         main()
         code = 0
-    except (TrainError, CacheError, WeightsError) as e:
+    except (TrainError, CacheError, WeightsError, LockError, CheckpointError) as e:
         if int(os.environ.get("RANK", 0)) == 0:
             print(f"error: {e}", file=sys.stderr, flush=True)
         code = 2
@@ -490,6 +501,7 @@ def cli() -> None:
     except BaseException:
         traceback.print_exc()
         code = 1
+    release_held_locks()  # before os._exit below, which skips atexit
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         runtime.shutdown()
         # gloo can abort in its destructors at interpreter exit; the run is over, so leave now.

@@ -15,6 +15,7 @@ array              shape                       dtype    zarr chunking (N axis)
 ``valid``          [N]                         bool     ``rows_per_shard``
 ``reason``         [N]                         string   ``rows_per_shard`` ('' for valid rows)
 ``shard_done``     [num_shards]                bool     1 (each work unit owns its flag)
+``shard_files``    [num_shards]                string   1: the shard's completion record (below)
 ``semantic_done``  [num_shards] (opt.)         bool     1; only with ``semantic_pass=True`` (below)
 ``texture_mean``   [Ct] (+ ``_std``)           float32  written by :meth:`LatentCache.compute_stats`
 ``semantic_mean``  [Cs] (+ ``_std``)           float32  idem
@@ -37,6 +38,18 @@ on the cached DINO features, and :meth:`LatentCache.write_semantic` fills ``sema
 shard, setting its own ``semantic_done[shard]`` flag last (the same one-writer-per-shard rule).
 Such a cache counts as complete only when both flags are set for every shard.
 
+Integrity (format version 2): every chunk file of every array (and every inner chunk and the
+index of a ``dino`` zarr shard) ends with a CRC32C checksum (zarr v3's ``crc32c`` codec), so a
+truncated or bit-flipped file fails to decode instead of being read as other numbers. zarr reads
+a *missing* chunk file as the fill value, silently, so the cache also says which files must
+exist: before setting ``shard_done[s]`` a writer stores in ``shard_files[s]`` a JSON record
+``{file: size}`` of every chunk file the shard wrote (texture, semantic, dino, valid, reason);
+the creator records the files of ``paths`` and ``labels`` in the group attributes (key
+``sfd_integrity``). :meth:`LatentCache.find_damage` checks them (``deep=False``: every file
+exists with its recorded size, a few stat calls per shard; ``deep=True``: every file also decodes,
+i.e. reads the whole cache), and :meth:`LatentCache.mark_for_redo` clears the flags of the damaged
+shards so the encode job re-encodes exactly those (byte-identical, as above).
+
 Group attributes hold the layout (key ``sfd_latent_cache``: format version, shapes, shard sizes,
 a hash of the file index) next to the caller's attributes (encoder names and checkpoint hashes,
 image size, class names, ...); ``created_by`` is informational and never compared.
@@ -44,6 +57,7 @@ image size, class names, ...); ``created_by`` is informational and never compare
 
 from __future__ import annotations
 
+import contextlib
 import getpass
 import hashlib
 import json
@@ -60,10 +74,26 @@ from typing import Any
 import numpy as np
 import torch
 import zarr
+from zarr.codecs import Crc32cCodec
 
-FORMAT_VERSION = 1
+# An array's runtime config is not stored with it: a re-opened array would skip writing chunks
+# equal to the fill value, so that a missing file could mean "all fill" as well as "lost". This
+# process-wide setting keeps every chunk a real file (the cache's rule: missing = damaged).
+zarr.config.set({"array.write_empty_chunks": True})
+
+# 2: every chunk carries a CRC32C checksum and every finished shard a record of its files. A
+# version-1 cache has neither; it cannot be upgraded in place (the checksums change the bytes).
+FORMAT_VERSION = 2
 LAYOUT_KEY = "sfd_latent_cache"
 INFO_KEY = "created_by"  # never compared: who/when/where created the cache
+INTEGRITY_KEY = "sfd_integrity"  # never compared: the creator's file record (paths, labels)
+RESERVED_KEYS = (LAYOUT_KEY, INFO_KEY, INTEGRITY_KEY)
+STATS_KEYS = ("texture_mean", "texture_std", "semantic_mean", "semantic_std")
+SHARD_ARRAYS = ("texture", "semantic", "dino", "valid", "reason")  # what write_shard writes
+FIX_HINT = (
+    "re-run the same encode command: it checks every shard's files first and re-encodes exactly the "
+    "damaged ones (add --verify to also decode every file); `just verify-cache CACHE` lists the damage"
+)
 NUM_FLIPS = 2  # index 0 = plain image, 1 = horizontally flipped (method.md §2.5)
 DEFAULT_DINO_SHAPE = (256, 768)  # DINOv2-B/14 patch tokens of a 224² input (method.md §11)
 
@@ -181,18 +211,20 @@ def _create_layout_arrays(group: zarr.Group, layout: CacheLayout) -> None:
     n, rs, rc = layout.num_rows, layout.rows_per_shard, layout.rows_per_chunk
     # Uncompressed: latents barely compress, raw chunks read at memory speed, and a redone shard
     # is byte-identical. write_empty_chunks keeps all-zero chunks (invalid rows) as real files.
-    raw = dict(compressors=None, fill_value=0, config={"write_empty_chunks": True})
-    group.create_array("labels", shape=(n,), dtype="int32", chunks=(min(n, rs),), fill_value=-1)
-    group.create_array("paths", shape=(n,), dtype=str, chunks=(min(n, 1 << 16),))
-    group.create_array("valid", shape=(n,), dtype="bool", chunks=(min(n, rs),), fill_value=False)
-    group.create_array("reason", shape=(n,), dtype=str, chunks=(min(n, rs),))
-    group.create_array(
-        "shard_done", shape=(layout.num_shards,), dtype="bool", chunks=(1,), fill_value=False
-    )
+    # The only "compressor" is the CRC32C checksum appended to every chunk (4 bytes).
+    # write_empty_chunks everywhere: a chunk equal to the fill value (all-False ``valid``, all-''
+    # ``reason``, zeros of invalid rows) is a real file too, so "missing" always means damage.
+    crc = dict(compressors=[Crc32cCodec()], config={"write_empty_chunks": True})
+    raw = dict(fill_value=0, **crc)
+    group.create_array("labels", shape=(n,), dtype="int32", chunks=(min(n, rs),), fill_value=-1, **crc)
+    group.create_array("paths", shape=(n,), dtype=str, chunks=(min(n, 1 << 16),), **crc)
+    group.create_array("valid", shape=(n,), dtype="bool", chunks=(min(n, rs),), fill_value=False, **crc)
+    group.create_array("reason", shape=(n,), dtype=str, chunks=(min(n, rs),), **crc)
+    ns = layout.num_shards
+    group.create_array("shard_done", shape=(ns,), dtype="bool", chunks=(1,), fill_value=False, **crc)
+    group.create_array("shard_files", shape=(ns,), dtype=str, chunks=(1,), **crc)
     if layout.semantic_pass:
-        group.create_array(
-            "semantic_done", shape=(layout.num_shards,), dtype="bool", chunks=(1,), fill_value=False
-        )
+        group.create_array("semantic_done", shape=(ns,), dtype="bool", chunks=(1,), fill_value=False, **crc)
     for name, shape in (("texture", layout.texture_shape), ("semantic", layout.semantic_shape)):
         full = (n, NUM_FLIPS, *shape)
         group.create_array(name, shape=full, dtype="float16", chunks=(min(n, rc), *full[1:]), **raw)
@@ -252,13 +284,13 @@ def create_cache(
         semantic_pass=bool(semantic_pass),
     )
     user_attrs = _jsonable(dict(attrs or {}))
-    reserved = {LAYOUT_KEY, INFO_KEY} & set(user_attrs)
+    reserved = set(RESERVED_KEYS) & set(user_attrs)
     if reserved:
         raise ValueError(f"attribute names {sorted(reserved)} are reserved by the cache format")
     identity = {LAYOUT_KEY: layout.to_attrs(), **user_attrs}
 
     if path.exists():
-        return _reopen_identical(path, identity)
+        return _reopen_identical(path, identity, list(paths), labels_np)
 
     tmp = path.with_name(f".{path.name}.creating-{uuid.uuid4().hex[:8]}")
     try:
@@ -273,16 +305,22 @@ def create_cache(
             "zarr": zarr.__version__,
         }
         group.attrs.update({**identity, INFO_KEY: info})
+        LatentCache(tmp, group)._record_index()
         try:
             os.rename(tmp, path)
         except OSError:
             if path.exists():  # another driver won the race: use (and check) its cache
-                return _reopen_identical(path, identity)
+                return _reopen_identical(path, identity, list(paths), labels_np)
             raise
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return LatentCache.open(path, mode="r+")
+
+
+def _why(e: BaseException) -> str:
+    msg = str(e).split("\n")[0]
+    return f"{type(e).__name__}: {msg[:200]}"
 
 
 def _safe_user() -> str:
@@ -292,7 +330,9 @@ def _safe_user() -> str:
         return "unknown"
 
 
-def _reopen_identical(path: Path, identity: Mapping[str, Any]) -> LatentCache:
+def _reopen_identical(
+    path: Path, identity: Mapping[str, Any], paths: list[str], labels: np.ndarray
+) -> LatentCache:
     cache = LatentCache.open(path, mode="r+")
     have = cache.identity_attrs()
     # Compare both ways, so an attribute present only on disk is a mismatch too.
@@ -300,6 +340,11 @@ def _reopen_identical(path: Path, identity: Mapping[str, Any]) -> LatentCache:
     diffs.update({k: (v, _MISSING) for k, v in have.items() if k not in identity})
     if diffs:
         raise CacheMismatchError(path, diffs)
+    # The index is known here (its hash matched): rewrite it if its files were damaged.
+    if cache.index_damage(deep=True):
+        cache.group["paths"][:] = np.asarray(paths, dtype=object)
+        cache.group["labels"][:] = labels.astype(np.int32)
+        cache._record_index()
     return cache
 
 
@@ -312,13 +357,16 @@ class LatentCache:
         all_attrs = dict(group.attrs)
         if LAYOUT_KEY not in all_attrs:
             raise CacheError(f"{path} is a zarr group but not an SFD latent cache (no '{LAYOUT_KEY}')")
-        self.layout = CacheLayout.from_attrs(all_attrs[LAYOUT_KEY])
-        if self.layout.format_version != FORMAT_VERSION:
+        version = int(all_attrs[LAYOUT_KEY].get("format_version", 0))
+        if version != FORMAT_VERSION:
+            why = " (no per-chunk checksums, no file records)" if version < FORMAT_VERSION else ""
             raise CacheError(
-                f"{path} has cache format version {self.layout.format_version}; "
-                f"this code reads version {FORMAT_VERSION}"
+                f"{path} has cache format version {version}{why}; this code reads version {FORMAT_VERSION}. "
+                f"Re-encode it: move it aside (or pass another --out) and run the same encode command"
+                + (" with the code that wrote it, or upgrade this code" if version > FORMAT_VERSION else "")
             )
-        self.attrs: dict[str, Any] = {k: v for k, v in all_attrs.items() if k not in (LAYOUT_KEY, INFO_KEY)}
+        self.layout = CacheLayout.from_attrs(all_attrs[LAYOUT_KEY])
+        self.attrs: dict[str, Any] = {k: v for k, v in all_attrs.items() if k not in RESERVED_KEYS}
         self.created_by: dict[str, Any] = dict(all_attrs.get(INFO_KEY, {}))
 
     @classmethod
@@ -327,7 +375,11 @@ class LatentCache:
         path = Path(path)
         if not (path / "zarr.json").exists():
             raise CacheError(f"no latent cache at {path} (missing zarr.json)")
-        return cls(path, zarr.open_group(path, mode=mode))
+        try:
+            group = zarr.open_group(path, mode=mode)
+        except Exception as e:  # noqa: BLE001 - unreadable metadata: say which cache and why
+            raise CacheError(f"cannot open the latent cache at {path}: {type(e).__name__}: {e}") from e
+        return cls(path, group)
 
     # ---- description -------------------------------------------------------------------------
 
@@ -360,17 +412,43 @@ class LatentCache:
             raise CacheMismatchError(self.path, diffs)
 
     def paths(self) -> list[str]:
-        return [str(p) for p in self.group["paths"][:]]
+        return [str(p) for p in self._read_all("paths")]
 
     def labels(self) -> np.ndarray:
-        return np.asarray(self.group["labels"][:], dtype=np.int64)
+        return np.asarray(self._read_all("labels"), dtype=np.int64)
 
     def valid(self) -> np.ndarray:
         """[N] bool; rows of unfinished shards read as False."""
-        return np.asarray(self.group["valid"][:], dtype=bool)
+        return np.asarray(self._read_all("valid"), dtype=bool)
+
+    def _flags(self, name: str) -> np.ndarray:
+        """A flag array; a damaged flag reads as False (its shard is then simply redone)."""
+        arr = self.group[name]
+        try:
+            return np.asarray(arr[:], dtype=bool)
+        except Exception:  # noqa: BLE001 - one bad flag file: read the others one by one
+            out = np.zeros(arr.shape, dtype=bool)
+            for i in range(arr.shape[0]):
+                with contextlib.suppress(Exception):
+                    out[i] = bool(arr[i])
+            return out
+
+    def _read_all(self, name: str) -> np.ndarray:
+        if name in SHARD_ARRAYS:  # files of unfinished shards may not exist yet: fill values
+            done = self.shard_done()
+            for s in np.flatnonzero(done):
+                for f in self.files_of_rows(name, *self.layout.shard_rows(int(s))):
+                    if not f.is_file():
+                        raise CacheError(
+                            f"cache {self.path}: array '{name}' chunk file {f} is missing. Fix: {FIX_HINT}"
+                        )
+            rows = (0, 0)  # existence checked above
+        else:
+            rows = (0, self.num_rows)
+        return self.checked_read(name, slice(None), rows)
 
     def shard_done(self) -> np.ndarray:
-        return np.asarray(self.group["shard_done"][:], dtype=bool)
+        return self._flags("shard_done")
 
     def pending_shards(self) -> list[int]:
         """Shards not yet encoded (``shard_done`` False)."""
@@ -380,7 +458,7 @@ class LatentCache:
         """[num_shards] bool: semantic latents present (always True without a semantic pass)."""
         if not self.layout.semantic_pass:
             return self.shard_done()
-        return np.asarray(self.group["semantic_done"][:], dtype=bool)
+        return self._flags("semantic_done")
 
     def pending_semantic_shards(self) -> list[int]:
         """Encoded shards still waiting for :meth:`write_semantic` (empty without a semantic pass)."""
@@ -419,7 +497,7 @@ class LatentCache:
         if len(bad) == 0:
             return []
         # Whole-array reads: one zarr call per array instead of one per row.
-        paths, labels, reasons = self.group["paths"][:], self.labels(), self.group["reason"][:]
+        paths, labels, reasons = self._read_all("paths"), self.labels(), self._read_all("reason")
         return [
             {"row": int(r), "path": str(paths[r]), "label": int(labels[r]), "reason": str(reasons[r])}
             for r in bad
@@ -498,6 +576,7 @@ class LatentCache:
             self.group[name][start:stop] = arr16
         self.group["valid"][start:stop] = valid_np
         self.group["reason"][start:stop] = np.asarray(reasons_list, dtype=object)
+        self._record_shard(shard_id)  # which files must exist, before the flag
         done[shard_id] = True
 
     def write_semantic(self, shard_id: int, semantic: Any) -> None:
@@ -534,6 +613,7 @@ class LatentCache:
             self.group["valid"][start:stop] = valid_np & ~newly_bad
             self.group["reason"][start:stop] = reasons
         self.group["semantic"][start:stop] = arr16
+        self._record_shard(shard_id)
         flags[shard_id] = True
 
     # ---- statistics ------------------------------------------------------------------------------
@@ -562,27 +642,210 @@ class LatentCache:
             stats[f"{name}_std"] = x.std(axis=(0, 2, 3), ddof=1).astype(np.float32)
         info = {"seed": int(seed), "num_samples": int(len(rows)), "flip": 0, "ddof": 1}
         for key, value in stats.items():
-            arr = self.group.create_array(key, shape=value.shape, dtype="float32", chunks=value.shape, overwrite=True)
+            arr = self.group.create_array(
+                key, shape=value.shape, dtype="float32", chunks=value.shape, overwrite=True,
+                compressors=[Crc32cCodec()], config={"write_empty_chunks": True},
+            )
             arr[:] = value
             arr.attrs.update(info)
+        self.stats()  # what a reader will check: files present, finite, std > 0
         return stats
 
     def stats(self) -> dict[str, np.ndarray]:
-        """The stored statistics; :class:`CacheError` if :meth:`compute_stats` has not run."""
-        keys = ("texture_mean", "texture_std", "semantic_mean", "semantic_std")
-        missing = [k for k in keys if k not in self.group]
+        """The stored statistics, checked: every file present and decodable, every value finite,
+        every std > 0 (a zero std would make every normalised batch non-finite).
+
+        :class:`CacheError` if :meth:`compute_stats` has not run or the statistics are damaged.
+        """
+        missing = [k for k in STATS_KEYS if k not in self.group]
         if missing:
-            raise CacheError(f"cache {self.path} has no statistics ({missing}); run compute_stats first")
-        return {k: np.asarray(self.group[k][:], dtype=np.float32) for k in keys}
+            raise CacheError(
+                f"cache {self.path} has no statistics ({', '.join(missing)}); run the encode command's "
+                "stats stage (the same encode command computes them)"
+            )
+        problems = self.stats_damage()
+        if problems:
+            raise CacheError(
+                f"the statistics of cache {self.path} are damaged: {'; '.join(problems)}. Fix: re-run the "
+                "same encode command (its stats stage recomputes them, same values)"
+            )
+        return {k: np.asarray(self.group[k][:], dtype=np.float32) for k in STATS_KEYS}
+
+    def stats_damage(self) -> list[str]:
+        """Problems of the stored statistics (empty when absent: that is "not computed yet")."""
+        out: list[str] = []
+        for k in STATS_KEYS:
+            if k not in self.group:
+                continue
+            arr = self.group[k]
+            f = self.path / k / arr.metadata.encode_chunk_key((0,))
+            if not f.is_file():
+                out.append(f"{k}: chunk file {f} is missing")
+                continue
+            try:
+                v = np.asarray(arr[:], dtype=np.float64)
+            except Exception as e:  # noqa: BLE001 - checksum mismatch, truncated file, ...
+                out.append(f"{k}: chunk file {f} does not decode ({_why(e)})")
+                continue
+            if not np.isfinite(v).all():
+                out.append(f"{k}: non-finite values in {f}")
+            elif k.endswith("_std") and not (v > 0).all():
+                out.append(f"{k}: std <= 0 for channels {np.flatnonzero(~(v > 0)).tolist()[:8]} ({f})")
+        return out
+
+    def drop_stats(self) -> None:
+        """Delete the statistics (the encode job's stats stage then recomputes them)."""
+        for k in STATS_KEYS:
+            if k in self.group:
+                del self.group[k]
+
+    # ---- integrity -------------------------------------------------------------------------------
+
+    def _unit_rows(self, name: str) -> int:
+        """Rows per storage file of array ``name`` (the zarr shard for ``dino``, else the chunk)."""
+        arr = self.group[name]
+        shards = getattr(arr, "shards", None)
+        return int((shards or arr.chunks)[0])
+
+    def chunk_file(self, name: str, row: int) -> Path:
+        """The file holding row ``row`` of array ``name``."""
+        arr = self.group[name]
+        coords = (row // self._unit_rows(name),) + (0,) * (arr.ndim - 1)
+        return self.path / name / arr.metadata.encode_chunk_key(coords)
+
+    def files_of_rows(self, name: str, start: int, stop: int) -> list[Path]:
+        per = self._unit_rows(name)
+        return [self.chunk_file(name, r) for r in range(start - start % per, stop, per)]
+
+    def _files_record(self, names: Sequence[str], start: int, stop: int) -> dict[str, int]:
+        rec = {}
+        for name in names:
+            if name in self.group:
+                for f in self.files_of_rows(name, start, stop):
+                    rec[f.relative_to(self.path).as_posix()] = f.stat().st_size
+        return rec
+
+    def _record_shard(self, shard_id: int) -> None:
+        start, stop = self.layout.shard_rows(shard_id)
+        record = self._files_record(SHARD_ARRAYS, start, stop)
+        self.group["shard_files"][shard_id] = json.dumps(record, sort_keys=True)
+
+    def _record_index(self) -> None:
+        record = self._files_record(("paths", "labels"), 0, self.num_rows)
+        self.group.attrs[INTEGRITY_KEY] = {"checksum": "crc32c", "index_files": record}
+
+    def _check_files(self, record: Mapping[str, int]) -> list[str]:
+        out = []
+        for rel, size in record.items():
+            f = self.path / rel
+            try:
+                have = f.stat().st_size
+            except FileNotFoundError:
+                out.append(f"chunk file {f} is missing")
+                continue
+            if have != size:
+                out.append(f"chunk file {f} has {have} bytes, the shard's record says {size}")
+        return out
+
+    def _decode_check(self, names: Sequence[str], start: int, stop: int) -> list[str]:
+        out = []
+        for name in names:
+            if name not in self.group:
+                continue
+            arr, per = self.group[name], self._unit_rows(name)
+            for r0 in range(start, stop, per):
+                try:
+                    arr[r0 : min(r0 + per, stop)]
+                except Exception as e:  # noqa: BLE001 - checksum mismatch, truncation, ...
+                    out.append(f"chunk file {self.chunk_file(name, r0)} does not decode ({_why(e)})")
+        return out
+
+    def shard_damage(self, shard_id: int, deep: bool = False) -> list[str]:
+        """Problems of one finished shard: record missing, a file missing or of the wrong size,
+        and with ``deep`` a file that does not decode (checksum)."""
+        try:
+            text = str(self.group["shard_files"][shard_id])
+            record = json.loads(text) if text else None
+        except Exception as e:  # noqa: BLE001
+            return [f"the file record of shard {shard_id} does not decode ({_why(e)})"]
+        if not record:
+            return [f"shard {shard_id} has no file record (shard_files/{shard_id} missing)"]
+        out = self._check_files(record)
+        if deep and not out:
+            out = self._decode_check(SHARD_ARRAYS, *self.layout.shard_rows(shard_id))
+        return out
+
+    def index_damage(self, deep: bool = False) -> list[str]:
+        """Problems of the file index (``paths``, ``labels``), written by the creator."""
+        record = dict(self.group.attrs.get(INTEGRITY_KEY, {})).get("index_files")
+        if not record:
+            return ["the cache records no index files"]
+        out = self._check_files(record)
+        if deep and not out:
+            out = self._decode_check(("paths", "labels"), 0, self.num_rows)
+            if not out and index_hash(self.paths(), self.labels()) != self.layout.index_sha256:
+                out.append("paths/labels do not match the index hash recorded at creation")
+        return out
+
+    def find_damage(self, deep: bool = False, progress: bool = False) -> dict[str, list[str]]:
+        """Every problem of the cache, by part: ``"index"``, ``"stats"``, ``"shard <s>"``.
+
+        Only finished shards are checked (unfinished ones are redone anyway). ``deep=False``
+        checks that every recorded file exists with its recorded size (cheap: one stat per file);
+        ``deep=True`` also decodes every file, verifying its checksums (reads the whole cache).
+        """
+        damage: dict[str, list[str]] = {}
+        if problems := self.index_damage(deep):
+            damage["index"] = problems
+        if problems := self.stats_damage():
+            damage["stats"] = problems
+        done = np.flatnonzero(self.shard_done())
+        it = done
+        if progress:
+            from tqdm import tqdm
+
+            it = tqdm(done, desc="verify" + (" (decode)" if deep else ""), unit="shard")
+        for s in it:
+            if problems := self.shard_damage(int(s), deep):
+                damage[f"shard {int(s)}"] = problems
+        return damage
+
+    def mark_for_redo(self, damage: Mapping[str, list[str]]) -> list[int]:
+        """Clear the flags of the damaged shards (and drop damaged statistics) so the encode job
+        redoes exactly those; returns the shard ids. Index damage is repaired by the encode job
+        (:func:`create_cache` rewrites the index it knows)."""
+        shards = sorted(int(k.split()[1]) for k in damage if k.startswith("shard "))
+        for s in shards:
+            self.group["shard_done"][s] = False
+            if self.layout.semantic_pass:
+                self.group["semantic_done"][s] = False
+        if "stats" in damage:
+            self.drop_stats()
+        return shards
+
+    def checked_read(self, name: str, sel: Any, rows: tuple[int, int]) -> np.ndarray:
+        """``group[name][sel]`` where ``rows`` = (first, stop) are the rows read; a missing file
+        or a read error raises :class:`CacheError` naming the array, the file and the fix."""
+        arr = self.group[name]
+        files = self.files_of_rows(name, *rows)
+        for f in files:
+            if not f.is_file():
+                raise CacheError(f"cache {self.path}: array '{name}' chunk file {f} is missing. Fix: {FIX_HINT}")
+        try:
+            return np.asarray(arr[sel])
+        except Exception as e:  # noqa: BLE001
+            where = files[0] if len(files) == 1 else f"one of {files[0]} ... {files[-1]}"
+            raise CacheError(
+                f"cache {self.path}: array '{name}' chunk file {where} does not decode ({_why(e)}). Fix: {FIX_HINT}"
+            ) from e
 
     def _read_rows_plain(self, name: str, rows: np.ndarray) -> np.ndarray:
         """Non-flipped copies of sorted ``rows``, reading each touched chunk once."""
-        arr = self.group[name]
-        out = np.empty((len(rows), *arr.shape[2:]), dtype=np.float16)
+        out = np.empty((len(rows), *self.group[name].shape[2:]), dtype=np.float16)
         chunk_of = rows // self.layout.rows_per_chunk
         bounds = np.flatnonzero(np.diff(chunk_of)) + 1
         for sel in np.split(np.arange(len(rows)), bounds):
             c0, c1 = self.layout.chunk_rows(int(chunk_of[sel[0]]))
-            block = arr[c0:c1, 0]
+            block = self.checked_read(name, (slice(c0, c1), 0), (c0, c1))
             out[sel] = block[rows[sel] - c0]
         return out

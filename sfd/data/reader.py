@@ -56,7 +56,7 @@ from typing import Any, Literal, NamedTuple
 import numpy as np
 import torch
 
-from sfd.data.cache import CacheError, LatentCache
+from sfd.data.cache import FIX_HINT, CacheError, LatentCache
 
 
 def valid_rows_per_chunk(valid: np.ndarray, rows_per_chunk: int) -> np.ndarray:
@@ -119,6 +119,16 @@ class LatentCacheReader:
             raise CacheError(
                 f"cache {self.cache.path} is incomplete: shards {waiting[:10]} are not {stage} yet; "
                 "re-run the same encode command to finish it"
+            )
+        # zarr reads a missing chunk file as zeros: every recorded file must exist with its size
+        # before the first batch (deep checksum checks happen as chunks are decoded).
+        damage = self.cache.find_damage(deep=False)
+        damage.pop("stats", None)  # reported by stats() below, with its own fix
+        if damage:
+            lines = [f"  {part}: {p}" for part, probs in list(damage.items())[:10] for p in probs[:3]]
+            raise CacheError(
+                f"cache {self.cache.path} is damaged ({len(damage)} part(s)):\n" + "\n".join(lines)
+                + f"\nFix: {FIX_HINT}"
             )
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} not in [0, {world_size})")
@@ -239,7 +249,7 @@ class LatentCacheReader:
             buf = np.zeros((len(chunk_ids) * self._rpc, *arr.shape[1:]), dtype=np.float16)
             for j, c in enumerate(chunk_ids):
                 r0, r1 = layout.chunk_rows(int(c))
-                buf[j * self._rpc : j * self._rpc + (r1 - r0)] = arr[r0:r1]
+                buf[j * self._rpc : j * self._rpc + (r1 - r0)] = self.cache.checked_read(part, slice(r0, r1), (r0, r1))
             out[part] = buf
         return out
 
@@ -296,7 +306,13 @@ class LatentCacheReader:
     def _read_dino(self, rows: np.ndarray, flips: np.ndarray) -> np.ndarray:
         # One (row, flip) inner chunk per item; zarr gives no faster random access to them.
         assert self._dino is not None
-        return np.stack([np.asarray(self._dino[int(r), int(f)]) for r, f in zip(rows, flips)])
+        out = []
+        for r, f in zip(rows, flips):
+            try:
+                out.append(np.asarray(self._dino[int(r), int(f)]))
+            except Exception:  # noqa: BLE001 - re-read through the checked path for a clear error
+                out.append(self.cache.checked_read("dino", (int(r), int(f)), (int(r), int(r) + 1)))
+        return np.stack(out)
 
     def _read_dino_ahead(self, plan: _EpochPlan, start: int, batch_size: int) -> None:
         # The REPA targets of the next batch are read in a thread (zarr waits release the GIL)
@@ -373,6 +389,10 @@ class DinoTokenReader:
             raise CacheError(f"cache {cache.path} stores no DINO features (encoded with --repa-targets none)")
         if not cache.is_encoded():
             raise CacheError(f"cache {cache.path} is not fully encoded ({len(cache.pending_shards())} shards pending)")
+        damage = {k: v for k, v in cache.find_damage(deep=False).items() if k != "stats"}
+        if damage:  # a missing DINO file would read as zeros (zarr's fill value)
+            part, problems = next(iter(damage.items()))
+            raise CacheError(f"cache {cache.path} is damaged ({len(damage)} part(s); {part}: {problems[0]}). Fix: {FIX_HINT}")
         self.cache, self.batch_size, self.seed = cache, batch_size, seed
         self.rank, self.world_size, self.window_chunks = rank, world_size, max(1, window_chunks)
         layout = cache.layout
@@ -402,7 +422,7 @@ class DinoTokenReader:
         parts = []
         for c in chunks:
             a, b = self.cache.layout.chunk_rows(int(c))
-            block = np.asarray(self.arr[a:b])  # one zarr shard: (rows, 2, N, D)
+            block = self.cache.checked_read("dino", slice(a, b), (a, b))  # one zarr shard: (rows, 2, N, D)
             parts.append(block[self.chunk_rows[c] - a].reshape(-1, *block.shape[2:]))
         samples = np.concatenate(parts)
         perm = np.random.default_rng([self.seed, epoch, self.rank, w]).permutation(len(samples))
