@@ -222,7 +222,7 @@ def _bwd_triton(dh, dres, res, y, gate, weight, shift_dtype, scale, rstd, x_dtyp
     part_shift = torch.empty((B, P, D), **f32) if shift_dtype is not None else part_w
     part_gate = torch.empty((B, P, D), **f32) if has_res else part_w
     dx = torch.empty((B, N, D), dtype=x_dtype, device=res.device)
-    dy = torch.empty_like(y) if has_res else dx
+    dy = y.new_empty(y.shape) if has_res else dx
     block_d = next_pow2(D)
     _bwd_kernel[(B, P)](
         res.contiguous(), y.contiguous() if has_res else res, gate.contiguous() if has_res else res,
@@ -284,9 +284,10 @@ def _adaln_norm_fwd(
     if use_triton(x):
         return _fwd_triton(x, y, gate, weight, shift, scale, eps, out_dtype)
     h, res = reference(x, y, gate, weight, shift, scale, eps, out_dtype)
-    r32 = res.float()
-    rstd = torch.rsqrt(r32.pow(2).mean(-1) + eps)
-    return h, (res if y is not None else x.new_empty(0)), rstd
+    rstd = torch.rsqrt(res.float().pow(2).mean(-1) + eps)
+    # Outputs are contiguous whatever the input layout (the fake kernel promises that; the
+    # residual stream after the patch embedding is a transposed view).
+    return h.contiguous(), (res.contiguous() if y is not None else x.new_empty(0)), rstd.contiguous()
 
 
 @_adaln_norm_fwd.register_fake
@@ -308,7 +309,7 @@ def _adaln_norm_bwd(
     impl = _bwd_triton if use_triton(res) else _bwd_eager
     out = impl(dh, dres, res, y, gate, weight, shift_dtype, scale, rstd, x_dtype)
     # A custom op returns tensors only: an absent gradient travels as an empty 1-d tensor.
-    return tuple(res.new_empty(0) if t is None else t for t in out)
+    return tuple(res.new_empty(0) if t is None else t.contiguous() for t in out)
 
 
 @_adaln_norm_bwd.register_fake
@@ -317,11 +318,11 @@ def _(dh, dres, res, y, gate, weight, shift_dtype, scale, rstd, x_dtype):
     empty = res.new_empty(0)
     return (
         res.new_empty((B, N, D), dtype=x_dtype),
-        torch.empty_like(y) if y is not None else empty,
-        torch.empty_like(gate) if y is not None else empty,
-        torch.empty_like(weight),
+        y.new_empty(y.shape) if y is not None else empty,
+        gate.new_empty(gate.shape) if y is not None else empty,
+        weight.new_empty(weight.shape),
         scale.new_empty((B, D), dtype=shift_dtype) if shift_dtype is not None else empty,
-        torch.empty_like(scale),
+        scale.new_empty(scale.shape),
     )
 
 
