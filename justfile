@@ -84,3 +84,11 @@ bench-train *args:
 # Convergence study on the demo data: Δt = 0.3 vs Δt = 0 vs no semantic channels (results: docs/study.md).
 study out="runs/study" *args:
     {{python}} pipeline/study.py --out {{out}} {{args}}
+
+# GPU training throughput per kernels setting (eager | compile | triton), MFU, memory, kernel bandwidth (~8 min on one H100/H200).
+bench-gpu out="runs/bench/gpu.json" *args:
+    {{python}} bench/gpu.py --out {{out}} {{args}}
+
+# Training memory per GPU for XL/1 and 1p0B/1 without a GPU (fake tensors), with and without activation checkpointing.
+bench-memory *args:
+    {{python}} bench/memory.py {{args}}
