@@ -334,9 +334,10 @@ def main() -> None:
                 r = train_step_run(model, kernels, args.batch, args.warmup, args.steps, dev)
                 result["train"].append(r)
                 mfu = f"{r['mfu']:.1%}" if r["mfu"] is not None else "n/a (unknown device peak)"
+                mem = f"{r['peak_memory_gib']:.1f} GiB" if r["peak_memory_gib"] is not None else "n/a"
                 print(f"{model} {kernels}: {r['step']['median_s'] * 1e3:.1f} ms/step "
                       f"[{r['step']['min_s'] * 1e3:.1f}-{r['step']['max_s'] * 1e3:.1f}], {r['img_per_s']:.0f} img/s, "
-                      f"MFU {mfu}, peak {r['peak_memory_gib']:.1f} GiB, optimizer+EMA "
+                      f"MFU {mfu}, peak memory {mem}, optimizer+EMA "
                       f"{r['optimizer_ema']['median_s'] * 1e3:.1f} ms, first step {r['first_step_s']:.0f} s", flush=True)
         except Exception as e:  # one failing setting must not cost the session its other numbers
             result["skipped"].append({"run": [what, model, kernels], "why": f"{type(e).__name__}: {e}"[:500]})

@@ -84,6 +84,19 @@ def test_cpu_op_matches_reference_forward_and_backward() -> None:
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
+def test_model_with_fused_ops_matches_golden_on_cpu(golden_dir) -> None:
+    """The fused path off CUDA (the ops' eager references) against the authors' velocity."""
+    from sfd.checkpoint import load_tensors
+    from sfd.models.lightningdit import load_lightningdit
+
+    model = load_lightningdit(golden_dir / "lightningdit-tiny-weights.safetensors")
+    io = load_tensors(golden_dir / "lightningdit-tiny-io.safetensors")
+    assert model.use_kernels(True) == len(model.blocks) + 1
+    with torch.no_grad():
+        v = model(io["x"], (io["t_tex"], io["t_sem"]), io["y"])
+    torch.testing.assert_close(v, io["velocity"], rtol=0, atol=1e-5)
+
+
 def test_adaln_norm_rejects_bad_arguments() -> None:
     x, y, gate, w, shift, scale = _adaln_inputs()
     with pytest.raises(ValueError, match="y and gate"):
@@ -115,6 +128,21 @@ def test_use_kernels_only_where_there_is_a_fused_path() -> None:
     assert model.use_kernels(False) == 0 and not any(b.fused for b in model.blocks)
     dit = LightningDiT(dataclasses.replace(model_preset("tiny"), use_rmsnorm=False))
     assert dit.use_kernels(True) == 0  # LayerNorm blocks keep their eager forward
+
+
+def test_fused_path_without_shift_matches_eager() -> None:
+    """The 4-way adaLN layout (wo_shift) through the fused path equals the eager blocks."""
+    torch.manual_seed(0)
+    model = LightningDiT(dataclasses.replace(model_preset("tiny"), wo_shift=True)).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    x, t, y = torch.randn(2, model.cfg.in_channels, 8, 8), torch.rand(2), torch.tensor([0, 1])
+    with torch.no_grad():
+        eager = model(x, (t, t), y)
+        model.use_kernels(True)
+        fused = model(x, (t, t), y)
+    torch.testing.assert_close(fused, eager, rtol=1e-5, atol=1e-6)
 
 
 # ---------------------------------------------------------------------------------------------
