@@ -3,7 +3,8 @@ training step traced with torch's MemTracker.
 
 Reports, per model and per-GPU batch (bf16 autocast, REPA on, AdamW, EMA), with and without
 activation checkpointing: parameters, gradients, AdamW states and EMA (fp32, exact from the
-tensors) and the peak of activations + temporaries during forward/backward (traced). The step
+tensors), the traced peak of the whole steady-state step (second step: optimizer states exist)
+and the activations + temporaries alive at that peak. The step
 runs on fake *CPU* tensors, since autograd on fake CUDA tensors needs a CUDA context: CPU autocast
 casts the same matmuls to bf16, and SDPA takes its flash path (saving only log-sum-exp), as on a
 GPU. What the compiler's partitioner saves differs from eager autograd; the eager figure is the
@@ -74,15 +75,14 @@ def measure(name: str, batch: int, checkpointing: bool, fused: bool = False) -> 
         "grad_gib": 4 * n / GiB,
         "adamw_gib": 8 * n / GiB,
         "ema_gib": 4 * n_all / GiB,
-        "peak_activation_gib": act / GiB,
+        "activations_at_peak_gib": act / GiB,
+        "traced_peak_gib": kinds["Total"] / GiB,
         "traced_peak_breakdown_gib": {k: v / GiB for k, v in kinds.items()},
         "seconds": time.perf_counter() - t0,
     }
-    # Gradients are freed (set_to_none) after each step but are all alive at the end of backward,
-    # which is where activations are already freed; the activation peak is early in backward.
-    row["total_gib"] = row["param_gib"] + row["adamw_gib"] + row["ema_gib"] + max(
-        row["grad_gib"], row["peak_activation_gib"] + kinds.get("Gradient", 0) / GiB
-    )
+    # The trace holds model, gradients, optimizer and activations; the EMA copy (fp32, never
+    # touched by forward/backward) adds its size to every moment of the step.
+    row["total_gib"] = row["traced_peak_gib"] + row["ema_gib"]
     return row
 
 
@@ -101,14 +101,14 @@ def main() -> None:
                 r = rows[-1]
                 print(f"{name} batch {args.batch} checkpointing={ckpt} fused={fused}: params {r['param_gib']:.2f} GiB, "
                       f"grads {r['grad_gib']:.2f}, AdamW {r['adamw_gib']:.2f}, EMA {r['ema_gib']:.2f}, "
-                      f"peak activations {r['peak_activation_gib']:.2f} GiB -> ~{r['total_gib']:.1f} GiB "
-                      f"({r['seconds']:.0f} s to trace)", flush=True)
-    print("\n| model | batch | activation checkpointing | params | grads | AdamW | EMA | peak activations | total |")
+                      f"traced peak {r['traced_peak_gib']:.2f} GiB (activations then {r['activations_at_peak_gib']:.2f}) "
+                      f"-> {r['total_gib']:.1f} GiB with the EMA ({r['seconds']:.0f} s to trace)", flush=True)
+    print("\n| model | batch | activation checkpointing | params | grads | AdamW | EMA | activations at the peak | peak incl. EMA |")
     print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         tag = " (fused ops)" if r["fused_ops"] else ""
         print(f"| {r['model']}{tag} | {r['batch']} | {'on' if r['grad_checkpointing'] else 'off'} | {r['param_gib']:.2f} | "
-              f"{r['grad_gib']:.2f} | {r['adamw_gib']:.2f} | {r['ema_gib']:.2f} | {r['peak_activation_gib']:.2f} | "
+              f"{r['grad_gib']:.2f} | {r['adamw_gib']:.2f} | {r['ema_gib']:.2f} | {r['activations_at_peak_gib']:.2f} | "
               f"{r['total_gib']:.1f} GiB |")
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2) + "\n")
