@@ -216,6 +216,19 @@ def kernel_run(dev: torch.device, bandwidth: float, warmup: int, steps: int, sha
     compiled_ref = torch.compile(reference)
     variants = {"triton": adaln_norm, "inductor": compiled_ref, "eager": reference}
     rows = []
+
+    # First, correctness of the compiled Triton kernel (the CPU tests ran the interpreter):
+    # largest difference to eager, relative to the largest magnitude, per output and gradient.
+    errors = {}
+    outs = {}
+    for name in ("triton", "eager"):
+        h, res = variants[name](*inputs, 1e-6, torch.bfloat16)
+        grads = torch.autograd.grad((h, res), inputs, (dh, dres))
+        outs[name] = [h, res, *grads]
+    for label, a, b in zip(("h", "res", "dx", "dy", "dgate", "dweight", "dshift", "dscale"), outs["triton"], outs["eager"]):
+        errors[label] = ((a.float() - b.float()).abs().max() / b.float().abs().max().clamp_min(1e-30)).item()
+    print("adaln_norm triton vs eager, max relative error: " + ", ".join(f"{k} {v:.1e}" for k, v in errors.items()), flush=True)
+    del outs
     for name, fn in variants.items():
         def fwd(fn=fn):
             return fn(*inputs, 1e-6, torch.bfloat16)
@@ -232,6 +245,7 @@ def kernel_run(dev: torch.device, bandwidth: float, warmup: int, steps: int, sha
             "shape": [B, N, D], "fwd_ms": 1e3 * t_fwd, "bwd_ms": 1e3 * t_bwd,
             "fwd_gbps": fwd_bytes / t_fwd / 1e9, "bwd_gbps": bwd_bytes / t_bwd / 1e9,
             "fwd_of_copy_bw": fwd_bytes / t_fwd / bandwidth, "bwd_of_copy_bw": bwd_bytes / t_bwd / bandwidth,
+            "max_rel_error_vs_eager": errors if name == "triton" else None,
         })
         for t in inputs:
             t.grad = None
