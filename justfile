@@ -98,3 +98,11 @@ weights dir="weights" *args:
 # dopri5 protocol, 50K balanced samples and ADM reference; rows: `python eval/paper_fid.py --help`.
 paper-fid row nproc="1" weights="weights" *args:
     {{python}} eval/paper_fid.py {{row}} --nproc {{nproc}} --weights {{weights}} {{args}}
+
+# GPU training throughput per kernels setting (eager | compile | triton), MFU, memory, kernel bandwidth (~8 min on one H100/H200).
+bench-gpu out="runs/bench/gpu.json" *args:
+    {{python}} bench/gpu.py --out {{out}} {{args}}
+
+# Training memory per GPU for XL/1 and 1p0B/1 without a GPU (fake tensors), with and without activation checkpointing.
+bench-memory *args:
+    {{python}} bench/memory.py {{args}}

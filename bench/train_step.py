@@ -156,7 +156,7 @@ def main() -> None:
         net = model
         if compiled:
             net, loss_fn = torch.compile(model), torch.compile(loss_fn)
-        run_cfg = dataclasses.replace(cfg, compile=compiled)
+        run_cfg = dataclasses.replace(cfg, kernels="compile" if compiled else "eager")
         step = trainer.TrainStep(run_cfg, net, model, ema, opt, loss_fn, runtime.Dist(0, 1, 0, device, False), B, autocast_dtype)
         try:
             return time_steps(lambda i: step(batch, i), args.warmup, args.steps, device)

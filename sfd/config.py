@@ -554,8 +554,9 @@ class TrainConfig:
     mask_clamped: bool = False  # ours, off = faithful: drop the clamped parts from the loss (method.md §12.7)
     # Performance policy, decided once in main().
     precision: str = "bf16"  # bf16 autocast on GPU | fp32
-    compile: bool = True  # torch.compile the model and the loss (before the DDP wrap)
-    fused_kernels: bool = False  # fused Triton ops of sfd/kernels (none exist yet: selects nothing)
+    # eager | compile (torch.compile of model + loss, before DDP) | triton (compile + the fused
+    # ops of sfd/kernels; falls back to compile off CUDA). docs/performance.md has the budget.
+    kernels: str = "compile"
     tf32: bool = True  # TF32 matmuls/convs on CUDA
     grad_checkpointing: bool = False  # recompute block activations in backward (the authors' flag was never wired, §12.3 bug 12)
     # Bookkeeping.
@@ -579,6 +580,8 @@ class TrainConfig:
             raise ConfigError(f"delta_t must be >= 0, got {self.delta_t}")
         if self.global_batch <= 0 or self.micro_batch < 0:
             raise ConfigError("global_batch must be > 0 and micro_batch >= 0")
+        if self.kernels not in ("eager", "compile", "triton"):
+            raise ConfigError(f"kernels must be eager, compile or triton, got {self.kernels!r}")
         if self.data_mode not in ("memory", "stream"):
             raise ConfigError(f"data_mode must be memory or stream, got {self.data_mode!r}")
 
@@ -609,7 +612,7 @@ TRAIN_PRESETS: dict[str, TrainConfig] = {
     # Tests and the CPU demo.
     "tiny": _run(
         "tiny", out_dir="runs/tiny", global_batch=8, max_steps=200, precision="fp32",
-        compile=False, log_every=10, ckpt_every=100, sample_every=0,
+        kernels="eager", log_every=10, ckpt_every=100, sample_every=0,
         data_mode="memory",
     ),
 }

@@ -184,7 +184,7 @@ def test_compiled_step_matches_eager(cache_dir: Path, tmp_path: Path) -> None:
     # ~60 s on 2 CPU cores with a cold inductor cache (~10 s warm): the compile of fwd + bwd.
     run(cache_dir, tmp_path / "eager", "max_steps=3")
     try:
-        run(cache_dir, tmp_path / "compiled", "max_steps=3", "compile=true")
+        run(cache_dir, tmp_path / "compiled", "max_steps=3", "kernels=compile")
     finally:
         torch._dynamo.reset()
     eager, compiled = losses(tmp_path / "eager"), losses(tmp_path / "compiled")

@@ -70,6 +70,7 @@ from sfd.config import TRAIN_PRESETS, ConfigError, TrainConfig, to_json, train_p
 from sfd.data.cache import CacheError
 from sfd.data.reader import LatentBatch, LatentCacheReader
 from sfd.diffusion import LossTerms, noise_composite, sample_training_times, sfd_loss
+from sfd.kernels import resolve as resolve_kernels
 from sfd.manifest import CheckpointError, usable_checkpoints, write_manifest
 from sfd.models.lightningdit import ROPE_BUFFERS, LightningDiT, count_params, load_lightningdit
 from sfd.runlock import LockError, die_with_parent, hold_for_ranks, release_held_locks
@@ -193,13 +194,13 @@ def main(argv: list[str] | None = None) -> None:
     tf32 = runtime.set_precision(d.device, cfg.tf32)
     # bf16 autocast on GPUs only; fp32 master weights and optimizer state, loss in fp32.
     autocast_dtype = runtime.autocast_dtype(cfg.precision, d.device)
+    kernel_policy = resolve_kernels(cfg.kernels, d.device)  # compile? fused ops? decided here once
     policy = {
         "autocast": "bf16" if autocast_dtype else f"off (fp32{', CPU' if not on_cuda else ''})",
         "tf32": tf32,
-        "compile": "model + loss, before DDP" if cfg.compile else "off",
+        "kernels": kernel_policy.describe(),
         "optimizer": f"AdamW ({'fused' if on_cuda else 'foreach'})",
         "ema": "foreach lerp every step",
-        "fused_kernels": "requested, but sfd/kernels has none yet: eager ops" if cfg.fused_kernels else "off",
         "grad_checkpointing": cfg.grad_checkpointing,
         "ddp": f"{'nccl' if on_cuda else 'gloo'}, {d.world_size} ranks" if d.world_size > 1 else "off (1 process)",
     }
@@ -220,6 +221,7 @@ def main(argv: list[str] | None = None) -> None:
         model.load_state_dict(load_lightningdit(cfg.init_from, m, prefer_ema=False).state_dict())
         ema_start = load_lightningdit(cfg.init_from, m, prefer_ema=True).state_dict()
     model.grad_checkpointing = cfg.grad_checkpointing
+    model.use_kernels(kernel_policy.fused)
     if not use_repa and m.use_repa:
         # Kept for checkpoint compatibility but untrained: DDP needs a gradient for every trainable
         # parameter, and the projector gets none without the REPA loss.
@@ -245,7 +247,7 @@ def main(argv: list[str] | None = None) -> None:
         mask_clamped=cfg.mask_clamped,
     )
     net: nn.Module = model  # `model` stays the unwrapped handle: checkpoints never see prefixes
-    if cfg.compile:
+    if kernel_policy.compile:
         net = torch.compile(model)
         loss_fn = torch.compile(loss_fn)
 

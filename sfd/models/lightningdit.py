@@ -36,6 +36,7 @@ from sfd.checkpoint import (
     save_checkpoint,
 )
 from sfd.config import ModelConfig
+from sfd.kernels import block as fused
 
 # Recomputed at construction; older or foreign files may lack them (reference/README.md).
 ROPE_BUFFERS = ("feat_rope.freqs_cos", "feat_rope.freqs_sin")
@@ -305,8 +306,11 @@ class LightningDiTBlock(nn.Module):
         self.adaLN_modulation = nn.Sequential(
             nn.SiLU(), nn.Linear(D, (4 if cfg.wo_shift else 6) * D, bias=True)
         )
+        self.fused = False  # set by LightningDiT.use_kernels: the sfd.kernels path
 
     def forward(self, x: Tensor, c: Tensor, rope: AxialRoPE2d | None) -> Tensor:
+        if self.fused:
+            return fused.block_forward(self, x, c, rope)
         if self.wo_shift:
             scale_msa, gate_msa, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(4, dim=1)
             shift_msa = shift_mlp = None
@@ -329,8 +333,11 @@ class FinalLayer(nn.Module):
         self.norm_final = _norm(dim, use_rmsnorm)
         self.linear = nn.Linear(dim, patch_size * patch_size * out_channels, bias=True)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 2 * dim, bias=True))
+        self.fused = False  # set by LightningDiT.use_kernels: the sfd.kernels path
 
     def forward(self, x: Tensor, c: Tensor) -> Tensor:
+        if self.fused:
+            return fused.final_forward(self, x, c)
         shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)
         return self.linear(modulate(self.norm_final(x), shift, scale))
 
@@ -420,6 +427,18 @@ class LightningDiT(nn.Module):
         self.pos_embed.copy_(sincos_pos_embed_2d(self.cfg.hidden_size, self.grid_size).unsqueeze(0))
         if self.feat_rope is not None:
             self.feat_rope.reset_tables()
+
+    def use_kernels(self, fused_ops: bool) -> int:
+        """Route blocks and final layer through the fused ops of ``sfd.kernels`` (or back).
+
+        Same parameters, same maths; the ops run Triton on CUDA and their eager references
+        elsewhere. Only RMSNorm layers have a fused path. Returns how many modules were switched.
+        """
+        switched = 0
+        for module in (*self.blocks, self.final_layer):
+            module.fused = bool(fused_ops) and fused.fusable(module)
+            switched += module.fused
+        return switched
 
     def _timestep_embedders(self) -> list[TimestepEmbedder]:
         if self.cfg.timestep_embedding == "dual":
