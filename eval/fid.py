@@ -15,15 +15,17 @@ Only the verified Inception weights (pt_inception-2015-12-05-6726825d.pth, a loc
 
 Examples:
     # 50K samples with AutoGuidance on 8 GPUs, then the npz for the official evaluator
-    torchrun --nproc_per_node=8 eval/fid.py gen --ckpt weights/sfd_xl_4m.pt --model XL/1 \\
-        --guide weights/sfd_autoguidance_b.pt --guide-model B/1 --ag-scale 1.5 \\
-        --stats weights/latents_stats.pt --out samples/sfd-xl-ag --npz samples/sfd-xl-ag.npz
+    # (`just paper-fid xl-4m 8` runs exactly the paper's protocol for each published row)
+    torchrun --nproc_per_node=8 eval/fid.py gen --ckpt weights/model_weights/sfd_xl/checkpoints/4000000.pt \\
+        --model XL/1 --guide weights/model_weights/sfd_autoguidance_b/checkpoints/0070000.pt \\
+        --guide-model B/1 --ag-scale 1.5 --stats "$(python -m sfd.weights --path latents_stats)" \\
+        --grid authors --out runs/fid50k/sfd-xl-ag --npz runs/fid50k/sfd-xl-ag.npz
 
     # metrics against the ADM reference batch (weights/VIRTUAL_imagenet256_labeled.npz)
-    python eval/fid.py calc samples/sfd-xl-ag.npz --out results/sfd-xl-ag.json
+    python eval/fid.py calc runs/fid50k/sfd-xl-ag.npz --out runs/fid50k/sfd-xl-ag.json
 
     # reference statistics of your own image folder (ADM centre crop to 256)
-    python eval/fid.py ref data/imagenet/val --center-crop 256 --out refs/imagenet-val.npz
+    python eval/fid.py ref data/imagenet/val --center-crop 256 --out runs/refs/imagenet-val.npz
 """
 
 from __future__ import annotations
@@ -46,9 +48,23 @@ from PIL import Image
 from tqdm import tqdm
 
 from sfd import runtime
-from sfd.checkpoint import WeightsError, file_sha256, resolve_checkpoint, resolve_weights
-from sfd.cli import add_model_args, add_sampling_args, pipeline_kwargs, sampling_config_from_args
+from sfd.checkpoint import (
+    KNOWN_WEIGHTS,
+    WeightsError,
+    file_sha256,
+    resolve_checkpoint,
+    resolve_weights,
+)
+from sfd.cli import (
+    add_model_args,
+    add_sampling_args,
+    check_inputs,
+    pipeline_kwargs,
+    run_cli,
+    sampling_config_from_args,
+)
 from sfd.config import ConfigError
+from sfd.data.cache import CacheError
 from sfd.loading import load_pipeline
 from sfd.metrics import (
     IS_SPLIT_SIZE,
@@ -289,6 +305,7 @@ def read_nfe(out: Path) -> dict[str, float] | None:
 
 
 def cmd_gen(args: argparse.Namespace) -> None:
+    check_inputs({"--ckpt": args.ckpt, "--guide": args.guide, "--stats": args.stats, "--vae": args.vae})
     d = runtime.init_distributed(args.device)
     rank, world, device = d.rank, d.world_size, d.device
     # Policy, decided once: TF32 matmuls as in the authors' inference (method.md §7.1).
@@ -414,6 +431,7 @@ def no_tf32(device: torch.device) -> None:
 
 
 def cmd_ref(args: argparse.Namespace) -> None:
+    check_inputs({"source": args.source, "--inception": args.inception if args.detector == "inception" else None})
     device = runtime.pick_device(args.device)
     no_tf32(device)
     detector = build_detector(args, device)
@@ -482,6 +500,9 @@ def metric_names(detector: torch.nn.Module) -> dict[str, str]:
 
 
 def cmd_calc(args: argparse.Namespace) -> None:
+    check_inputs({"samples": args.samples, "--ref": args.ref or f"weights/{KNOWN_WEIGHTS['adm_reference'].filename}",
+                  "--inception": (args.inception or f"weights/{KNOWN_WEIGHTS['inception'].filename}")
+                  if args.detector == "inception" else None})
     device = runtime.pick_device(args.device)
     no_tf32(device)
     detector = build_detector(args, device)
@@ -585,8 +606,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen = sub.add_parser("gen", help="generate class-balanced samples (resumable, torchrun)", formatter_class=fmt,
                          description="Generate N class-balanced samples as {index:06d}.png (resumable; torchrun).",
                          epilog=example_epilog(
-                             "torchrun --nproc_per_node=8 eval/fid.py gen --ckpt runs/sfd-xl --stats data/imagenet256-sfd \\",
-                             "    --sampler dopri5 --out samples/sfd-xl --npz samples/sfd-xl.npz"))
+                             "torchrun --nproc_per_node=8 eval/fid.py gen --ckpt runs/sfd-xl --sampler dopri5 \\",
+                             "    --out runs/fid50k/samples --npz runs/fid50k/samples.npz"))
     add_model_args(gen)
     add_sampling_args(gen)
     g = gen.add_argument_group("generation")
@@ -603,7 +624,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     ref = sub.add_parser("ref", help="reference statistics of an image folder or npz", formatter_class=fmt,
                          description="Reference statistics (mu, sigma, mu_s, sigma_s, pool features) with ADM key names.",
-                         epilog=example_epilog("python eval/fid.py ref weights/VIRTUAL_imagenet256_labeled.npz --out refs/adm256.npz"))
+                         epilog=example_epilog("python eval/fid.py ref weights/VIRTUAL_imagenet256_labeled.npz --out runs/refs/adm256.npz"))
     ref.add_argument("source", help="image folder or npz with arr_0")
     ref.add_argument("--out", required=True, help="output .npz")
     ref.add_argument("--center-crop", type=int, default=None, help="ADM centre crop of folder images to this size")
@@ -613,7 +634,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     calc = sub.add_parser("calc", help="FID, sFID, IS, precision, recall of a sample folder or npz", formatter_class=fmt,
                           description="Metrics of samples against the ADM reference batch or a `ref` output.",
-                          epilog=example_epilog("python eval/fid.py calc samples/sfd-xl.npz --ref weights/VIRTUAL_imagenet256_labeled.npz --out results/sfd-xl.json"))
+                          epilog=example_epilog("python eval/fid.py calc runs/fid50k/samples.npz --ref weights/VIRTUAL_imagenet256_labeled.npz --out runs/fid50k/metrics.json"))
     calc.add_argument("samples", help="sample folder (from gen) or npz with arr_0")
     calc.add_argument("--ref", default=None, help="VIRTUAL_imagenet256_labeled.npz (default: weights/) or a `ref` output")
     calc.add_argument("--out", default=None, help="results JSON (default: <folder>/metrics.json or <npz>.metrics.json)")
@@ -626,12 +647,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
-    try:
-        args.func(args)
-    except (ConfigError, WeightsError) as e:  # a user error: one line, exit status 2
-        print(f"error: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
+    args.func(args)
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    # A user error (also a SystemExit with a message from the checks above): one line, exit 2.
+    run_cli(lambda: main(sys.argv[1:]), (ConfigError, WeightsError, CacheError))

@@ -64,9 +64,9 @@ def commands(row: PaperRow, weights: Path, out: Path, nproc: int, batch_size: in
     return [gen, calc]
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+        prog="eval/paper_fid.py", description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=__doc__[__doc__.index("Rows:"):].format(rows=ROWS_HELP),
     )
     p.add_argument("row", choices=sorted(PAPER_ROWS), metavar="ROW", help="paper row (listed below)")
@@ -77,7 +77,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--num-samples", type=int, default=50_000,
                    help="samples (default 50,000, the protocol; fewer gives a number that is not the paper's)")
     p.add_argument("--dry-run", action="store_true", help="check the files and print the commands; run nothing")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
 
     row, weights = PAPER_ROWS[args.row], Path(args.weights)
     gone = missing(weights, row_files(row))

@@ -22,6 +22,8 @@ import matplotlib
 matplotlib.use("Agg")  # files only: no display on clusters or CI
 import matplotlib.pyplot as plt  # noqa: E402
 
+from sfd.cli import run_cli  # noqa: E402
+
 LOSS_TERMS = ("total", "mse", "cos", "repa")
 # Training signals beside the losses: (field, panel title, y-axis label, log scale?)
 TRAIN_PANELS = (
@@ -108,12 +110,17 @@ def plot_metrics(runs: list[Path], labels: list[str], out: Path) -> Path | None:
     return path
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="eval/plot.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("runs", nargs="+", type=Path, help="run directories (holding metrics.jsonl / eval.jsonl)")
     ap.add_argument("--labels", default=None, help="comma-separated legend labels (default: folder names)")
     ap.add_argument("--out", type=Path, default=None, help="output folder (default: <first run>/plots)")
-    args = ap.parse_args()
+    return ap
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = build_parser()
+    args = ap.parse_args(argv)
     labels = args.labels.split(",") if args.labels else [r.name for r in args.runs]
     if len(labels) != len(args.runs):
         ap.error(f"{len(labels)} labels for {len(args.runs)} runs")
@@ -129,4 +136,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main, ())

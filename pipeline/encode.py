@@ -44,19 +44,19 @@ Examples:
   # ImageNet with the released encoders (what `just encode imagenet` runs):
   python pipeline/encode.py --images data/imagenet/train --out data/cache/imagenet256 \\
       --texture-vae weights/ldm-imagenet256-f16d32-50ep.ckpt \\
-      --dino weights/dinov2_vitb14_reg4_pretrain.pth --semvae weights/semantic_ae_final.pt
+      --dino weights/dinov2_vitb14_reg4_pretrain.pth
+  # (add --semvae PATH to use the released Semantic VAE: `python -m sfd.weights --path semvae`)
 
-  # Demo on a laptop: pixel stand-in texture "VAE", random tiny DINO, SemVAE trained here:
-  python pipeline/encode.py --images ../shared/data/imagenet-sample --out runs/demo/cache \\
+  # Any image folder on a laptop: pixel stand-in texture "VAE", random tiny DINO, SemVAE trained
+  # here (`just encode data/my-images` runs the real encoders into data/cache/my-images):
+  python pipeline/encode.py --images data/my-images --out data/cache/my-images \\
       --image-size 64 --texture standin-f4 --random-encoders 0 --semvae-steps 300
 
-  # On a Ray cluster: the same command through the job API. --images and --out must be paths
-  # that every node sees (shared filesystem); every node needs requirements.txt installed. The
-  # working dir ships this repository (on workers it is on sys.path; PYTHONPATH=. does the same
-  # for the driver script, or install the repo on the nodes with `pip install -e .`).
-  # One actor per GPU is started across all nodes; --num-workers overrides.
-  ray job submit --address http://HEAD:8265 --working-dir . -- env PYTHONPATH=. \\
-      python pipeline/encode.py --images /shared/imagenet/train --out /shared/cache/imagenet256 ...
+  # On a Ray cluster (README: "Encode ImageNet"): every node has this repository installed
+  # (`just setup`) and sees the images, the cache and the weights at the same paths (shared
+  # storage). One actor per GPU is started across all nodes; --num-workers overrides.
+  ray job submit --address http://HEAD:8265 -- python $PWD/pipeline/encode.py \\
+      --images data/imagenet/train --out data/cache/imagenet256
 """
 
 from __future__ import annotations
@@ -76,8 +76,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from sfd.checkpoint import WeightsError
-from sfd.cli import add_override_arg, apply_overrides
+from sfd.checkpoint import KNOWN_WEIGHTS, WeightsError
+from sfd.cli import add_override_arg, apply_overrides, check_inputs, fill_help
 from sfd.config import ENCODE_STAGES, ConfigError, EncodeConfig
 from sfd.data.cache import CacheError, LatentCache, create_cache
 from sfd.data.images import DatasetError, discover
@@ -519,6 +519,9 @@ def run(cfg: EncodeConfig) -> list[StageResult]:
     with job_lock(cfg.out):  # before preflight: it may create the cache
         plan = preflight(cfg)
         c = plan.cache
+        # The resolved config beside the cache, as the reports and locks (each run rewrites it);
+        # written once the checks passed, so a refused run leaves nothing behind.
+        Path(f"{cfg.out.rstrip('/')}.encode.json").write_text(json.dumps(asdict(cfg), indent=2) + "\n")
         log(
             f"cache {c.path}: {c.num_rows} images, {c.num_shards} shards of {c.layout.rows_per_shard}; texture "
             f"{c.layout.texture_shape}, semantic {c.layout.semantic_shape}, DINO {c.layout.dino_shape or 'not stored'}"
@@ -583,9 +586,9 @@ def print_summary(results: Sequence[StageResult]) -> None:
 # ---- CLI ---------------------------------------------------------------------------------------
 
 
-def parse_args(argv: Sequence[str] | None = None) -> EncodeConfig:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], epilog=__doc__[__doc__.index("Examples:"):],
+        prog="pipeline/encode.py", description=__doc__.split("\n\n")[0], epilog=__doc__[__doc__.index("Examples:"):],
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     d = EncodeConfig(images="", out="")
@@ -630,7 +633,11 @@ def parse_args(argv: Sequence[str] | None = None) -> EncodeConfig:
         "only file presence and sizes are checked",
     )
     add_override_arg(p, "EncodeConfig")
-    given = vars(p.parse_args(argv))
+    return fill_help(p, EncodeConfig)
+
+
+def parse_args(argv: Sequence[str] | None = None) -> EncodeConfig:
+    given = vars(build_parser().parse_args(argv))
     overrides = given.pop("override")
     return apply_overrides(EncodeConfig(**given), overrides)
 
@@ -638,11 +645,20 @@ def parse_args(argv: Sequence[str] | None = None) -> EncodeConfig:
 def main(argv: Sequence[str] | None = None) -> list[StageResult]:
     cfg = parse_args(argv)
     log("config: " + json.dumps(asdict(cfg)))
-    # The resolved config beside the cache, as the reports and locks (each run rewrites it).
-    saved = Path(f"{cfg.out.rstrip('/')}.encode.json")
-    saved.parent.mkdir(parents=True, exist_ok=True)
-    saved.write_text(json.dumps(asdict(cfg), indent=2) + "\n")
+    check_inputs(input_files(cfg), WeightsError)  # every missing input named at once, before any work
     return run(cfg)
+
+
+def input_files(cfg: EncodeConfig) -> dict[str, str | None]:
+    """The files and folders this run reads ({flag: path}), defaults included."""
+    real = cfg.random_encoders is None
+    return {
+        "--images": cfg.images,
+        "--texture-vae": (cfg.texture_vae or f"weights/{KNOWN_WEIGHTS['texture_vae'].filename}")
+        if real and not cfg.texture.startswith("standin") else None,
+        "--dino": (cfg.dino or f"weights/{KNOWN_WEIGHTS['dinov2'].filename}") if real else None,
+        "--semvae": cfg.semvae if cfg.semvae != "random" else None,
+    }
 
 
 def cli(argv: Sequence[str] | None = None) -> int:

@@ -34,7 +34,9 @@ the same command resumes from the latest one and continues bit-for-bit. The fina
 
 Examples:
   python pipeline/train_semvae.py --cache data/cache/imagenet256 --run-dir data/cache/imagenet256.semvae
-  torchrun --nproc_per_node 8 pipeline/train_semvae.py --cache ... --run-dir ... --steps 125000
+  # 8 GPUs of this node (what `just semvae data/cache/imagenet256 8` runs), a shorter schedule:
+  torchrun --nproc_per_node 8 pipeline/train_semvae.py --cache data/cache/imagenet256 \\
+      --run-dir data/cache/imagenet256.semvae --steps 125000
 """
 
 from __future__ import annotations
@@ -61,7 +63,7 @@ from sfd.checkpoint import (
     save_checkpoint,
     save_training_checkpoint,
 )
-from sfd.cli import add_override_arg, apply_overrides
+from sfd.cli import add_override_arg, apply_overrides, fill_help
 from sfd.config import SEMVAE_PRESETS, ConfigError, TrainSemVAEConfig, to_json
 from sfd.data.cache import CacheError, LatentCache
 from sfd.data.reader import DinoTokenReader
@@ -214,14 +216,14 @@ def train(cfg: TrainSemVAEConfig) -> Path:
     return final
 
 
-def parse_args(argv: Sequence[str] | None = None) -> TrainSemVAEConfig:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], epilog=__doc__[__doc__.index("Examples:"):],
+        prog="pipeline/train_semvae.py", description=__doc__.split("\n\n")[0], epilog=__doc__[__doc__.index("Examples:"):],
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     d = TrainSemVAEConfig(cache="", run_dir="")
-    p.add_argument("--cache", required=True)
-    p.add_argument("--run-dir", required=True)
+    p.add_argument("--cache", required=True, help="latent cache holding the DINO features (encoded with REPA targets stored)")
+    p.add_argument("--run-dir", required=True, help="run directory: checkpoints and the final semvae.safetensors (same command resumes)")
     for f, v in asdict(d).items():
         if f in ("cache", "run_dir"):
             continue
@@ -235,7 +237,11 @@ def parse_args(argv: Sequence[str] | None = None) -> TrainSemVAEConfig:
         else:
             p.add_argument(flag, type=type(v), default=v)
     add_override_arg(p, "TrainSemVAEConfig")
-    given = vars(p.parse_args(argv))
+    return fill_help(p, TrainSemVAEConfig)
+
+
+def parse_args(argv: Sequence[str] | None = None) -> TrainSemVAEConfig:
+    given = vars(build_parser().parse_args(argv))
     overrides = given.pop("override")
     return apply_overrides(TrainSemVAEConfig(**given), overrides)
 

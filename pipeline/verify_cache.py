@@ -17,11 +17,17 @@ from collections.abc import Sequence
 from sfd.data.cache import FIX_HINT, CacheError, LatentCache
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(
+        prog="pipeline/verify_cache.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("cache", help="latent cache directory")
     ap.add_argument("--quick", action="store_true", help="check file presence and sizes only (no decoding)")
-    args = ap.parse_args(argv)
+    return ap
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     try:
         cache = LatentCache.open(args.cache)
         done = int(cache.shard_done().sum())

@@ -5,24 +5,24 @@ AutoGuidance (§7.2), texture channels denormalised with the cache statistics an
 texture VAE. Runs on CPU and GPU (``--device auto``); fp32 by default as the authors sample.
 
 Examples:
-    # the authors' released XL/1 with AutoGuidance (paper setting: dopri5, w = 1.5)
-    python sample/grid.py --ckpt weights/sfd_xl_4m.pt --model XL/1 \\
-        --guide weights/sfd_autoguidance_b.pt --guide-model B/1 --ag-scale 1.5 \\
-        --stats weights/latents_stats.pt --classes 207,360,387,974,88,979,417,279 \\
-        --per-class 4 --out grid.png
+    # the authors' released XL/1 with AutoGuidance (paper setting: dopri5, w = 1.5); weights/ is
+    # laid out as published (`just weights` lists it)
+    python sample/grid.py --ckpt weights/model_weights/sfd_xl/checkpoints/4000000.pt --model XL/1 \\
+        --guide weights/model_weights/sfd_autoguidance_b/checkpoints/0070000.pt --guide-model B/1 \\
+        --ag-scale 1.5 --stats "$(python -m sfd.weights --path latents_stats)" \\
+        --classes 207,360,387,974,88,979,417,279 --per-class 4 --out runs/grids/sfd-xl-ag.png
 
     # the latest checkpoint of our own run (latent statistics stored with it; a cache via --stats
     # adds class names), Euler 100 steps, CFG 1.5 from τ ≥ 0.1
-    python sample/grid.py --ckpt runs/sfd-xl --stats data/imagenet256-sfd \\
+    python sample/grid.py --ckpt runs/sfd-xl --stats data/cache/imagenet256 \\
         --classes n02099601,n01443537 --sampler euler --steps 100 --cfg-scale 1.5 \\
-        --cfg-interval-start 0.1 --out grid.png
+        --cfg-interval-start 0.1 --out runs/grids/own-run.png
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
@@ -30,7 +30,14 @@ import torch
 
 from sfd import runtime
 from sfd.checkpoint import WeightsError, file_sha256
-from sfd.cli import add_model_args, add_sampling_args, pipeline_kwargs, sampling_config_from_args
+from sfd.cli import (
+    add_model_args,
+    add_sampling_args,
+    check_inputs,
+    pipeline_kwargs,
+    run_cli,
+    sampling_config_from_args,
+)
 from sfd.config import ConfigError
 from sfd.data.cache import CacheError
 from sfd.loading import load_pipeline
@@ -73,8 +80,10 @@ def parse_classes(spec: str, names: list[str] | None, num_classes: int) -> list[
     return labels
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(
+        prog="sample/grid.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     add_model_args(ap)
     add_sampling_args(ap)
     ap.add_argument("--classes", default="207,360,387,974,88,979,417,279", help="comma-separated labels (indices, or wnids/names with --class-names or a cache); default: the 8 classes of DiT's sample.py")
@@ -84,7 +93,13 @@ def main() -> None:
     ap.add_argument("--out", default="grid.png", help="output PNG (a JSON with the settings is written beside it)")
     ap.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps")
     ap.add_argument("--no-tf32", action="store_true", help="disable TF32 matmuls on CUDA (the authors sample with TF32 on)")
-    args = ap.parse_args()
+    return ap
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    check_inputs({"--ckpt": args.ckpt, "--guide": args.guide, "--stats": args.stats, "--vae": args.vae,
+                  "--class-names": args.class_names})
 
     # Policy, decided once: TF32 as in the authors' inference (method.md §7.1) unless disabled.
     device = runtime.pick_device(args.device)
@@ -127,8 +142,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (ConfigError, WeightsError, CacheError) as e:  # a user error or refused/damaged input: one line, exit 2
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    # A user error or a refused/damaged input: one `error:` line, exit status 2.
+    run_cli(main, (ConfigError, WeightsError, CacheError))

@@ -83,21 +83,8 @@ KNOWN_WEIGHTS: dict[str, KnownWeights] = {
         "ADM ImageNet-256 reference batch",
         "OpenAI guided-diffusion evaluation suite (evaluations/README: ImageNet 256x256 reference batch)",
     ),
-    "sfd_xl": KnownWeights(
-        "sfd_xl_4m.pt",
-        "SFD LightningDiT-XL/1 checkpoint",
-        "the SFD authors on Hugging Face: SFD-Project/SFD, folder model_weights/",
-    ),
-    "sfd_1p0b": KnownWeights(
-        "sfd_1p0b_4m.pt",
-        "SFD LightningDiT-1p0B/1 checkpoint",
-        "the SFD authors on Hugging Face: SFD-Project/SFD, folder model_weights/",
-    ),
-    "sfd_guide_b": KnownWeights(
-        "sfd_autoguidance_b.pt",
-        "SFD LightningDiT-B/1 AutoGuidance guide checkpoint",
-        "the SFD authors on Hugging Face: SFD-Project/SFD, folder model_weights/sfd_autoguidance_b/",
-    ),
+    # The released SFD checkpoints, the Semantic VAE and the latent statistics keep the authors'
+    # folder layout (model_weights/<run>/checkpoints/<step>.pt, ...): see sfd/weights.py.
 }
 
 

@@ -15,13 +15,19 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-from typing import Any, TypeVar
+import functools
+import inspect
+import re
+import sys
+from collections.abc import Callable
+from typing import Any, NoReturn, TypeVar
 
 from sfd.config import SAMPLER_METHODS, SAMPLING_PRESETS, SamplingConfig, override
 
 __all__ = [
     "add_override_arg", "apply_overrides", "add_model_args", "add_sampling_args",
-    "sampling_config_from_args", "pipeline_kwargs", "SAMPLING_FLAGS",
+    "sampling_config_from_args", "pipeline_kwargs", "SAMPLING_FLAGS", "field_help", "fill_help", "run_cli",
+    "check_inputs",
 ]
 
 T = TypeVar("T")
@@ -106,3 +112,60 @@ def pipeline_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         model=args.model, guide=args.guide, guide_model=args.guide_model, ema=not args.no_ema,
         stats=args.stats, vae=args.vae, vae_preset=args.vae_preset,
     )
+
+
+@functools.cache
+def field_help(cls: type) -> dict[str, str]:
+    """``{field: text}`` from the comment after each field of a config dataclass, so a flag made
+    from a field says what the field's comment says (one text, kept where the field is defined)."""
+    out: dict[str, str] = {}
+    for line in inspect.getsource(cls).splitlines():
+        m = re.match(r"\s+(\w+)\s*:[^=#]*=\s*[^#]*#\s*(.+)$", line)
+        if m and m.group(1) not in out:
+            out[m.group(1)] = m.group(2).strip()
+    return out
+
+
+def fill_help(parser: argparse.ArgumentParser, cls: type) -> argparse.ArgumentParser:
+    """Give every flag of ``parser`` without a help text the comment of ``cls``'s field of that name,
+    plus its default; flags with neither keep none (a test asserts that none is left)."""
+    docs = field_help(cls)
+    for action in parser._actions:
+        if action.help or not action.option_strings or action.dest not in docs:
+            continue
+        default = "" if action.default in (None, argparse.SUPPRESS) or isinstance(action.default, bool) else " (default: %(default)s)"
+        action.help = docs[action.dest] + default
+    return parser
+
+
+def run_cli(main: Callable[[], Any], user_errors: tuple[type[BaseException], ...]) -> NoReturn:
+    """Run an entry point's ``main`` so that a user error — one of ``user_errors``, or a
+    ``SystemExit`` carrying a message — prints one ``error: …`` line and exits with status 2,
+    never a traceback. argparse's own exits (status 0 for --help, 2 for bad flags) pass through;
+    an int returned by ``main`` is the exit status."""
+    try:
+        code = main()
+    except user_errors as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except SystemExit as e:
+        if e.code is None or isinstance(e.code, int):
+            raise
+        print(f"error: {e.code}", file=sys.stderr)
+        sys.exit(2)
+    sys.exit(code if isinstance(code, int) else 0)
+
+
+def check_inputs(inputs: dict[str, Any], error: type[Exception] | None = None) -> None:
+    """Raise one error (``error``, default :class:`ConfigError`) listing every given input path
+    that does not exist (``{flag: path}``; None, "" and the word ``identity`` mean "not a file"
+    and are skipped), so a user fixes them all at once."""
+    from pathlib import Path
+
+    from sfd.config import ConfigError
+
+    gone = [f"{flag} {path}" for flag, path in inputs.items()
+            if path not in (None, "", "identity") and not Path(path).exists()]
+    if gone:
+        hint = " (`just weights` says where each released file is published)" if any("weights/" in g for g in gone) else ""
+        raise (error or ConfigError)(f"{len(gone)} input(s) not found: " + "; ".join(gone) + hint)

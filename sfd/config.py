@@ -458,19 +458,19 @@ class EncodeConfig:
     texture: str = "f16d32"  # texture-VAE preset, or standin-fN (pixel-unshuffle stand-in, not a VAE)
     texture_vae: str | None = None  # weight file; default weights/ldm-imagenet256-f16d32-50ep.ckpt
     dino: str | None = None  # weight file; default weights/dinov2_vitb14_reg4_pretrain.pth
-    dino_preset: str = "dinov2_vitb14_reg"
+    dino_preset: str = "dinov2_vitb14_reg"  # DINOv2 architecture of the --dino file
     semvae: str | None = None  # weight file, or "random" (tests); None: train one on this cache
     semvae_preset: str = "transformer_ch16"  # architecture to train (or of an authors' .pt file)
     random_encoders: int | None = None  # seed: random-init tiny encoders instead of weight files
     repa_targets: str = "store"  # store | none
     row_order: str = "permuted"  # permuted (fixed seed) | sorted
-    order_seed: int = 0
+    order_seed: int = 0  # seed of the permuted row order
     seed: int = 0  # posterior-noise seed
     rows_per_shard: int = 1024  # work unit (rows written by one actor at a time)
     rows_per_chunk: int = 64  # zarr chunk rows (divides rows_per_shard)
     batch_size: int = 32  # images per forward (×2 with flips)
     precision: str = "fp32"  # fp32 (authors) | bf16 (autocast, opt-in)
-    tf32: bool = True
+    tf32: bool = True  # allow TF32 matmuls on GPU (the authors' setting)
     device: str = "auto"  # auto | cuda | cpu
     num_workers: int | None = None  # actors; default one per GPU, or CPUs // threads_per_worker
     threads_per_worker: int | None = None  # torch threads per actor (CPU default 1, GPU 2)
@@ -479,14 +479,14 @@ class EncodeConfig:
     max_retries: int = 3  # attempts per shard after a failure
     ray_address: str | None = None  # default: RAY_ADDRESS or a local Ray instance
     ray_num_cpus: int | None = None  # CPUs of a local Ray instance (default: all)
-    stages: str = ",".join(ENCODE_STAGES)
+    stages: str = ",".join(ENCODE_STAGES)  # comma-separated subset of encode,semvae,semantic,stats
     semvae_dir: str | None = None  # default <out>.semvae
     semvae_steps: int = 1_000_000  # authors: 1M iterations at batch 64
-    semvae_batch_size: int = 64
+    semvae_batch_size: int = 64  # SemVAE training batch per process (authors: 64)
     semvae_nproc: int = 1  # >1: torchrun DDP on this host
     semvae_args: str = ""  # extra flags for pipeline/train_semvae.py
     stats_samples: int = 10_000  # rows for the statistics (authors: 10,000)
-    stats_seed: int = 0
+    stats_seed: int = 0  # seed of the rows drawn for the statistics
     verify: bool = False  # decode every file of the finished shards (checksums) before the stages
 
 
@@ -500,21 +500,21 @@ class TrainSemVAEConfig:
     preset: str = "transformer_ch16"  # SemVAE architecture (tiny for tests)
     steps: int = 1_000_000  # authors: 1M iterations
     batch_size: int = 64  # per process (authors: 64)
-    lr: float = 5e-5
+    lr: float = 5e-5  # AdamW learning rate (authors: 5e-5)
     weight_decay: float = 0.01  # torch AdamW default, as the authors
     warmup_steps: int = 500  # from warmup_start × lr; capped at steps // 10
-    warmup_start: float = 0.01
+    warmup_start: float = 0.01  # warm-up starts at this × lr
     decay_start: float = 0.8  # fraction of the run where the cosine decay begins
     final_lr: float = 0.1  # × lr at the last step
-    kl_weight: float = 1e-7
+    kl_weight: float = 1e-7  # weight of the KL term (authors: 1e-7)
     cos_axis: str = "token"  # token (authors' code) | feature (per-token cosine)
     window_chunks: int = 16  # zarr chunks shuffled together (memory ≈ 2 windows)
-    seed: int = 0
-    ckpt_every: int = 10_000
-    keep_last: int = 2
-    log_every: int = 100
+    seed: int = 0  # data order and initialisation seed
+    ckpt_every: int = 10_000  # steps between checkpoints
+    keep_last: int = 2  # checkpoints kept (older ones deleted)
+    log_every: int = 100  # steps between log lines
     precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32
-    device: str = "auto"
+    device: str = "auto"  # auto | cuda | cpu
     stop_after: int | None = None  # stop (with a checkpoint) after this many steps in this run
 
 

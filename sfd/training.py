@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import signal
 from collections.abc import Callable, Sequence
@@ -142,7 +143,38 @@ def check_cache(cfg: TrainConfig, cache: LatentCache, world_size: int, per_rank:
             f"per-rank batch {per_rank} exceeds the {items_per_rank} valid rows each of {world_size} ranks gets per epoch"
         )
     if problems:
-        raise TrainError(f"cache {cache.path} does not fit the run config:\n  " + "\n  ".join(problems))
+        raise TrainError(
+            f"cache {cache.path} does not fit the run config:\n  " + "\n  ".join(problems)
+            + "\nFix: leave the model's data-shaped fields (" + ", ".join(f"model.{k}" for k in DATA_SHAPED)
+            + ") unset so they come from the cache, change the other settings named above, or use a matching cache"
+        )
+
+
+# Model fields fixed by the data, not by the architecture: taken from the cache unless given.
+DATA_SHAPED = ("in_channels", "semantic_chans", "input_size", "num_classes", "repa_target_dim")
+
+
+def fit_to_cache(cfg: TrainConfig, cache: LatentCache, given: Sequence[str] = ()) -> tuple[TrainConfig, list[str]]:
+    """``cfg`` with the model's data-shaped fields (latent channels and size, classes, REPA target
+    width) read from the cache, except those set explicitly (``given``: the ``-o`` keys, e.g.
+    ``model.num_classes``); also returns a note per changed field. The architecture (depth,
+    width, patch size) stays the preset's, so one preset trains on any cache of the same kind."""
+    m, layout = cfg.model, cache.layout
+    (ct, h, _), (cs, _, _) = layout.texture_shape, layout.semantic_shape
+    want: dict[str, int] = {"in_channels": ct + cs if cfg.use_semantic else ct, "input_size": h}
+    if cfg.use_semantic:
+        want["semantic_chans"] = cs
+    if "class_names" in cache.attrs:
+        want["num_classes"] = len(cache.attrs["class_names"])
+    elif "num_classes" in cache.attrs:
+        want["num_classes"] = int(cache.attrs["num_classes"])
+    if cache.has_dino:
+        want["repa_target_dim"] = int(layout.dino_shape[1])
+    changes = {k: v for k, v in want.items() if f"model.{k}" not in given and getattr(m, k) != v}
+    if not changes:
+        return cfg, []
+    notes = [f"model.{k}: {getattr(m, k)} -> {v} (from the cache)" for k, v in changes.items()]
+    return dataclasses.replace(cfg, model=dataclasses.replace(m, **changes)), notes
 
 
 def check_resume(cfg: TrainConfig, ckpt_dir: Path) -> list[str]:

@@ -271,7 +271,7 @@ def _encode_proc(images: Path, out: Path) -> subprocess.Popen:
                             start_new_session=True)
 
 
-def _wait_for_progress(out: Path, proc: subprocess.Popen, min_done: int, timeout: float = 120) -> int:
+def _wait_for_progress(out: Path, proc: subprocess.Popen, min_done: int, timeout: float = 300) -> int:
     deadline = time.time() + timeout
     while time.time() < deadline and proc.poll() is None:
         try:

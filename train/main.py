@@ -22,16 +22,17 @@ checkpoints/<step:07d>/{model,ema}.safetensors + state.pt, samples/ (EMA grids, 
 is given). Resume = run the same command again.
 
 Examples:
-    # the CPU demo on a tiny cache
-    python train/main.py --preset tiny --cache data/demo-cache --out-dir runs/tiny
+    # the tiny preset on the demo's cache (`just demo` builds it); the model's shape comes from the cache
+    python train/main.py --preset tiny --cache runs/demo/cache --out-dir runs/tiny
     # one node, 8 GPUs, the authors' XL/1 recipe (re-run the same command to resume)
-    torchrun --standalone --nproc_per_node=8 train/main.py --preset sfd-xl --cache data/imagenet256-sfd
+    torchrun --standalone --nproc_per_node=8 train/main.py --preset sfd-xl --cache data/cache/imagenet256
     # two nodes (run on each; HEAD = the first node's address)
     torchrun --nnodes=2 --nproc_per_node=8 --rdzv_backend=c10d --rdzv_endpoint=$HEAD:29500 \\
-        train/main.py --preset sfd-xxl --cache /shared/imagenet256-sfd --out-dir /shared/runs/sfd-xxl
+        train/main.py --preset sfd-xxl --cache data/cache/imagenet256 --out-dir runs/sfd-xxl
+    # (data/ and runs/ on storage both nodes see, e.g. symlinks to a shared filesystem)
     # fine-tune from the authors' released weights, later recipe
     torchrun --standalone --nproc_per_node=8 train/main.py --preset sfd-xl-lr2e-4 \\
-        --cache data/imagenet256-sfd --init-from weights/sfd_xl_4m.pt
+        --cache data/cache/imagenet256 --init-from weights/model_weights/sfd_xl/checkpoints/4000000.pt
     # print the resolved config and derived numbers, then exit
     python train/main.py --preset sfd-xl -o global_batch=512 -o micro_batch=32 --dry-run
 """
@@ -84,6 +85,7 @@ from sfd.training import (
     check_run_config,
     checkpoint_latent_stats,
     find_decoder,
+    fit_to_cache,
     open_cache,
     reader_state_for,
     rng_state,
@@ -98,7 +100,7 @@ from sfd.training import (
 # Command line
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
         prog="train/main.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -111,7 +113,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     ap.add_argument("--init-from", help="start from these weights: the authors' .pt or our .safetensors")
     ap.add_argument("--dry-run", action="store_true", help="print the resolved config and derived numbers, then exit")
-    return ap.parse_args(argv)
+    return ap
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    return build_parser().parse_args(argv)
 
 
 def resolve_config(args: argparse.Namespace) -> TrainConfig:
@@ -145,6 +151,11 @@ def main(argv: list[str] | None = None) -> None:
     per_rank, micro, accum = batch_split(cfg, d.world_size)
     cache = None if args.dry_run and not Path(cfg.cache).exists() else open_cache(cfg)
     if cache is not None:
+        given = [o.split("=", 1)[0].strip() for o in args.override]
+        cfg, shape_notes = fit_to_cache(cfg, cache, given)  # latent shape, classes, REPA width
+        m = cfg.model
+        for note in shape_notes:
+            say(note)
         check_cache(cfg, cache, d.world_size, per_rank)
     # One writer per run directory (rank 0 holds <out_dir>/run.lock), then only intact checkpoints.
     if not args.dry_run:
