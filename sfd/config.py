@@ -565,7 +565,8 @@ class TrainConfig:
     ckpt_every: int = 10_000
     keep_last: int = 3
     sample_every: int = 20_000  # EMA sample grid every N steps; 0 = off
-    texture_vae: str = ""  # texture VAE weights for sample-grid PNGs; "" = log latent statistics only
+    texture_vae: str = ""  # texture VAE weights for sample-grid PNGs; "" = weights/ldm-imagenet256-f16d32-50ep.ckpt if it exists
+    tensorboard: bool = False  # also log to <out_dir>/tb (tensorboard --logdir runs) beside metrics.jsonl
     # Ours (the authors have none of these).
     data_mode: str = "stream"  # memory | stream: cache reader mode (sfd/data/reader.py)
     max_nan_skips: int = 100  # stop after this many consecutive non-finite steps (each one is skipped)

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from sfd.checkpoint import latent_stats_metadata, read_checkpoint
+from sfd.checkpoint import KNOWN_WEIGHTS, WEIGHTS_DIR, latent_stats_metadata, read_checkpoint
 from sfd.config import SamplingConfig, TrainConfig, to_dict
 from sfd.data.cache import CacheError, LatentCache
 from sfd.diffusion import AsyncClock
@@ -289,9 +289,14 @@ def find_decoder(cfg: TrainConfig, cache: LatentCache) -> tuple[nn.Module | None
     info = cache.attrs.get("texture_encoder")
     if not isinstance(info, dict):
         return None, "the cache records no texture encoder; EMA sample grids are logged as latent statistics"
-    if info.get("kind") == "weights" and not cfg.texture_vae:
-        return None, "no texture_vae given (-o texture_vae=PATH); EMA sample grids are logged as latent statistics"
-    decoder = build_texture_decoder(cache.attrs, cfg.texture_vae or None)
+    vae = cfg.texture_vae
+    if info.get("kind") == "weights" and not vae:
+        default = WEIGHTS_DIR / KNOWN_WEIGHTS["texture_vae"].filename  # the README's place for it
+        if not default.is_file():
+            return None, (f"no texture VAE at {default} (or -o texture_vae=PATH); EMA sample grids are "
+                          "logged as latent statistics")
+        vae = str(default)
+    decoder = build_texture_decoder(cache.attrs, vae or None)
     return decoder, f"decoder {info.get('name', info.get('kind'))}"
 
 
@@ -328,3 +333,39 @@ def window_means(window: Sequence[Any]) -> dict[str, float | None]:
             out[k] = sum(r.losses[k] for r in good) / len(good)
         out["grad_norm"] = sum(r.grad_norm for r in good) / len(good)
     return out
+
+
+class MetricsLog:
+    """The run's log: one JSON line per record in ``metrics.jsonl`` (the source of truth, plotted
+    by eval/plot.py) and, with ``tensorboard=True``, the same numbers as TensorBoard scalars under
+    ``<run_dir>/tb`` (and sample grids as images). Rank 0 only."""
+
+    def __init__(self, run_dir: Path, tensorboard: bool = False) -> None:
+        self.file = open(run_dir / "metrics.jsonl", "a")
+        self.tb = None
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(str(run_dir / "tb"))
+
+    def write(self, record: dict[str, Any]) -> None:
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+        if self.tb is None:
+            return
+        step, group = record["step"], record.get("event", "train")
+        for key, value in record.items():
+            if key not in ("step", "event") and isinstance(value, (int, float)) and not isinstance(value, bool):
+                self.tb.add_scalar(f"{group}/{key}", value, step)
+        if record.get("png"):
+            import numpy as np
+            from PIL import Image
+
+            with Image.open(record["png"]) as im:
+                self.tb.add_image("samples/ema_grid", np.asarray(im.convert("RGB")), step, dataformats="HWC")
+        self.tb.flush()
+
+    def close(self) -> None:
+        self.file.close()
+        if self.tb is not None:
+            self.tb.close()

@@ -362,3 +362,38 @@ def test_dry_run_help_and_cli_errors(cache_dir: Path, tmp_path: Path, capsys: py
     assert done.returncode == 2, done.stderr
     assert done.stderr.startswith("error: ") and "not divisible by micro_batch=3" in done.stderr
     assert "Traceback" not in done.stderr and not (tmp_path / "run").exists()
+
+
+def test_tensorboard_and_default_texture_vae(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    """-o tensorboard=true logs the same scalars as metrics.jsonl (and the EMA grid as an image);
+    grids use the texture VAE at its README path (weights/…) when none is given."""
+    import sfd.training
+    from sfd.checkpoint import KNOWN_WEIGHTS, file_sha256
+    from sfd.config import TEXTURE_VAE_PRESETS, to_dict
+    from sfd.models.autoencoder import AutoencoderKL
+
+    vae_cfg = TEXTURE_VAE_PRESETS["tiny"]
+    weights = tmp_path / "weights"
+    weights.mkdir()
+    default = weights / KNOWN_WEIGHTS["texture_vae"].filename
+    torch.manual_seed(0)
+    torch.save(AutoencoderKL(vae_cfg).state_dict(), default)  # the released .ckpt is a pickled state dict too
+    monkeypatch.setattr(sfd.training, "WEIGHTS_DIR", weights)
+    encoder = {"kind": "weights", "name": "tiny-vae", "config": to_dict(vae_cfg), "file": default.name,
+               "sha256": file_sha256(default)}
+    cache = make_cache(tmp_path / "c.zarr", tex=vae_cfg.embed_dim, texture_encoder=encoder).path
+    out = tmp_path / "run"
+    trainer.main([*argv(cache, out, "max_steps=2", "sample_every=2", "tensorboard=true"),
+                  "-o", f"model.in_channels={vae_cfg.embed_dim + SEM}"])
+    assert "sample grids every 2 steps: decoder tiny-vae" in capsys.readouterr().out
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(out / "tb"))
+    events.Reload()
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    train_rows = [r for r in rows if r["event"] == "train"]
+    logged = {e.step: e.value for e in events.Scalars("train/total")}
+    assert logged == pytest.approx({r["step"]: r["total"] for r in train_rows})
+    assert {"train/lr", "train/grad_norm", "sample/texture_std"} <= set(events.Tags()["scalars"])
+    assert events.Tags()["images"] == ["samples/ema_grid"]

@@ -44,7 +44,6 @@ import contextlib
 import copy
 import dataclasses
 import functools
-import json
 import os
 import sys
 import time
@@ -77,6 +76,7 @@ from sfd.models.lightningdit import ROPE_BUFFERS, LightningDiT, count_params, lo
 from sfd.runlock import LockError, die_with_parent, hold_for_ranks, release_held_locks
 from sfd.training import (
     LOSS_KEYS,
+    MetricsLog,
     StopSignals,
     TrainError,
     batch_split,
@@ -306,7 +306,7 @@ def main(argv: list[str] | None = None) -> None:
     # -- loop -------------------------------------------------------------------------------------
     signals = StopSignals(say)
     signals.install()
-    metrics = open(metrics_path, "a") if d.is_main else None
+    metrics = MetricsLog(run_dir, cfg.tensorboard) if d.is_main else None
     pbar = tqdm(total=cfg.max_steps, initial=step, disable=not d.is_main, dynamic_ncols=True, mininterval=1.0)
     batches: Iterator[LatentBatch] = reader.batches(per_rank)
     reader_state = reader.state_dict()  # position after the last batch that was trained on
@@ -327,17 +327,14 @@ def main(argv: list[str] | None = None) -> None:
                     "skipped": sum(r.skipped for r in window), "skipped_total": nan_total,
                 }
                 if metrics is not None:
-                    metrics.write(json.dumps(record) + "\n")
-                    metrics.flush()
+                    metrics.write(record)
                 pbar.set_postfix(
                     {k: f"{record[k]:.4f}" for k in (*LOSS_KEYS, "grad_norm") if record[k] is not None}
                     | {"img/s": f"{record['images_per_s']:.1f}", "lr": f"{record['lr']:.1e}"}, refresh=False,
                 )
                 window, window_start = [], time.perf_counter()
             if cfg.sample_every and d.is_main and step > start_step and (step % cfg.sample_every == 0 or last):
-                record = sample_grid(ema, cfg, step, run_dir, decoder)
-                metrics.write(json.dumps(record) + "\n")
-                metrics.flush()
+                metrics.write(sample_grid(ema, cfg, step, run_dir, decoder))
             if step > start_step and ((cfg.ckpt_every and step % cfg.ckpt_every == 0) or last or stop):
                 if d.is_main:
                     state = {
