@@ -342,7 +342,8 @@ def test_refused_weights_one_error_line_and_no_new_directory(images: Path, tmp_p
     cmd = [sys.executable, str(REPO / "sample" / "grid.py"), "--ckpt", str(evil), "--model", "tiny",
            "--stats", str(tmp_path / "missing"), "--out", str(tmp_path / "g.png")]
     r = subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=120)
-    assert r.returncode == 2 and r.stderr.startswith("error:") and "Traceback" not in r.stderr, r.stderr
+    errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
+    assert r.returncode == 2 and len(errors) == 1 and "evil.ckpt" in errors[0] and "Traceback" not in r.stderr, r.stderr
 
 
 def test_trainer_refused_weights_leave_no_run_directory(train_cache: Path, tmp_path: Path) -> None:
