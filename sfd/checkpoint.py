@@ -20,7 +20,7 @@ files, for the version-1 files of this project (one ``config`` key holding eithe
 whole run config) and for the authors' ``.pt`` files (whose model config it infers from their
 stored YAML, or takes from the caller for their bare EMA state dicts).
 
-Rules (DESIGN.md §5):
+Rules (docs/conventions.md: Weight files, Checkpoints):
 - the project's own files are safetensors; the authors' pickles load with
   ``torch.load(weights_only=True)`` so no pickle code ever executes;
 - nothing is downloaded: a missing file raises :class:`WeightsError` naming the file, where it

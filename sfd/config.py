@@ -8,7 +8,7 @@ Every entry point's config lives here (one front-end), which is why this file is
 ~600 lines: models, encoders, training runs and sampling settings, with their presets.
 
 Model field names are the authors' LightningDiT constructor arguments, so the ``config`` JSON
-stored with their checkpoints (and with ``../shared/reference/golden``) parses as-is.
+stored with their checkpoints (and with the golden vectors in ``tests/data/golden``) parses as-is.
 """
 
 from __future__ import annotations
@@ -551,7 +551,7 @@ class TrainConfig:
     use_cosine_loss: bool = True
     repa_weight: float = 1.0  # λ; 0 = REPA off
     repa_mode: str = "cos"  # cos | mse | cos_mse
-    mask_clamped: bool = False  # ours, off = faithful: drop the clamped parts from the loss (method.md §12.7)
+    mask_clamped: bool = False  # ours, off = faithful: drop the clamped parts from the loss (method.md §12.3 item 7)
     # Performance policy, decided once in main().
     precision: str = "bf16"  # bf16 autocast on GPU | fp32
     # eager | compile (torch.compile of model + loss, before DDP) | triton (compile + the fused

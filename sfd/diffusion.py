@@ -1,6 +1,6 @@
 """Asynchronous ("semantic-first") flow matching: the clock, the forward process and the losses.
 
-Conventions (DESIGN.md §3, method.md §4.1):
+Conventions (docs/architecture.md, Conventions; docs/method.md §4.1):
 
 - Time: t = 0 is pure noise, t = 1 is data. x_t = t·x1 + (1−t)·x0 with x0 ~ N(0, I) and the
   velocity target u = x1 − x0. Times enter the network in [0, 1] unscaled.

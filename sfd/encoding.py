@@ -1,4 +1,4 @@
-"""The encoders of the latent cache and the per-shard work of the encode job (DESIGN.md §1, §4).
+"""The encoders of the latent cache and the per-shard work of the encode job (docs/architecture.md, Data flow; docs/conventions.md: The latent cache).
 
 ``pipeline/encode.py`` (the Ray driver) resolves which encoders to use into *specs*: plain dicts
 that say what an encoder is (kind, name, config, weight file and its SHA-256). The specs without

@@ -1,13 +1,13 @@
 """Samplers over the asynchronous clock (method.md §7.1) and generation from a model.
 
-- Samplers are pure functions with one signature (STYLE.md, k-diffusion):
+- Samplers are pure functions with one signature (docs/conventions.md, k-diffusion):
   ``sample_<method>(fn, x0, y, clock, *, grid, callback, **solver_options) -> SampleResult``.
   ``grid="exact"`` integrates phase by phase so the phase boundaries τ = Δt and τ = 1 are exact
   (default for Heun and dopri5); ``grid="authors"`` reproduces the authors' torchdiffeq
   integration (one run over the whole clock with a channel-masked drift, method.md §7.1; default
   for Euler, where its ``num_steps`` counts grid points as their ``num_sampling_steps`` does).
   dopri5 is one step function (:func:`_dopri5_step`) under two small drivers, one per grid.
-- Initial noise for sample i depends only on (seed, i) (:func:`initial_noise`, DESIGN.md §3).
+- Initial noise for sample i depends only on (seed, i) (:func:`initial_noise`, docs/conventions.md: Samplers and guidance).
 - :func:`generate_latents` — composite latents for global sample indices under a
   :class:`sfd.config.SamplingConfig` (the model's own Δt unless overridden, :func:`clock_for`).
 
@@ -561,7 +561,7 @@ def sample(
 
 
 # ---------------------------------------------------------------------------------------------
-# Per-sample seeds (DESIGN.md §3)
+# Per-sample seeds (docs/conventions.md: Samplers and guidance)
 
 
 def initial_noise(

@@ -552,7 +552,7 @@ def test_cfg_matches_golden_lightningdit(golden_dir):
 
 
 # ---------------------------------------------------------------------------------------------
-# Per-sample seeds (DESIGN.md §3)
+# Per-sample seeds (docs/architecture.md, Conventions)
 
 
 def test_initial_noise_depends_only_on_seed_and_index():

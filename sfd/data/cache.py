@@ -1,4 +1,4 @@
-"""The Zarr v3 latent cache: one directory holding every encoded image of a dataset (DESIGN.md §4).
+"""The Zarr v3 latent cache: one directory holding every encoded image of a dataset (docs/conventions.md: The latent cache).
 
 Layout (N rows = images in the fixed order chosen before encoding, F = 2 = [plain, h-flip]):
 

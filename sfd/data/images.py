@@ -1,6 +1,6 @@
 """Image discovery, robust decoding and the ADM centre crop used before encoding.
 
-The encode pipeline (DESIGN.md §1) turns an ImageNet-style folder of class folders into rows of
+The encode pipeline (docs/architecture.md, Data flow) turns an ImageNet-style folder of class folders into rows of
 the latent cache. This module owns the first steps:
 
 - :func:`discover` fixes the row order before any encoding: class folders sorted by name give the

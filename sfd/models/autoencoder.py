@@ -275,7 +275,7 @@ class AutoencoderKL(nn.Module):
         """Texture latent z of ``image`` in [-1, 1].
 
         ``sample=True`` returns the posterior sample mean + exp(0.5·clamp(logvar, -30, 20))·ε that
-        the authors cache (method.md §2.1, §12.6); ``sample=False`` returns the mean.
+        the authors cache (method.md §2.1, §12.3 item 6); ``sample=False`` returns the mean.
         ``generator`` is one ``torch.Generator`` for the whole batch or a sequence with one per
         row (per-image determinism independent of batching); see :func:`_posterior_noise`.
         """

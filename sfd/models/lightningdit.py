@@ -475,7 +475,7 @@ class LightningDiT(nn.Module):
         """Velocity for latent ``x`` (B, C, H, W) at times ``t`` for labels ``y`` (B,).
 
         ``t`` is a (B,) tensor shared by both parts or the tuple (t_tex, t_sem), texture first
-        (DESIGN.md §3). Label dropout happens only in training mode; ``force_drop_ids == 1``
+        (docs/architecture.md, Conventions). Label dropout happens only in training mode; ``force_drop_ids == 1``
         selects the null label in any mode. With ``return_repa`` also returns the REPA
         projection (B, N, repa_target_dim) of block ``repa_depth``'s output.
         """
