@@ -5,7 +5,7 @@ Runs the same entry points as the full-scale ImageNet recipe, in under 10 minute
 with no download and no weight file:
 
 1. a procedural class-conditional image set: 6 shapes (the classes) drawn with random position,
-   size, rotation, colour and fill texture, 32² (sfd/demo/shapes.py), plus held-out splits;
+   size, rotation, colour and fill texture, 24² (sfd/demo/shapes.py), plus held-out splits;
 2. a judge (small CNN classifier, sfd/demo/judge.py) trained on the training images, and a
    DINOv2-architecture ViT trained on them as the semantic encoder (sfd/demo/semantic.py),
    written in DINOv2's own weight layout (``pipeline/demo_models.py``);
@@ -19,7 +19,7 @@ with no download and no weight file:
 7. ``eval/plot.py`` for the loss curves.
 
 What remains a stand-in, and every output says so: the texture VAE is an invertible
-pixel-unshuffle "autoencoder" (the demo then diffuses in pixel space, 192×4×4), and the semantic
+pixel-unshuffle "autoencoder" (the demo then diffuses in pixel space, 48×6×6), and the semantic
 encoder is a small ViT trained here on labels, not DINOv2. Settings and their reasons:
 docs/decisions.md ("The CPU demo").
 
@@ -46,21 +46,21 @@ from sfd.demo.judge import METRIC_ACCURACY, METRIC_FD  # noqa: E402
 from sfd.demo.shapes import CLASSES, write_split  # noqa: E402
 
 STANDINS = {
-    "texture encoder": "pixel-unshuffle-f8 (stand-in, not a VAE: the demo diffuses pixels)",
+    "texture encoder": "pixel-unshuffle-f4 (stand-in, not a VAE: the demo diffuses pixels)",
     "semantic encoder": "DINOv2-architecture ViT (64 wide, 4 blocks) trained here on the demo's labels (not DINOv2)",
     "judge": "CNN classifier trained on the demo's training images: judge_accuracy and FD_judge (not FID)",
 }
 
-IMAGE_SIZE = 32
-TEXTURE = "standin-f8"  # 32² RGB → 192×4×4 (pixel-unshuffle); the ViT's patch-8 grid is 4×4 too
-# The demo's model on the 4×4 latents (192 texture + 4 semantic channels); the study changes
+IMAGE_SIZE = 24
+TEXTURE = "standin-f4"  # 24² RGB → 48×6×6 (pixel-unshuffle); the ViT's patch-4 grid is 6×6 too
+# The demo's model on the 6×6 latents (48 texture + 4 semantic channels); the study changes
 # only the latent channels, Δt and the seed (pipeline/study.py). Choices: docs/decisions.md.
 TINY_MODEL = [
-    "model.input_size=4", f"model.num_classes={len(CLASSES)}", "model.repa_target_dim=64",
+    "model.input_size=6", f"model.num_classes={len(CLASSES)}", "model.repa_target_dim=64",
     "model.hidden_size=128", "model.depth=4", "model.num_heads=4", "model.repa_projector_dim=128",
     "global_batch=64", "lr=1e-3", "ema_decay=0.995", "grad_clip=1.0",
 ]
-SEMANTIC = ["model.in_channels=196", "model.semantic_chans=4"]
+SEMANTIC = ["model.in_channels=52", "model.semantic_chans=4"]
 SAMPLER = ["--sampler", "heun", "--steps", "16"]
 CFG_SCALE = 3.0  # the demo's guidance (docs/decisions.md)
 

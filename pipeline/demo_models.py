@@ -158,7 +158,7 @@ def main() -> None:
     s = sub.add_parser("semantic", help="train the semantic ViT (DINOv2 layout) and probe it")
     s.add_argument("--out", required=True)
     s.add_argument("--per-class", type=int, default=200)
-    s.add_argument("--size", type=int, default=32)
+    s.add_argument("--size", type=int, default=24)
     s.add_argument("--seed", type=int, default=0, help="training split seed")
     s.add_argument("--heldout-per-class", type=int, default=50)
     s.add_argument("--heldout-seed", type=int, default=1)

@@ -58,7 +58,7 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
     "dt0.5": ("Δt=0.5", _dt(0.5)),
     "dt1.0": ("Δt=1.0 (sequential)", _dt(1.0)),
     "no-semantic": ("no semantic channels", [
-        "use_semantic=false", "model.in_channels=192", "model.semantic_chans=0", "delta_t=0", "model.semfirst_delta_t=0",
+        "use_semantic=false", "model.in_channels=48", "model.semantic_chans=0", "delta_t=0", "model.semfirst_delta_t=0",
     ]),
 }
 

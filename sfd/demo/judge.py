@@ -40,7 +40,7 @@ METRIC_FD = "FD_judge"
 @dataclass(frozen=True)
 class JudgeConfig:
     num_classes: int = 6
-    image_size: int = 32
+    image_size: int = 24
     width: int = 32  # channels of the first stage; doubled at each of the 3 stages
     feature_dim: int = 128  # the penultimate features FD_judge is computed on
 

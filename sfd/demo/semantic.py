@@ -40,9 +40,9 @@ from sfd.checkpoint import save_safetensors
 from sfd.models.dino import DinoEncoder, dino_config_from_original
 
 # DINOv2's own constructor arguments (vision_transformer.vit_*), the metadata of the weight file.
-# 32² images at patch 8 give the 4×4 token grid of the demo's 4×4 texture latents (standin-f8).
+# 24² images at patch 4 give the 6×6 token grid of the demo's 6×6 texture latents (standin-f4).
 DEMO_VIT: dict[str, Any] = {
-    "img_size": 32, "patch_size": 8, "embed_dim": 64, "depth": 4, "num_heads": 4, "mlp_ratio": 4,
+    "img_size": 24, "patch_size": 4, "embed_dim": 64, "depth": 4, "num_heads": 4, "mlp_ratio": 4,
     "init_values": 1.0, "block_chunks": 0, "num_register_tokens": 4,
     "interpolate_antialias": True, "interpolate_offset": 0.0,
 }
