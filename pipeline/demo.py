@@ -254,7 +254,7 @@ def main() -> None:
         "run": str(out), "wall_seconds": round(total, 1), "cpu_seconds": round(cpu, 1),
         "stage_seconds": {k: round(v, 1) for k, v in timings.items()},
         "stage_cpu_seconds": {k: round(v, 1) for k, v in STAGE_CPU.items()},
-        "cpu_note": "user+system CPU of the stage processes (RUSAGE_CHILDREN); Ray's daemons are not children and are not counted",
+        "cpu_note": "user+system CPU of the stage processes and their waited-for descendants (RUSAGE_CHILDREN); Ray's daemons and actors may escape it: measure the whole run with /usr/bin/time -v",
         "training_steps": steps, "cfg_scale": args.cfg_scale, "sampler": " ".join(SAMPLER),
         "metrics": metrics,
         "judge": {"heldout_accuracy": judge_rec["heldout_accuracy"], "heldout_images": judge_rec["heldout_images"], "file": str(judge_file)},
