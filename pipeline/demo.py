@@ -167,14 +167,14 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=Path("runs/demo"), help="run folder (everything goes here)")
     ap.add_argument("--quick", action="store_true", help="fewer images, steps and samples (CI smoke of the same path)")
-    ap.add_argument("--steps", type=int, default=None, help="training steps (default 1500, quick 40)")
+    ap.add_argument("--steps", type=int, default=None, help="training steps (default 1000, quick 40)")
     ap.add_argument("--samples", type=int, default=None, help="judged samples per guidance setting (default 240, quick 24)")
     ap.add_argument("--cfg-scale", type=float, default=CFG_SCALE, help="classifier-free guidance of the grid and the guided samples")
     ap.add_argument("--nproc", type=int, default=2, help="training processes under torchrun")
     ap.add_argument("--fresh", action="store_true", help="delete the run folder first (otherwise every stage resumes)")
     args = ap.parse_args()
 
-    steps = args.steps or (40 if args.quick else 1500)
+    steps = args.steps or (40 if args.quick else 1000)
     samples = args.samples or (24 if args.quick else 240)
     if samples % len(CLASSES):
         print(f"error: --samples must be a multiple of {len(CLASSES)} (class-balanced)", file=sys.stderr)
