@@ -1,7 +1,7 @@
 """The whole SFD system on a laptop, and evidence that it learns: data → semantic ViT → Ray encode
 → torchrun training → grid → judged samples.
 
-Runs the same entry points as the full-scale ImageNet recipe, in under 10 minutes on 2 CPU cores,
+Runs the same entry points as the full-scale ImageNet recipe, sized for ≤ 10 minutes on 2 idle CPU cores (not yet confirmed on an idle machine; docs/decisions.md),
 with no download and no weight file:
 
 1. a procedural class-conditional image set: 6 shapes (the classes) drawn with random position,
