@@ -20,7 +20,7 @@ test *args:
 lint:
     {{python}} -m ruff check sfd tests bench train sample eval pipeline
 
-# The whole system on the CPU in minutes, no downloads: data → Ray encode → torchrun train → grid → metrics.
+# The whole system on the CPU in ≤ 10 min, no downloads: data → judge + semantic ViT → Ray encode → torchrun train → grid → judged samples.
 demo out="runs/demo" *args:
     {{python}} pipeline/demo.py --out {{out}} {{args}}
 
@@ -86,7 +86,7 @@ bench-reader *args:
 bench-train *args:
     {{python}} bench/train_step.py {{args}}
 
-# Convergence study on the demo data: Δt = 0.3 vs Δt = 0 vs no semantic channels (results: docs/study.md).
+# Δt study on the demo data: Δt ∈ {0, 0.1, 0.3, 0.5, 1.0} and no semantic channels, 3 seeds, judged (docs/study.md).
 study out="runs/study" *args:
     {{python}} pipeline/study.py --out {{out}} {{args}}
 

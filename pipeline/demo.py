@@ -1,19 +1,27 @@
-"""The whole SFD system on a laptop: data → Ray encode → torchrun training → grid → metrics.
+"""The whole SFD system on a laptop, and evidence that it learns: data → semantic ViT → Ray encode
+→ torchrun training → grid → judged samples.
 
-Runs the same entry points as the full-scale ImageNet recipe, in a few minutes on 2 CPU cores,
+Runs the same entry points as the full-scale ImageNet recipe, sized for ≤ 10 minutes on 2 idle CPU cores (not yet confirmed on an idle machine; docs/decisions.md),
 with no download and no weight file:
 
-1. a procedurally generated class-conditional image set (10 classes of coloured shapes, 64²);
-2. ``pipeline/encode.py`` (the Ray job) into a real Zarr cache, Semantic-VAE training included;
-3. ``train/main.py`` under ``torchrun`` with 2 processes (gloo);
-4. ``sample/grid.py`` for a labelled PNG grid from the EMA weights;
-5. ``eval/fid.py gen``/``ref``/``calc`` for a Fréchet distance against held-out images;
-6. ``eval/plot.py`` for the loss curves.
+1. a procedural class-conditional image set: 6 shapes (the classes) drawn with random position,
+   size, rotation, colour and fill texture, 24² (sfd/demo/shapes.py), plus held-out splits;
+2. a judge (small CNN classifier, sfd/demo/judge.py) trained on the training images, and a
+   DINOv2-architecture ViT trained on them as the semantic encoder (sfd/demo/semantic.py),
+   written in DINOv2's own weight layout (``pipeline/demo_models.py``);
+3. ``pipeline/encode.py`` (the Ray job) into a real Zarr cache, loading that ViT through the
+   same ``--dino`` path as DINOv2, Semantic-VAE training included;
+4. ``train/main.py`` under ``torchrun`` with 2 processes (gloo), Δt = 0.3;
+5. ``sample/grid.py`` for a labelled PNG grid from the EMA weights (with the demo's CFG);
+6. ``eval/fid.py gen`` for class-balanced samples with and without guidance, scored by the judge:
+   class accuracy and ``FD_judge`` (Fréchet distance on the judge's features; not FID), next to
+   the same numbers for real held-out images (the ceiling);
+7. ``eval/plot.py`` for the loss curves.
 
-Weights the demo cannot have are replaced by stand-ins, and every output says so:
-the texture VAE by an invertible pixel-unshuffle "autoencoder" (so samples are visible),
-DINOv2 by a random-init tiny ViT, and the FID Inception by a random-init Inception whose
-distance is reported as ``FD_random-inception`` — never as FID.
+What remains a stand-in, and every output says so: the texture VAE is an invertible
+pixel-unshuffle "autoencoder" (the demo then diffuses in pixel space, 48×6×6), and the semantic
+encoder is a small ViT trained here on labels, not DINOv2. Settings and their reasons:
+docs/decisions.md ("The CPU demo").
 
 Example:
     python pipeline/demo.py --out runs/demo
@@ -25,30 +33,36 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import shutil
 import subprocess
 import sys
 import time
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "pipeline"))  # demo_data sits beside this file (pipeline/ is no package)
-from demo_data import CLASSES, make_demo_dataset  # noqa: E402
+from sfd.demo.judge import METRIC_ACCURACY, METRIC_FD  # noqa: E402
+from sfd.demo.shapes import CLASSES, write_split  # noqa: E402
 
 STANDINS = {
-    "texture encoder": "pixel-unshuffle-f4 (stand-in, not a VAE)",
-    "semantic encoder": "random-init tiny DINOv2-style ViT (not DINOv2)",
-    "distance features": "random-init Inception (not FID's Inception): reported as FD_random-inception",
+    "texture encoder": "pixel-unshuffle-f4 (stand-in, not a VAE: the demo diffuses pixels)",
+    "semantic encoder": "DINOv2-architecture ViT (64 wide, 4 blocks) trained here on the demo's labels (not DINOv2)",
+    "judge": "CNN classifier trained on the demo's training images: judge_accuracy and FD_judge (not FID)",
 }
 
-
-# The demo's tiny model: 16x16 latents of the stand-in cache; the study changes only the latent
-# channels and Δt (pipeline/study.py).
+IMAGE_SIZE = 24
+TEXTURE = "standin-f4"  # 24² RGB → 48×6×6 (pixel-unshuffle); the ViT's patch-4 grid is 6×6 too
+# The demo's model on the 6×6 latents (48 texture + 4 semantic channels); the study changes
+# only the latent channels, Δt and the seed (pipeline/study.py). Choices: docs/decisions.md.
 TINY_MODEL = [
-    "model.input_size=16", f"model.num_classes={len(CLASSES)}", "model.repa_target_dim=64",
+    "model.input_size=6", f"model.num_classes={len(CLASSES)}", "model.repa_target_dim=64",
     "model.hidden_size=128", "model.depth=4", "model.num_heads=4", "model.repa_projector_dim=128",
-    "global_batch=32", "lr=1e-3", "ema_decay=0.99",
+    "global_batch=64", "lr=1e-3", "ema_decay=0.995", "grad_clip=1.0",
 ]
+SEMANTIC = ["model.in_channels=52", "model.semantic_chans=4"]
+SAMPLER = ["--sampler", "heun", "--steps", "16"]
+CFG_SCALE = 3.0  # the demo's guidance (docs/decisions.md)
 
 
 def demo_env() -> dict[str, str]:
@@ -58,19 +72,34 @@ def demo_env() -> dict[str, str]:
     }
 
 
-def encode_command(train_dir: Path, cache: Path, semvae_steps: int) -> list[str]:
-    """The real encode job on the demo images: stand-in texture AE, random tiny DINO, SemVAE trained here."""
+def encode_command(train_dir: Path, cache: Path, dino: Path, semvae_steps: int) -> list[str]:
+    """The real encode job on the demo images: stand-in texture AE, the trained ViT as DINO, SemVAE trained here."""
     return [
-        sys.executable, "pipeline/encode.py", "--images", str(train_dir), "--out", str(cache), "--image-size", "64",
-        "--texture", "standin-f4", "--random-encoders", "0", "--semvae-steps", str(semvae_steps),
-        "--rows-per-shard", "128", "--rows-per-chunk", "32",
+        sys.executable, "pipeline/encode.py", "--images", str(train_dir), "--out", str(cache),
+        "--image-size", str(IMAGE_SIZE), "--texture", TEXTURE, "--dino", str(dino), "--semvae-preset", "tiny",
+        "--semvae-steps", str(semvae_steps), "--rows-per-shard", "256", "--rows-per-chunk", "64",
+        "--stats-samples", "2000",
     ]
+
+
+STAGE_CPU: dict[str, float] = {}  # user+system CPU seconds of each finished stage's processes
+
+
+def _children_cpu() -> float:
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
+
+
+def cpu_seconds() -> float:
+    """User + system CPU seconds of this process and its finished children (the stages)."""
+    me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
 
 
 def run(stage: str, cmd: list[str], log: Path, env: dict[str, str], echo: bool = True) -> float:
     """Run one stage's real command line, tee its output to ``log`` (and stdout if ``echo``); stop on failure."""
     print(f"\n== {stage}: {' '.join(cmd)}" + ("" if echo else f"  (output in {log})"), flush=True)
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), _children_cpu()
     with open(log, "a", buffering=1) as f:  # line-buffered: `tail -f` follows the stage
         f.write(f"\n== {stage}: {' '.join(cmd)}\n")
         proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -82,22 +111,75 @@ def run(stage: str, cmd: list[str], log: Path, env: dict[str, str], echo: bool =
         code = proc.wait()
     if code != 0:
         raise SystemExit(f"stage '{stage}' failed (exit {code}); its output is in {log}")
+    if echo:  # with parallel stages (study --jobs > 1) a child's CPU cannot be told apart
+        STAGE_CPU[stage] = STAGE_CPU.get(stage, 0.0) + _children_cpu() - cpu0
     return time.perf_counter() - t0
+
+
+
+@dataclass(frozen=True)
+class Sizes:
+    """How much data and training the shared inputs get (the demo's defaults; --quick is smaller)."""
+
+    per_class: int = 200  # training images per class
+    held_out: int = 100  # held-out reference images per class (FD_judge reference, judge accuracy)
+    ceiling: int = 40  # second held-out set per class: the real-image ceiling (= samples per class)
+    semvae_steps: int = 300
+    vit_steps: int = 400
+    judge_steps: int = 250
+
+
+QUICK = Sizes(per_class=40, held_out=20, ceiling=4, semvae_steps=20, vit_steps=20, judge_steps=60)
+
+
+def prepare(out: Path, sizes: Sizes, log: Path, env: dict[str, str], timings: dict[str, float]) -> dict[str, Path]:
+    """Data splits, judge, semantic ViT and latent cache under ``out`` (each skipped when done)."""
+    py = sys.executable
+    # 1. Data: training images, a held-out reference (FD_judge, judge accuracy) and a second
+    # held-out set (the real-image ceiling), all from distinct seeds.
+    t0 = time.perf_counter()
+    data = out / "data"
+    train_dir = write_split(data / "train", sizes.per_class, IMAGE_SIZE, seed=0)
+    ref_dir = write_split(data / "heldout", sizes.held_out, IMAGE_SIZE, seed=1)
+    ceiling_dir = write_split(data / "ceiling", sizes.ceiling, IMAGE_SIZE, seed=2)
+    timings["data"] = time.perf_counter() - t0
+    print(f"\n== data: {len(CLASSES)} classes ({', '.join(CLASSES)}), {sizes.per_class} training, {sizes.held_out} held-out "
+          f"and {sizes.ceiling} ceiling images each, {IMAGE_SIZE}x{IMAGE_SIZE}")
+
+    # 2. The judge and the semantic encoder, both trained on the training split only.
+    judge_file, vit_file = out / "judge" / "judge.safetensors", out / "semantic" / "demo-vit.safetensors"
+    timings["judge"] = run("judge", [
+        py, "pipeline/demo_models.py", "judge", "--train", str(train_dir), "--ref", str(ref_dir),
+        "--out", str(judge_file), "--steps", str(sizes.judge_steps),
+    ], log, env)
+    timings["semantic ViT"] = run("semantic ViT", [
+        py, "pipeline/demo_models.py", "semantic", "--out", str(vit_file), "--per-class", str(sizes.per_class),
+        "--size", str(IMAGE_SIZE), "--heldout-per-class", str(sizes.held_out), "--steps", str(sizes.vit_steps),
+    ], log, env)
+
+    # 3. Encode with the real Ray job; the ViT goes in through --dino like DINOv2.
+    cache = out / "cache"
+    timings["encode"] = run("encode", encode_command(train_dir, cache, vit_file, sizes.semvae_steps), log, env)
+    return {"train": train_dir, "heldout": ref_dir, "ceiling": ceiling_dir, "judge": judge_file, "vit": vit_file, "cache": cache}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=Path("runs/demo"), help="run folder (everything goes here)")
     ap.add_argument("--quick", action="store_true", help="fewer images, steps and samples (CI smoke of the same path)")
-    ap.add_argument("--steps", type=int, default=None, help="training steps (default 300, quick 30)")
+    ap.add_argument("--steps", type=int, default=None, help="training steps (default 1000, quick 40)")
+    ap.add_argument("--samples", type=int, default=None, help="judged samples per guidance setting (default 240, quick 24)")
+    ap.add_argument("--cfg-scale", type=float, default=CFG_SCALE, help="classifier-free guidance of the grid and the guided samples")
     ap.add_argument("--nproc", type=int, default=2, help="training processes under torchrun")
     ap.add_argument("--fresh", action="store_true", help="delete the run folder first (otherwise every stage resumes)")
     args = ap.parse_args()
 
-    per_class, held_out, steps, samples, semvae_steps = (48, 10, 300, 100, 100)
-    if args.quick:
-        per_class, held_out, steps, samples, semvae_steps = (16, 4, 30, 40, 20)
-    steps = args.steps or steps
+    steps = args.steps or (40 if args.quick else 1000)
+    samples = args.samples or (24 if args.quick else 240)
+    if samples % len(CLASSES):
+        print(f"error: --samples must be a multiple of {len(CLASSES)} (class-balanced)", file=sys.stderr)
+        raise SystemExit(2)
+    sizes = replace(QUICK if args.quick else Sizes(), ceiling=samples // len(CLASSES))
     out = args.out.resolve()
     if args.fresh and out.exists():
         shutil.rmtree(out)
@@ -106,77 +188,93 @@ def main() -> None:
     env = demo_env()
     py = sys.executable
     timings: dict[str, float] = {}
-    t_start = time.perf_counter()
+    t_start, cpu_start = time.perf_counter(), cpu_seconds()
 
     print("SFD demo — stand-ins used (no weights are downloaded or needed):")
     for what, name in STANDINS.items():
         print(f"  {what}: {name}")
 
-    # 1. Data: training images and a held-out set from other seeds, for the distance.
-    t0 = time.perf_counter()
-    train_dir = make_demo_dataset(out / "data" / "train", per_class=per_class, size=64, seed=0)
-    ref_dir = make_demo_dataset(out / "data" / "heldout", per_class=held_out, size=64, seed=1)
-    timings["data"] = time.perf_counter() - t0
-    print(f"\n== data: {len(CLASSES)} classes, {per_class} training and {held_out} held-out images each, 64x64")
+    inputs = prepare(out, sizes, log, env, timings)
+    ref_dir, ceiling_dir = inputs["heldout"], inputs["ceiling"]
+    judge_file, vit_file, cache = inputs["judge"], inputs["vit"], inputs["cache"]
 
-    # 2. Encode with the real Ray job (stand-in texture AE, random tiny DINO, SemVAE trained here).
-    cache = out / "cache"
-    timings["encode"] = run("encode", encode_command(train_dir, cache, semvae_steps), log, env)
-
-    # 3. Train a tiny SFD (Δt = 0.3, REPA on the stand-in DINO tokens) with torchrun, 2 processes.
+    # 4. Train the SFD model (Δt = 0.3, REPA on the ViT's tokens) with torchrun, 2 processes.
     train = out / "train"
     timings["train"] = run("train", [
         py, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}", "train/main.py",
         "--preset", "tiny", "--cache", str(cache), "--out-dir", str(train),
-        *[a for o in ("model.in_channels=52", "model.semantic_chans=4", *TINY_MODEL) for a in ("-o", o)],
+        *[a for o in (*SEMANTIC, *TINY_MODEL) for a in ("-o", o)],
         "-o", f"max_steps={steps}", "-o", f"ckpt_every={max(steps // 3, 1)}", "-o", f"log_every={max(steps // 30, 1)}",
-        "-o", f"sample_every={steps}",
+        "-o", "sample_every=0",
     ], log, env)
 
-    # Sampling and feature extraction run alone: let them use both cores (training and encoding
-    # run one thread per process).
+    # Sampling and scoring run alone: let them use both cores (training and encoding run one
+    # thread per process).
     env_solo = {**env, "OMP_NUM_THREADS": str(os.cpu_count() or 1)}
+    cfg = ["--cfg-scale", str(args.cfg_scale)]
 
-    # 4. A labelled grid from the EMA weights: every class, Heun on the exact three-phase grid.
+    # 5. A labelled grid from the EMA weights: every class, with the demo's guidance.
     grid = out / "grid.png"
     timings["grid"] = run("grid", [
         py, "sample/grid.py", "--ckpt", str(train), "--stats", str(cache),
-        "--classes", ",".join(str(i) for i in range(len(CLASSES))), "--per-class", "4",
-        "--sampler", "heun", "--steps", "25", "--out", str(grid), "--device", "cpu",
+        "--classes", ",".join(str(i) for i in range(len(CLASSES))), "--per-class", "8",
+        *SAMPLER, *cfg, "--out", str(grid), "--device", "cpu",
     ], log, env_solo)
 
-    # 5. Distance to held-out images in a random feature space (honestly named, not FID).
-    samples_dir, ref_npz, metrics = out / "samples", out / "heldout_ref.npz", out / "metrics.json"
-    timings["eval"] = run("eval gen", [
-        py, "eval/fid.py", "gen", "--ckpt", str(train), "--stats", str(cache), "--out", str(samples_dir),
-        "--num-samples", str(samples), "--num-classes", str(len(CLASSES)), "--sampler", "heun", "--steps", "25",
-        "--batch-size", "50", "--device", "cpu",
+    # 6. Class-balanced samples with and without guidance, judged against held-out real images.
+    folders = {"guided": out / "samples-cfg", "unguided": out / "samples-noguide"}
+    t0 = time.perf_counter()
+    for name, folder in folders.items():
+        run(f"samples {name}", [
+            py, "eval/fid.py", "gen", "--ckpt", str(train), "--stats", str(cache), "--out", str(folder),
+            "--num-samples", str(samples), "--num-classes", str(len(CLASSES)), *SAMPLER,
+            *(cfg if name == "guided" else []), "--batch-size", str(samples), "--device", "cpu",
+        ], log, env_solo)
+    scores_file = out / "judge_scores.json"
+    run("judge scores", [
+        py, "pipeline/demo_models.py", "score", "--judge", str(judge_file), "--ref", str(ref_dir),
+        str(folders["guided"]), str(folders["unguided"]), str(ceiling_dir), "--out", str(scores_file),
     ], log, env_solo)
-    timings["eval"] += run("eval ref", [
-        py, "eval/fid.py", "ref", str(ref_dir), "--out", str(ref_npz), "--detector", "random", "--device", "cpu",
-    ], log, env_solo)
-    timings["eval"] += run("eval calc", [
-        py, "eval/fid.py", "calc", str(samples_dir), "--ref", str(ref_npz), "--detector", "random",
-        "--out", str(metrics), "--device", "cpu",
-    ], log, env_solo)
+    timings["samples+judge"] = time.perf_counter() - t0
 
-    # 6. Loss curves.
+    # 7. Loss curves.
     timings["plot"] = run("plot", [py, "eval/plot.py", str(train)], log, env)
 
-    total = time.perf_counter() - t_start
-    result = json.loads(metrics.read_text()) if metrics.is_file() else {}
+    total, cpu = time.perf_counter() - t_start, cpu_seconds() - cpu_start
+    scores = json.loads(scores_file.read_text())
+    judge_rec = json.loads(judge_file.with_suffix(".json").read_text())
+    vit_rec = json.loads(vit_file.with_suffix(".json").read_text())
+    keep = (METRIC_ACCURACY, METRIC_FD, "num_images", "per_class_accuracy")
+    metrics = {
+        f"samples (CFG {args.cfg_scale:g})": {k: scores[str(folders["guided"])][k] for k in keep},
+        "samples (no guidance)": {k: scores[str(folders["unguided"])][k] for k in keep},
+        "real held-out images (ceiling)": {k: scores[str(ceiling_dir)][k] for k in keep},
+    }
     summary = {
-        "run": str(out), "total_seconds": round(total, 1), "stage_seconds": {k: round(v, 1) for k, v in timings.items()},
-        "grid_png": str(grid), "loss_curves_png": str(train / "plots" / "losses.png"), "metrics_json": str(metrics),
-        "checkpoints": str(train / "checkpoints"), "cache": str(cache), "log": str(log),
-        "metrics": result.get("metrics", result), "stand_ins": STANDINS,
+        "run": str(out), "wall_seconds": round(total, 1), "cpu_seconds": round(cpu, 1),
+        "stage_seconds": {k: round(v, 1) for k, v in timings.items()},
+        "stage_cpu_seconds": {k: round(v, 1) for k, v in STAGE_CPU.items()},
+        "cpu_note": "user+system CPU of the stage processes and their waited-for descendants (RUSAGE_CHILDREN); Ray's daemons and actors may escape it: measure the whole run with /usr/bin/time -v",
+        "training_steps": steps, "cfg_scale": args.cfg_scale, "sampler": " ".join(SAMPLER),
+        "metrics": metrics,
+        "judge": {"heldout_accuracy": judge_rec["heldout_accuracy"], "heldout_images": judge_rec["heldout_images"], "file": str(judge_file)},
+        "semantic_encoder": {k: vit_rec[k] for k in ("linear_probe_heldout_accuracy", "linear_probe_heldout_accuracy_random_init", "probe", "objective", "file")},
+        "grid_png": str(grid), "loss_curves_png": str(train / "plots" / "losses.png"), "judge_scores": str(scores_file),
+        "checkpoints": str(train / "checkpoints"), "cache": str(cache), "log": str(log), "stand_ins": STANDINS,
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     print("\n" + "=" * 78)
-    print(f"SFD demo finished in {total / 60:.1f} min ({', '.join(f'{k} {v:.0f}s' for k, v in timings.items())})")
+    print(f"SFD demo finished in {total / 60:.1f} min wall, {cpu:.0f} CPU-s "
+          f"({', '.join(f'{k} {v:.0f}s' for k, v in timings.items())})")
+    print(f"  judge (CNN trained on the training images): {judge_rec['heldout_accuracy']:.1%} on {judge_rec['heldout_images']} held-out images")
+    print(f"  semantic ViT linear probe on held-out images: {vit_rec['linear_probe_heldout_accuracy']:.1%} "
+          f"(random-init ViT {vit_rec['linear_probe_heldout_accuracy_random_init']:.1%})")
+    print(f"  {'':34}{'class accuracy':>16}{METRIC_FD + ' (not FID)':>22}")
+    for name, m in metrics.items():
+        print(f"  {name:34}{m[METRIC_ACCURACY]:>16.1%}{m[METRIC_FD]:>22.3f}")
     print(f"  sample grid      {grid}")
     print(f"  loss curves      {summary['loss_curves_png']}")
-    print(f"  metrics          {metrics}")
+    print(f"  summary          {out / 'summary.json'}")
     print(f"  checkpoints      {summary['checkpoints']}")
     print(f"  latent cache     {cache}")
     print(f"  full log         {log}")

@@ -1,180 +1,233 @@
-"""A small convergence study on the demo data: Δt = 0.3 (SFD) vs Δt = 0 vs no semantic channels.
+"""The Δt study on the demo domain: does semantic-first help, and is a moderate offset best?
 
-The same tiny LightningDiT (+REPA) as ``pipeline/demo.py``, the same seed, the same steps and
-batch, in three variants that differ only in how the latent is denoised:
+The paper's Δt ablation (docs/method.md §4.3, §9.3: Δt = 0 → FID 5.24, 0.3 → 3.03, 1.0 → 5.41)
+in miniature. The demo's model (pipeline/demo.py: same data, judge, trained semantic ViT, cache,
+model, batch, lr) is trained in these variants, at equal steps and equal compute (the composite
+latent costs the same for every Δt; the no-semantic model has 4 input channels fewer):
 
-- ``sfd-dt0.3``   the composite latent [texture | semantic], semantic part leading by Δt = 0.3;
-- ``sync-dt0``    the same composite latent, both parts on one clock (Δt = 0);
-- ``no-semantic`` the texture channels of the same cache only (plain LightningDiT + REPA).
+- ``dt0``, ``dt0.1``, ``dt0.3``, ``dt0.5``, ``dt1.0``: the composite latent [texture | semantic],
+  semantic part leading by Δt (Δt = 0: one clock for both, the synchronous baseline);
+- ``no-semantic``: the texture channels only (LightningDiT + REPA; REPA targets are still the
+  trained ViT's tokens, as in the paper's "+REPA" rows).
 
-Each run checkpoints at ``--evals`` evenly spaced steps; every checkpoint's EMA weights generate
-``--samples`` class-balanced images (Heun, 25 steps, fixed per-sample seeds), which are compared
-with held-out demo images in a random-init Inception feature space: ``FD_random-inception``,
-never FID (no Inception weights exist here). One line per checkpoint goes to
-``<out>/<variant>/eval.jsonl``, and ``eval/plot.py`` draws all three runs on one figure.
-Everything runs through the real command lines (encode, train, gen, ref, calc, plot) in
-subprocesses, like the demo; every stage resumes if the study is run again.
+each with ``--seeds`` training seeds. Every run checkpoints at ``--evals`` evenly spaced steps;
+each checkpoint's EMA weights draw ``--samples`` class-balanced samples *without guidance* (the
+paper's ablation is unguided), which the judge scores: class accuracy and ``FD_judge`` against
+held-out real images (not FID). The table gives mean ± sample std over seeds per variant and
+step, and every per-seed number; the plot draws the mean with a min–max band over seeds.
 
-The defaults (180 steps, 3 checkpoints, 40 samples, ~10-20 min on 2 CPU cores) are far too
-small for the samples to look like the data: see docs/study.md for what a run shows.
+Budget: the defaults are sized to ≈ 60 min on 2 idle cores (``--jobs 2``: two runs side by
+side, one thread each); docs/study.md has the arithmetic. Everything resumes: run the same
+command again after an interruption.
 
 Example:
-    python pipeline/study.py --out runs/study
-    python pipeline/study.py --out runs/study-quick --steps 60 --samples 20 --evals 2
-    python pipeline/study.py --out runs/study-long --steps 3000 --evals 6 --samples 500   # GPU: meaningful
+    python pipeline/study.py --out runs/study                       # the real study
+    python pipeline/study.py --out runs/study-tiny --steps 4 --evals 2 --samples 12 --seeds 1 \\
+        --variants dt0,dt0.3,no-semantic --tiny                      # plumbing check (the test)
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from pathlib import Path
-
-from sfd.checkpoint import list_checkpoints
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "pipeline"))  # demo_data sits beside this file (pipeline/ is no package)
-from demo import STANDINS, TINY_MODEL, demo_env, encode_command, run  # noqa: E402
-from demo_data import CLASSES, make_demo_dataset  # noqa: E402
+sys.path.insert(0, str(REPO / "pipeline"))  # demo.py sits beside this file (pipeline/ is no package)
+from demo import QUICK, SEMANTIC, STANDINS, TINY_MODEL, Sizes, demo_env, prepare, run  # noqa: E402
 
-METRIC = "FD_random-inception"
-MODEL = TINY_MODEL  # the variants change only the latent channels and Δt
+from sfd.demo.judge import METRIC_ACCURACY, METRIC_FD  # noqa: E402
+
+METRICS = (METRIC_ACCURACY, METRIC_FD)
+
+
+def _dt(dt: float) -> list[str]:
+    return [*SEMANTIC, f"delta_t={dt}", f"model.semfirst_delta_t={dt}"]
+
+
 VARIANTS: dict[str, tuple[str, list[str]]] = {
-    "sfd-dt0.3": ("Δt=0.3 (SFD)", [
-        "model.in_channels=52", "model.semantic_chans=4", "delta_t=0.3", "model.semfirst_delta_t=0.3",
-    ]),
-    "sync-dt0": ("Δt=0 (synchronous)", [
-        "model.in_channels=52", "model.semantic_chans=4", "delta_t=0", "model.semfirst_delta_t=0",
-    ]),
+    "dt0": ("Δt=0 (synchronous)", _dt(0.0)),
+    "dt0.1": ("Δt=0.1", _dt(0.1)),
+    "dt0.3": ("Δt=0.3 (paper default)", _dt(0.3)),
+    "dt0.5": ("Δt=0.5", _dt(0.5)),
+    "dt1.0": ("Δt=1.0 (sequential)", _dt(1.0)),
     "no-semantic": ("no semantic channels", [
-        "use_semantic=false", "model.in_channels=48", "model.semantic_chans=0", "delta_t=0",
-        "model.semfirst_delta_t=0",
+        "use_semantic=false", "model.in_channels=48", "model.semantic_chans=0", "delta_t=0", "model.semfirst_delta_t=0",
     ]),
 }
 
 
-def evaluated_steps(path: Path) -> set[int]:
-    if not path.is_file():
-        return set()
-    return {json.loads(line)["step"] for line in path.read_text().splitlines() if line.strip()}
+def mean_std(xs: list[float]) -> tuple[float, float]:
+    m = sum(xs) / len(xs)
+    s = math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1)) if len(xs) > 1 else float("nan")
+    return m, s
+
+
+def read_evals(run_dir: Path) -> dict[int, dict[str, float]]:
+    f = run_dir / "eval.jsonl"
+    if not f.is_file():
+        return {}
+    rows = [json.loads(x) for x in f.read_text().splitlines() if x.strip()]
+    return {r["step"]: {k: r[k] for k in METRICS} for r in rows}
+
+
+def build_table(out: Path, variants: list[str], seeds: list[int]) -> dict[str, Any]:
+    """{variant: {step: {metric: {"mean", "std", "per_seed": {seed: value}}}}} from the eval logs."""
+    table: dict[str, Any] = {}
+    for v in variants:
+        per_seed = {s: read_evals(out / v / f"seed{s}") for s in seeds}
+        steps = sorted(set.intersection(*(set(e) for e in per_seed.values()))) if per_seed else []
+        table[v] = {}
+        for step in steps:
+            row = {}
+            for m in METRICS:
+                vals = {s: per_seed[s][step][m] for s in seeds}
+                mu, sd = mean_std(list(vals.values()))
+                row[m] = {"mean": mu, "std": sd, "min": min(vals.values()), "max": max(vals.values()), "per_seed": vals}
+            table[v][step] = row
+    return table
+
+
+def write_markdown(path: Path, table: dict[str, Any], ceiling: dict[str, float], seeds: list[int]) -> str:
+    lines = []
+    for m, fmt in ((METRIC_ACCURACY, "{:.3f}"), (METRIC_FD, "{:.2f}")):
+        steps = sorted({s for t in table.values() for s in t})
+        lines.append(f"### {m} (mean ± std over {len(seeds)} seeds; real held-out images: {fmt.format(ceiling[m])})\n")
+        lines.append("| variant | " + " | ".join(f"step {s}" for s in steps) + " |")
+        lines.append("|---|" + "---:|" * len(steps))
+        for v, rows in table.items():
+            cells = [f"{fmt.format(rows[s][m]['mean'])} ± {fmt.format(rows[s][m]['std'])}" if s in rows else "–" for s in steps]
+            lines.append(f"| {VARIANTS[v][0]} | " + " | ".join(cells) + " |")
+        lines.append("")
+        last = max(steps) if steps else None
+        if last is not None:
+            lines.append(f"Per seed at step {last} ({m}):\n")
+            lines.append("| variant | " + " | ".join(f"seed {s}" for s in seeds) + " |")
+            lines.append("|---|" + "---:|" * len(seeds))
+            for v, rows in table.items():
+                if last in rows:
+                    lines.append(f"| {VARIANTS[v][0]} | " + " | ".join(fmt.format(rows[last][m]["per_seed"][s]) for s in seeds) + " |")
+            lines.append("")
+    text = "\n".join(lines)
+    path.write_text(text)
+    return text
+
+
+def plot(path: Path, table: dict[str, Any], ceiling: dict[str, float]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    for ax, m, title in ((axes[0], METRIC_ACCURACY, "judge class accuracy of samples (higher is better)"),
+                         (axes[1], METRIC_FD, "FD_judge to held-out images (lower is better; not FID)")):
+        for v, rows in table.items():
+            steps = sorted(rows)
+            if not steps:
+                continue
+            mu = [rows[s][m]["mean"] for s in steps]
+            ax.plot(steps, mu, marker="o", label=VARIANTS[v][0])
+            ax.fill_between(steps, [rows[s][m]["min"] for s in steps], [rows[s][m]["max"] for s in steps], alpha=0.15)
+        ax.axhline(ceiling[m], color="k", ls="--", lw=1, label="real held-out images")
+        ax.set_xlabel("training step")
+        ax.set_title(title, fontsize=9)
+        ax.grid(alpha=0.3)
+    axes[1].set_yscale("log")
+    axes[0].legend(fontsize=7)
+    fig.suptitle("Δt study on the demo domain: mean over seeds, band = min–max over seeds, no guidance", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=Path("runs/study"), help="study folder (everything goes here)")
-    ap.add_argument("--steps", type=int, default=180, help="training steps of every variant (docs/study.md: too few to converge)")
-    ap.add_argument("--evals", type=int, default=3, help="evaluated checkpoints per variant, evenly spaced")
-    ap.add_argument("--samples", type=int, default=40, help="generated images per checkpoint (class-balanced)")
-    ap.add_argument("--seed", type=int, default=0, help="training seed (the same for all variants)")
-    ap.add_argument("--jobs", type=int, default=2, help="variants run side by side (one per free CPU core; 1 = console output)")
+    ap.add_argument("--steps", type=int, default=800, help="training steps of every run (equal for all variants)")
+    ap.add_argument("--evals", type=int, default=4, help="evaluated checkpoints per run, evenly spaced")
+    ap.add_argument("--samples", type=int, default=120, help="unguided class-balanced samples per checkpoint")
+    ap.add_argument("--seeds", type=int, default=3, help="training seeds per variant (0..N-1)")
+    ap.add_argument("--jobs", type=int, default=2, help="runs side by side (one per free CPU core)")
     ap.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset of " + ", ".join(VARIANTS))
+    ap.add_argument("--tiny", action="store_true", help="the demo's --quick data sizes (tests)")
     args = ap.parse_args()
 
-    per_class, held_out, semvae_steps = 48, 24, 100  # the demo's data and encode settings
+    variants = [v for v in args.variants.split(",") if v]
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown:
+        print(f"error: unknown variants {unknown}; choose from {list(VARIANTS)}", file=sys.stderr)
+        raise SystemExit(2)
+    seeds = list(range(args.seeds))
     out = args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
     log = out / "study.log"
     env = demo_env()
     py = sys.executable
-    variants = [v for v in args.variants.split(",") if v]
-    unknown = [v for v in variants if v not in VARIANTS]
-    if unknown:
-        raise SystemExit(f"unknown variants {unknown}; choose from {list(VARIANTS)}")
     every = max(args.steps // args.evals, 1)
     timings: dict[str, float] = {}
     t_start = time.perf_counter()
-    print("SFD convergence study — stand-ins used: " + "; ".join(STANDINS.values()))
+    print("SFD Δt study — stand-ins: " + "; ".join(STANDINS.values()))
 
-    # Data and cache once, shared by the three variants (re-used if a previous run built them).
-    train_dir = make_demo_dataset(out / "data" / "train", per_class=per_class, size=64, seed=0)
-    ref_dir = make_demo_dataset(out / "data" / "heldout", per_class=held_out, size=64, seed=1)
-    cache = out / "cache"
-    timings["encode"] = run("encode", encode_command(train_dir, cache, semvae_steps), log, env)
-    ref_npz = out / "heldout_ref.npz"
-    t0 = time.perf_counter()
-    if not ref_npz.is_file():
-        run("ref", [py, "eval/fid.py", "ref", str(ref_dir), "--out", str(ref_npz), "--detector", "random",
-                    "--device", "cpu"], log, env)
-    timings["ref"] = time.perf_counter() - t0
+    # Shared inputs, built once (the demo's data, judge, semantic ViT and cache).
+    sizes = replace(QUICK if args.tiny else Sizes(), ceiling=max(args.samples // 6, 1))
+    inputs = prepare(out, sizes, log, env, timings)
+    cache, judge, ref = inputs["cache"], inputs["judge"], inputs["heldout"]
+    ceiling_file = out / "ceiling.json"
+    run("ceiling", [py, "pipeline/demo_models.py", "score", "--judge", str(judge), "--ref", str(ref),
+                    str(inputs["ceiling"]), "--out", str(ceiling_file)], log, env)
+    ceiling = next(iter(json.loads(ceiling_file.read_text()).values()))
 
-    # The variants are independent: with --jobs > 1 they run side by side (one thread per core),
-    # each logging to <out>/<variant>.log instead of the console.
     echo = args.jobs == 1
 
-    def variant(name: str) -> dict[str, float]:
-        timings: dict[str, float] = {}
-        log = out / f"{name}.log"
+    def one(job: tuple[str, int]) -> dict[str, float]:
+        name, seed = job
         label, overrides = VARIANTS[name]
-        run_dir = out / name
+        run_dir = out / name / f"seed{seed}"
+        run_log = out / f"{name}-seed{seed}.log"
         t0 = time.perf_counter()
-        # One process: the study compares variants, not launchers (the demo covers torchrun).
-        run(f"train {name}", [
+        # One process per run: the study compares variants, not launchers (the demo covers torchrun).
+        run(f"train {name} seed {seed}", [
             py, "train/main.py", "--preset", "tiny", "--cache", str(cache), "--out-dir", str(run_dir),
-            *[a for o in (*MODEL, *overrides) for a in ("-o", o)],
-            "-o", f"seed={args.seed}", "-o", f"max_steps={args.steps}", "-o", f"ckpt_every={every}",
-            "-o", f"keep_last={args.evals + 1}", "-o", f"log_every={max(args.steps // 60, 1)}", "-o", "sample_every=0",
-        ], log, env, echo)
-        timings[f"train {name}"] = time.perf_counter() - t0
+            *[a for o in (*TINY_MODEL, *overrides) for a in ("-o", o)],
+            "-o", f"seed={seed}", "-o", f"max_steps={args.steps}", "-o", f"ckpt_every={every}",
+            "-o", f"keep_last={args.evals + 1}", "-o", f"log_every={max(args.steps // 40, 1)}", "-o", "sample_every=0",
+        ], run_log, env, echo)
+        t1 = time.perf_counter()
+        run(f"evaluate {name} seed {seed}", [
+            py, "pipeline/demo_models.py", "evaluate", "--run", str(run_dir), "--cache", str(cache),
+            "--judge", str(judge), "--ref", str(ref), "--samples", str(args.samples), "--every", str(every),
+        ], run_log, env, echo)
+        return {f"train {name} seed {seed}": t1 - t0, f"evaluate {name} seed {seed}": time.perf_counter() - t1}
 
-        t0 = time.perf_counter()
-        eval_log = run_dir / "eval.jsonl"
-        done = evaluated_steps(eval_log)
-        for step, ckpt in list_checkpoints(run_dir):
-            if step in done or step % every:
-                continue
-            samples, result = run_dir / "samples" / ckpt.name, run_dir / "samples" / f"{ckpt.name}.json"
-            run(f"gen {name} step {step}", [
-                py, "eval/fid.py", "gen", "--ckpt", str(ckpt), "--stats", str(cache), "--out", str(samples),
-                "--num-samples", str(args.samples), "--num-classes", str(len(CLASSES)), "--sampler", "heun",
-                "--steps", "25", "--seed", "0", "--batch-size", "50", "--device", "cpu",
-            ], log, env, echo)
-            run(f"calc {name} step {step}", [
-                py, "eval/fid.py", "calc", str(samples), "--ref", str(ref_npz), "--detector", "random",
-                "--out", str(result), "--device", "cpu",
-            ], log, env, echo)
-            metrics = json.loads(result.read_text())["metrics"]
-            line = {"step": step, METRIC: metrics[METRIC], "num_samples": args.samples, "variant": name,
-                    "label": label, "ckpt": str(ckpt)}
-            with open(eval_log, "a") as f:
-                f.write(json.dumps(line) + "\n")
-            print(f"   {name} step {step}: {METRIC} = {metrics[METRIC]:.3f}", flush=True)
-        timings[f"eval {name}"] = time.perf_counter() - t0
-
-        return timings
-
+    jobs = [(v, s) for s in seeds for v in variants]  # seed-major: an interrupted study has whole seeds
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
-        for done_timings in pool.map(variant, variants):
-            timings.update(done_timings)
+        for t in pool.map(one, jobs):
+            timings.update(t)
 
-    plots = out / "plots"
-    run("plot", [
-        py, "eval/plot.py", *[str(out / v) for v in variants],
-        "--labels", ",".join(VARIANTS[v][0] for v in variants), "--out", str(plots),
-    ], log, env)
-
-    table: dict[str, dict[int, float]] = {}
-    for v in variants:
-        rows = [json.loads(x) for x in (out / v / "eval.jsonl").read_text().splitlines() if x.strip()]
-        table[v] = {r["step"]: r[METRIC] for r in rows}
+    table = build_table(out, variants, seeds)
+    plot(out / "study.png", table, ceiling)
+    md = write_markdown(out / "study_table.md", table, ceiling, seeds)
     total = time.perf_counter() - t_start
     summary = {
-        "study": str(out), "metric": METRIC, "steps": args.steps, "samples_per_checkpoint": args.samples,
-        "seed": args.seed, "table": table, "plot": str(plots / "metrics.png"), "losses": str(plots / "losses.png"),
-        "total_seconds": round(total, 1), "stage_seconds": {k: round(s, 1) for k, s in timings.items()},
+        "study": str(out), "steps": args.steps, "evals": args.evals, "samples_per_checkpoint": args.samples,
+        "seeds": seeds, "variants": {v: VARIANTS[v][0] for v in variants}, "sampling": "heun 16 steps, no guidance",
+        "ceiling_real_heldout": {m: ceiling[m] for m in METRICS}, "table": table,
+        "plot": str(out / "study.png"), "table_md": str(out / "study_table.md"),
+        "wall_seconds": round(total, 1), "stage_seconds": {k: round(s, 1) for k, s in timings.items()},
         "stand_ins": STANDINS,
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    steps = sorted({s for t in table.values() for s in t})
     print("\n" + "=" * 78)
-    print(f"{METRIC} (random-init Inception features, NOT FID; lower = closer to held-out images)")
-    print(f"{'step':>8} " + " ".join(f"{VARIANTS[v][0]:>22}" for v in variants))
-    for s in steps:
-        print(f"{s:>8} " + " ".join(f"{table[v].get(s, float('nan')):>22.3f}" for v in variants))
-    print(f"plot {plots / 'metrics.png'}; losses {plots / 'losses.png'}; summary {out / 'summary.json'}")
-    print(f"study finished in {total / 60:.1f} min ({', '.join(f'{k} {s:.0f}s' for k, s in timings.items())})")
+    print(md)
+    print(f"plot {out / 'study.png'}; table {out / 'study_table.md'}; summary {out / 'summary.json'}")
+    print(f"study finished in {total / 60:.1f} min wall")
     print("=" * 78)
 
 

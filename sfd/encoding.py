@@ -42,7 +42,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from sfd.checkpoint import WeightsError, file_sha256, read_checkpoint, resolve_weights
+from sfd.checkpoint import (
+    WeightsError,
+    file_sha256,
+    read_checkpoint,
+    read_safetensors_metadata,
+    resolve_weights,
+)
 from sfd.config import (
     DINO_PRESETS,
     SEMVAE_PRESETS,
@@ -130,9 +136,31 @@ def texture_spec(choice: str, path: str | None, random_seed: int | None, image_s
     return _weights_spec("texture_vae", choice, TEXTURE_VAE_PRESETS[choice], path)
 
 
+def dino_config_for_file(path: Path) -> DinoConfig | None:
+    """The architecture a DINOv2-layout safetensors file declares, or None if it declares none.
+
+    Such a file (the golden test file, the demo's trained ViT: sfd/demo/semantic.py) carries
+    DINOv2's constructor arguments as metadata ``config`` and may carry ``input_size``, the
+    resolution to run it at (default 224, the authors' resize of the 256² crop).
+    """
+    if path.suffix != ".safetensors":
+        return None
+    meta = read_safetensors_metadata(path)
+    if "config" not in meta:
+        return None
+    from sfd.models.dino import dino_config_from_original
+
+    return dino_config_from_original(meta["config"], img_size=int(meta.get("input_size", 224)))
+
+
 def dino_spec(preset: str, path: str | None, random_seed: int | None) -> Spec:
     if random_seed is not None:
         return _random_spec("tiny", DINO_PRESETS["tiny"], random_seed)
+    if path is not None:
+        file = resolve_weights("dinov2", path)
+        declared = dino_config_for_file(file)
+        if declared is not None:  # the file's own architecture wins over --dino-preset
+            return _weights_spec("dinov2", f"file-config:{file.name}", declared, file)
     if preset not in DINO_PRESETS:
         raise ConfigError(f"unknown DINOv2 preset {preset!r}; choose one of {sorted(DINO_PRESETS)}")
     return _weights_spec("dinov2", preset, DINO_PRESETS[preset], path)

@@ -1,0 +1,195 @@
+"""The demo's two helper networks, as command lines: the semantic ViT and the judge.
+
+  semantic  train the DINOv2-architecture ViT on the demo training split (shape labels and
+            coverage masks, sfd/demo/semantic.py), write it in DINOv2's original layout for
+            ``pipeline/encode.py --dino``, and report a linear probe on held-out images (the
+            same probe on a random-init ViT beside it);
+  judge     train the judge classifier on the training split (sfd/demo/judge.py) and report its
+            accuracy on held-out images (and its FD_judge between two real held-out sets: the
+            ceiling);
+  score     judge accuracy and FD_judge of sample folders (``eval/fid.py gen`` outputs) or real
+            class folders against the held-out reference;
+  evaluate  sample every checkpoint of a training run in one process and judge it (one line
+            per checkpoint in ``<run>/eval.jsonl``; resumable): the study's evaluator.
+
+Every command writes a JSON report beside its output and skips work whose output exists.
+
+Example:
+    python pipeline/demo_models.py judge --per-class 200 --out runs/demo/judge.safetensors
+    python pipeline/demo_models.py score --judge runs/demo/judge.safetensors \\
+        --ref runs/demo/data/heldout runs/demo/samples-cfg --out runs/demo/score.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from sfd.demo.judge import (
+    METRIC_ACCURACY,
+    METRIC_FD,
+    JudgeConfig,
+    judge_outputs,
+    judge_report,
+    load_judge,
+    read_sample_folder,
+    save_judge,
+    train_judge,
+)
+from sfd.demo.semantic import (
+    DEMO_VIT,
+    build_vit,
+    linear_probe,
+    mean_patch_features,
+    save_semantic_vit,
+    train_semantic_vit,
+)
+from sfd.demo.shapes import CLASSES, read_split, render_arrays
+
+
+def _write(path: Path, report: dict[str, Any]) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(report, indent=2) + "\n")
+    tmp.replace(path)
+
+
+def cmd_semantic(args: argparse.Namespace) -> dict[str, Any]:
+    out, report_file = Path(args.out), Path(args.out).with_suffix(".json")
+    if out.is_file() and report_file.is_file():
+        print(f"semantic ViT exists: {out}")
+        return json.loads(report_file.read_text())
+    out.parent.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    # In memory from the same (seed, class, index) function as the PNGs: the masks come with them.
+    x, y, m = render_arrays(args.per_class, args.size, args.seed)
+    xh, yh, _ = render_arrays(args.heldout_per_class, args.size, args.heldout_seed)
+    vit = train_semantic_vit(x, y, m, steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.train_seed)
+    train_s = time.perf_counter() - t0
+    probe = linear_probe(mean_patch_features(vit, x), y, mean_patch_features(vit, xh), yh)
+    rand = build_vit(seed=args.train_seed).eval()
+    probe_random = linear_probe(mean_patch_features(rand, x), y, mean_patch_features(rand, xh), yh)
+    report = {
+        "file": str(out), "architecture": DEMO_VIT, "objective": "supervised: CLS + mean-patch + covered-patch class CE, per-patch coverage BCE",
+        "steps": args.steps, "batch_size": args.batch_size, "lr": args.lr, "train_images": len(x), "train_seconds": round(train_s, 1),
+        "linear_probe_heldout_accuracy": probe, "linear_probe_heldout_accuracy_random_init": probe_random,
+        "probe": f"logistic regression on the mean final-norm patch token, {len(x)} train / {len(xh)} held-out images",
+    }
+    save_semantic_vit(vit, out, record=report)
+    _write(report_file, report)
+    print(f"semantic ViT: linear probe on held-out images {probe:.3f} (random-init ViT: {probe_random:.3f}); {out}")
+    return report
+
+
+def cmd_judge(args: argparse.Namespace) -> dict[str, Any]:
+    out, report_file = Path(args.out), Path(args.out).with_suffix(".json")
+    if out.is_file() and report_file.is_file():
+        print(f"judge exists: {out}")
+        return json.loads(report_file.read_text())
+    out.parent.mkdir(parents=True, exist_ok=True)
+    x, y = read_split(args.train)
+    t0 = time.perf_counter()
+    judge = train_judge(x, y, JudgeConfig(num_classes=len(CLASSES), image_size=x.shape[1]), steps=args.steps, seed=args.train_seed)
+    train_s = time.perf_counter() - t0
+    xh, yh = read_split(args.ref)
+    preds, _ = judge_outputs(judge, xh)
+    report = {
+        "file": str(out), "steps": args.steps, "train_images": len(x), "train_seconds": round(train_s, 1),
+        "heldout_accuracy": float((preds == yh).mean()), "heldout_images": len(xh),
+    }
+    save_judge(judge, out, report)
+    _write(report_file, report)
+    print(f"judge: accuracy on {len(xh)} held-out real images {report['heldout_accuracy']:.4f}; {out}")
+    return report
+
+
+def score(judge_file: str | Path, ref: str | Path, target: str | Path) -> dict[str, Any]:
+    """Judge report of a sample folder (gen.json labels) or a real class-folder split vs ``ref``."""
+    judge = load_judge(judge_file)
+    xr, _ = read_split(ref)
+    _, ref_feats = judge_outputs(judge, xr)
+    target = Path(target)
+    x, y = read_sample_folder(target) if (target / "gen.json").is_file() else read_split(target)
+    return judge_report(judge, x, y, ref_feats)
+
+
+def cmd_score(args: argparse.Namespace) -> dict[str, Any]:
+    reports = {str(t): score(args.judge, args.ref, t) for t in args.targets}
+    for t, r in reports.items():
+        print(f"{t}: {METRIC_ACCURACY} {r[METRIC_ACCURACY]:.3f}  {METRIC_FD} {r[METRIC_FD]:.3f}  ({r['num_images']} images)")
+    if args.out:
+        _write(Path(args.out), reports)
+    return reports
+
+
+def cmd_evaluate(args: argparse.Namespace) -> None:
+    from sfd.checkpoint import list_checkpoints
+    from sfd.demo.evaluate import judge_checkpoint
+
+    run_dir = Path(args.run)
+    eval_log = run_dir / "eval.jsonl"
+    done = set()
+    if eval_log.is_file():
+        done = {json.loads(x)["step"] for x in eval_log.read_text().splitlines() if x.strip()}
+    judge = load_judge(args.judge)
+    xr, _ = read_split(args.ref)
+    _, ref_feats = judge_outputs(judge, xr)
+    flags = args.flags.split()
+    for step, ckpt in list_checkpoints(run_dir):
+        if step in done or (args.every and step % args.every):
+            continue
+        t0 = time.perf_counter()
+        r = judge_checkpoint(judge, ref_feats, ckpt, args.cache, args.samples, len(CLASSES), flags)
+        line = {"step": step, METRIC_ACCURACY: r[METRIC_ACCURACY], METRIC_FD: r[METRIC_FD], "num_samples": args.samples,
+                "per_class_accuracy": r["per_class_accuracy"], "sampling": " ".join(flags), "seconds": round(time.perf_counter() - t0, 1)}
+        with open(eval_log, "a") as f:
+            f.write(json.dumps(line) + "\n")
+        print(f"{run_dir.name} step {step}: {METRIC_ACCURACY} {line[METRIC_ACCURACY]:.3f}  {METRIC_FD} {line[METRIC_FD]:.3f}", flush=True)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    s = sub.add_parser("semantic", help="train the semantic ViT (DINOv2 layout) and probe it")
+    s.add_argument("--out", required=True)
+    s.add_argument("--per-class", type=int, default=200)
+    s.add_argument("--size", type=int, default=24)
+    s.add_argument("--seed", type=int, default=0, help="training split seed")
+    s.add_argument("--heldout-per-class", type=int, default=50)
+    s.add_argument("--heldout-seed", type=int, default=1)
+    s.add_argument("--steps", type=int, default=400)
+    s.add_argument("--batch-size", type=int, default=64)
+    s.add_argument("--lr", type=float, default=4e-3)
+    s.add_argument("--train-seed", type=int, default=0)
+    j = sub.add_parser("judge", help="train the judge classifier on the training split")
+    j.add_argument("--train", required=True, help="training split (class folders)")
+    j.add_argument("--ref", required=True, help="held-out split for its accuracy")
+    j.add_argument("--out", required=True)
+    j.add_argument("--steps", type=int, default=250)
+    j.add_argument("--train-seed", type=int, default=0)
+    c = sub.add_parser("score", help="judge accuracy and FD_judge of sample folders or real splits")
+    c.add_argument("--judge", required=True)
+    c.add_argument("--ref", required=True, help="held-out real split (the FD_judge reference)")
+    c.add_argument("targets", nargs="+", help="eval/fid.py gen folders or class-folder splits")
+    c.add_argument("--out", default=None, help="JSON of all reports")
+    e = sub.add_parser("evaluate", help="sample and judge every checkpoint of a run (resumable)")
+    e.add_argument("--run", required=True, help="training run folder")
+    e.add_argument("--cache", required=True, help="its latent cache (texture statistics and decoder)")
+    e.add_argument("--judge", required=True)
+    e.add_argument("--ref", required=True, help="held-out real split (the FD_judge reference)")
+    e.add_argument("--samples", type=int, default=120, help="class-balanced samples per checkpoint")
+    e.add_argument("--every", type=int, default=0, help="only checkpoints at multiples of this step")
+    e.add_argument("--flags", default="--sampler heun --steps 16", help="sampling flags, as for eval/fid.py gen")
+    args = ap.parse_args()
+    torch.set_num_threads(max(torch.get_num_threads(), 1))
+    np.set_printoptions(precision=4)
+    {"semantic": cmd_semantic, "judge": cmd_judge, "score": cmd_score, "evaluate": cmd_evaluate}[args.cmd](args)
+
+
+if __name__ == "__main__":
+    main()

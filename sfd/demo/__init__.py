@@ -1,0 +1,1 @@
+"""The CPU demo domain (procedural shapes), its semantic encoder and its judge."""
