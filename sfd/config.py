@@ -405,6 +405,7 @@ class TrainConfig:
     use_cosine_loss: bool = True
     repa_weight: float = 1.0  # λ; 0 = REPA off
     repa_mode: str = "cos"  # cos | mse | cos_mse
+    repa_targets: str = "stored"  # stored (cache's DINO tokens) | semvae (decoded from the semantic latent) | none (sfd/repa_targets.py)
     mask_clamped: bool = False  # ours, off = faithful: drop the clamped parts from the loss (method.md §12.7)
     # Performance policy, decided once in main().
     precision: str = "bf16"  # bf16 autocast on GPU | fp32
@@ -427,6 +428,8 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.repa_mode not in ("cos", "mse", "cos_mse"):
             raise ConfigError(f"repa_mode must be cos, mse or cos_mse, got {self.repa_mode!r}")
+        if self.repa_targets not in ("stored", "semvae", "none"):
+            raise ConfigError(f"repa_targets must be stored, semvae or none, got {self.repa_targets!r}")
         if self.precision not in ("bf16", "fp32"):
             raise ConfigError(f"precision must be bf16 or fp32, got {self.precision!r}")
         if self.delta_t < 0:

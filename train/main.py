@@ -72,6 +72,7 @@ from sfd.data.cache import CacheError, LatentCache
 from sfd.data.reader import LatentBatch, LatentCacheReader
 from sfd.diffusion import AsyncClock, LossTerms, noise_composite, sample_training_times, sfd_loss
 from sfd.models.lightningdit import ROPE_BUFFERS, LightningDiT, count_params, load_lightningdit
+from sfd.repa_targets import RepaTargets, check_repa_targets
 
 LOSS_KEYS = ("total", "mse", "cos", "repa")
 SAMPLE_GRID_SIZE = 16  # images per periodic EMA grid (labels 0, 1, 2, ... cycling over classes)
@@ -193,7 +194,7 @@ def check_model_config(cfg: TrainConfig) -> None:
             f"use_semantic=false trains on the texture channels only: set model.semantic_chans=0 (now "
             f"{m.semantic_chans}), delta_t=0 and model.semfirst_delta_t=0 (now {cfg.delta_t}, {m.semfirst_delta_t})"
         )
-    if cfg.repa_weight > 0 and not m.use_repa:
+    if uses_repa(cfg) and not m.use_repa:
         problems.append(f"repa_weight={cfg.repa_weight} but model.use_repa=false: set repa_weight=0 or model.use_repa=true")
     if cfg.max_steps < 0 or cfg.log_every <= 0 or cfg.ckpt_every < 0 or cfg.sample_every < 0:
         problems.append("max_steps, ckpt_every and sample_every must be >= 0 and log_every > 0")
@@ -247,12 +248,15 @@ def check_cache(cfg: TrainConfig, cache: LatentCache, world_size: int, per_rank:
             n = len(cache.attrs[key]) if key == "class_names" else int(cache.attrs[key])
             if n != m.num_classes:
                 problems.append(f"cache has {n} classes ({key}), model.num_classes={m.num_classes}")
-    if cfg.repa_weight > 0 and m.use_repa:
+    if uses_repa(cfg) and m.use_repa and cfg.repa_targets == "semvae":  # [reader #13: REPA target source]
+        problems += check_repa_targets(cfg.repa_targets, cache, (m.input_size // m.patch_size) ** 2, m.repa_target_dim)
+    elif uses_repa(cfg) and m.use_repa:
         tokens = (m.input_size // m.patch_size) ** 2
         if not cache.has_dino:
             problems.append(
                 f"repa_weight={cfg.repa_weight} needs REPA targets, but the cache at {cache.path} has none "
-                "(encoded without DINO targets): set repa_weight=0 (-o repa_weight=0) or re-encode with targets"
+                "(encoded without DINO targets): set repa_weight=0 (-o repa_weight=0), decode them from the "
+                "semantic latents (-o repa_targets=semvae) or re-encode with targets"
             )
         elif tuple(layout.dino_shape) != (tokens, m.repa_target_dim):
             problems.append(
@@ -323,11 +327,13 @@ class TrainStep:
         d: Dist,
         micro_batch: int,
         autocast_dtype: torch.dtype | None,
+        repa_targets: RepaTargets | None = None,
     ) -> None:
         self.cfg, self.net, self.optimizer, self.loss_fn, self.d = cfg, net, optimizer, loss_fn, d
         self.micro_batch = micro_batch
         self.autocast_dtype = autocast_dtype
-        self.use_repa = cfg.repa_weight > 0
+        self.use_repa = uses_repa(cfg)
+        self.repa_targets = repa_targets
         trainable = [(p, e) for p, e in zip(model.parameters(), ema.parameters()) if p.requires_grad]
         self.params = [p for p, _ in trainable]
         self.ema_params = [e for _, e in trainable]
@@ -360,7 +366,8 @@ class TrainStep:
         # (b, C, H, W); without semantic channels only the leading texture channels are trained on.
         x1 = (batch.x if cfg.use_semantic else batch.x[:, : m.in_channels]).to(d.device, non_blocking=True)
         y = batch.y.to(d.device, non_blocking=True)
-        repa_target = batch.repa.to(d.device, non_blocking=True) if self.use_repa else None
+        # [reader #13] stored tokens (cast to fp32 on the device) or decoded by the SemVAE, no grad.
+        repa_target = self.repa_targets(batch) if self.use_repa and self.repa_targets is not None else None
         accum = len(mine) // self.micro_batch
         sums = torch.zeros(len(LOSS_KEYS), device=d.device)
         for a in range(accum):
@@ -448,16 +455,21 @@ def set_rng_state(state: dict[str, Any], device: torch.device) -> None:
 
 
 def reader_state_for(saved: dict[str, Any], world_size: int) -> dict[str, Any]:
-    """The reader position under ``world_size`` ranks; memory mode converts between rank counts."""
+    """The reader position under ``world_size`` ranks (the reader's order is world-size independent)."""
     if saved["world_size"] == world_size:
         return saved
     consumed = saved["index"] * saved["world_size"]  # global positions of this epoch already used
-    if saved["mode"] != "memory" or consumed % world_size:
+    if "order" not in saved or consumed % world_size:
         raise TrainError(
-            f"the checkpoint's data position was saved with {saved['world_size']} ranks ({saved['mode']} mode); "
-            f"resuming on {world_size} ranks needs data_mode=memory and a position divisible by {world_size}"
+            f"the checkpoint's data position was saved with {saved['world_size']} ranks; resuming on {world_size} "
+            f"ranks needs a position divisible by {world_size} (and a checkpoint of the world-size-independent reader)"
         )
     return {**saved, "world_size": world_size, "index": consumed // world_size}
+
+
+def uses_repa(cfg: TrainConfig) -> bool:
+    """REPA is on when it has a weight and a target source ([reader #13] repa_targets=none turns it off)."""
+    return cfg.repa_weight > 0 and cfg.repa_targets != "none"
 
 
 def truncate_metrics(path: Path, step: int) -> None:
@@ -609,10 +621,12 @@ def main(argv: list[str] | None = None) -> None:
     }
 
     # -- data -------------------------------------------------------------------------------------
-    use_repa = cfg.repa_weight > 0
+    use_repa = uses_repa(cfg)
     reader = LatentCacheReader(
-        cache, seed=cfg.seed, rank=d.rank, world_size=d.world_size, load_dino=use_repa, mode=cfg.data_mode
+        cache, seed=cfg.seed, rank=d.rank, world_size=d.world_size, mode=cfg.data_mode,
+        load_dino=use_repa and cfg.repa_targets == "stored",
     )
+    repa_targets = RepaTargets(cfg.repa_targets if use_repa else "none", cache, d.device, autocast_dtype)
 
     # -- model ------------------------------------------------------------------------------------
     model = LightningDiT(m)
@@ -656,7 +670,7 @@ def main(argv: list[str] | None = None) -> None:
     if d.world_size > 1:
         # Buffers are constant tables (position codes, RoPE): nothing to broadcast per step.
         net = DDP(net, device_ids=[d.local_rank] if on_cuda else None, broadcast_buffers=False)
-    train_step = TrainStep(cfg, net, model, ema, optimizer, loss_fn, d, micro, autocast_dtype)
+    train_step = TrainStep(cfg, net, model, ema, optimizer, loss_fn, d, micro, autocast_dtype, repa_targets)
 
     # -- resume -----------------------------------------------------------------------------------
     step, nan_total, nan_run = 0, 0, 0
@@ -687,6 +701,7 @@ def main(argv: list[str] | None = None) -> None:
     say(f"SFD training: preset {args.preset} ({cfg.model_name}), run dir {run_dir}")
     say("derived: " + ", ".join(f"{k}={v}" for k, v in derived.items()))
     say("performance policy: " + ", ".join(f"{k}={v}" for k, v in policy.items()))
+    say(f"REPA targets: {repa_targets.how}" if use_repa else "REPA off")
     say(f"resuming from step {step} ({ckpts[-1][1]})" if ckpts else "starting from step 0")
     for note in resume_notes:
         say(f"  changed since the checkpoint: {note}")
