@@ -309,6 +309,30 @@ def decoder_cost(batch: int, repeats: int) -> dict[str, float]:
     return out
 
 
+# ---- fidelity of decoded targets -------------------------------------------------------------------
+
+
+def fidelity(path: Path, batch_size: int, max_batches: int) -> dict[str, float]:
+    """Per-token cosine similarity of SemVAE-decoded vs stored targets over up to one epoch."""
+    from sfd.repa_targets import RepaTargets
+
+    cache = LatentCache.open(path)
+    reader = LatentCacheReader(cache, seed=0, load_dino=True)
+    decoded, stored = RepaTargets("semvae", cache), RepaTargets("stored", cache)
+    bs = min(batch_size, len(reader))
+    it = reader.batches(bs)
+    cos, other = [], []
+    for _ in range(min(max_batches, len(reader) // bs)):
+        b = next(it)
+        d, s = decoded(b), stored(b)
+        cos.append(torch.nn.functional.cosine_similarity(d, s, dim=-1).flatten())
+        other.append(torch.nn.functional.cosine_similarity(d, s.roll(1, dims=0), dim=-1).flatten())
+    reader.close()
+    c, o = torch.cat(cos), torch.cat(other)
+    return {"tokens": len(c), "cos_mean": c.mean().item(), "cos_median": c.median().item(),
+            "cos_p05": c.quantile(0.05).item(), "cos_other_item_mean": o.mean().item(), "decoder": decoded.how}
+
+
 # ---- main ---------------------------------------------------------------------------------------
 
 
@@ -322,6 +346,8 @@ def main() -> None:
     ap.add_argument("--ranks", type=int, default=0, help="also measure resident memory of this many ranks (0: skip)")
     ap.add_argument("--decoder", action="store_true", help="also measure the SemVAE decoder's cost vs the DiT step")
     ap.add_argument("--decoder-batch", type=int, default=1, help="batch of the CPU timing of B/1 vs the decoder")
+    ap.add_argument("--fidelity", type=Path, action="append", default=[],
+                    help="a cache with stored targets and a SemVAE decoder: cosine of decoded vs stored targets (repeatable)")
     ap.add_argument("--dir", type=Path, default=None, help="where to build the caches (default: a temp dir)")
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (torchrun sets OMP_NUM_THREADS=1 per process)")
     args = ap.parse_args()
@@ -378,6 +404,11 @@ def main() -> None:
               f"XL/1 training step ({cost['dit_XL1_train_gflops_per_image']:.0f} GFLOP/image), {100 * cost['decoder_over_dit_B1_flops']:.1f} % of B/1 "
               f"({cost['dit_B1_train_gflops_per_image']:.0f}); CPU batch {cost['cpu_batch']}: decoder {cost['cpu_decoder_s'] * 1e3:.0f} ms vs "
               f"B/1 step {cost['cpu_dit_B1_step_s'] * 1e3:.0f} ms ({100 * cost['cpu_decoder_over_dit_B1']:.1f} %)")
+    for path in args.fidelity:
+        f = fidelity(path, args.batch_size, max_batches=20)
+        result.setdefault("fidelity", {})[path.name] = f
+        print(f"decoded vs stored targets, {path.name} ({f['decoder']}): per-token cosine mean {f['cos_mean']:.3f}, median "
+              f"{f['cos_median']:.3f}, 5th percentile {f['cos_p05']:.3f} over {f['tokens']} tokens (another item's targets: {f['cos_other_item_mean']:.3f})")
     result["ratios"] = ratios
 
     def rnd(v: Any) -> Any:
