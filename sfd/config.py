@@ -421,7 +421,7 @@ class TrainConfig:
     sample_every: int = 20_000  # EMA sample grid every N steps; 0 = off
     texture_vae: str = ""  # texture VAE weights for sample-grid PNGs; "" = log latent statistics only
     # Ours (the authors have none of these).
-    data_mode: str = "mmap"  # mmap | memory: cache reader mode (sfd/data/reader.py)
+    data_mode: str = "pagecache"  # pagecache | memory: cache reader mode (sfd/data/reader.py)
     max_nan_skips: int = 100  # stop after this many consecutive non-finite steps (each one is skipped)
     init_from: str = ""  # weights to start from (authors' .pt or ours); ignored when resuming
 
@@ -436,8 +436,8 @@ class TrainConfig:
             raise ConfigError(f"delta_t must be >= 0, got {self.delta_t}")
         if self.global_batch <= 0 or self.micro_batch < 0:
             raise ConfigError("global_batch must be > 0 and micro_batch >= 0")
-        if self.data_mode not in ("mmap", "memory"):
-            raise ConfigError(f"data_mode must be mmap or memory, got {self.data_mode!r}")
+        if self.data_mode not in ("pagecache", "memory"):
+            raise ConfigError(f"data_mode must be pagecache or memory, got {self.data_mode!r}")
 
 
 def _run(model_name: str, **kw: Any) -> TrainConfig:
@@ -459,7 +459,6 @@ TRAIN_PRESETS: dict[str, TrainConfig] = {
     "tiny": _run(
         "tiny", out_dir="runs/tiny", global_batch=8, max_steps=200, precision="fp32",
         compile=False, log_every=10, ckpt_every=100, sample_every=0,
-        data_mode="memory",
     ),
 }
 

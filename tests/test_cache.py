@@ -183,7 +183,7 @@ def _check_items(batch, enc_cache: LatentCache) -> None:
     assert not set(batch.rows.tolist()) & INVALID
 
 
-@pytest.mark.parametrize("mode", ["memory", "mmap"])
+@pytest.mark.parametrize("mode", ["memory", "pagecache"])
 def test_reader_flips_consistent_and_valid_only(enc_cache: LatentCache, mode: str) -> None:
     reader = LatentCacheReader(enc_cache, seed=3, load_dino=True, mode=mode, window_chunks=3)
     assert len(reader) == N - len(INVALID)
@@ -202,7 +202,7 @@ def test_reader_flips_consistent_and_valid_only(enc_cache: LatentCache, mode: st
     reader.close()
 
 
-@pytest.mark.parametrize("mode", ["memory", "mmap"])
+@pytest.mark.parametrize("mode", ["memory", "pagecache"])
 def test_reader_order_deterministic_and_resumable(enc_cache: LatentCache, mode: str) -> None:
     def run(reader: LatentCacheReader, n: int) -> list[tuple[list[int], list[int]]]:
         it = reader.batches(8)
@@ -225,7 +225,7 @@ def test_reader_order_deterministic_and_resumable(enc_cache: LatentCache, mode: 
         LatentCacheReader(enc_cache, **{**kw, "world_size": 2}).load_state_dict(state)
 
 
-@pytest.mark.parametrize("mode", ["memory", "mmap"])
+@pytest.mark.parametrize("mode", ["memory", "pagecache"])
 def test_reader_ddp_partition(enc_cache: LatentCache, mode: str) -> None:
     world = 3
     readers = [LatentCacheReader(enc_cache, seed=1, rank=r, world_size=world, mode=mode, window_chunks=2) for r in range(world)]
@@ -262,7 +262,7 @@ def _global_batches(cache: LatentCache, world: int, global_batch: int, steps: in
 
 
 def test_default_mode_same_global_batches_on_1_and_2_processes(enc_cache: LatentCache) -> None:
-    # The default mode (mmap, windowed order): the global order depends on (seed, epoch, step) only.
+    # The default mode (pagecache, windowed order): the global order depends on (seed, epoch, step) only.
     kw = dict(seed=7, window_chunks=3)
     steps = 12  # 66 valid rows / 10 = 6 steps per epoch: crosses an epoch boundary
     one = _global_batches(enc_cache, 1, 10, steps, **kw)
@@ -285,9 +285,9 @@ def test_default_mode_same_global_batches_on_1_and_2_processes(enc_cache: Latent
         assert list(zip(b.rows.tolist(), b.flips.tolist())) == one[step]
 
 
-def test_mmap_and_zarr_fallback_read_the_same_bytes(enc_cache: LatentCache) -> None:
+def test_pread_and_zarr_fallback_read_the_same_bytes(enc_cache: LatentCache) -> None:
     fast = LatentCacheReader(enc_cache, seed=2, load_dino=True)
-    assert fast.raw  # uncompressed cache: chunk and shard files are memory-mapped
+    assert fast.raw  # uncompressed cache: items are read from the chunk and shard files directly
     slow = LatentCacheReader(enc_cache, seed=2, load_dino=True)
     for src in slow._items.values():
         src.raw = False  # what a compressed cache would get: zarr chunk reads

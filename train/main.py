@@ -10,7 +10,7 @@ whether or not the cosine loss is on (1, in sfd.diffusion.sfd_loss).
 
 Determinism across GPU counts: the times, the noise and the class-dropout decisions of a step are
 drawn for the whole global batch from a generator seeded by (seed, step), and rank r takes the
-rows at offsets r, r+W, r+2W, ... — the same items the cache reader hands it (memory mode). So a
+rows at offsets r, r+W, r+2W, ... — the same items the cache reader hands it (in every mode). So a
 run on W processes matches a run on one process up to the order of float reductions, and a
 resumed run continues exactly where the interrupted one stopped.
 
@@ -361,7 +361,7 @@ class TrainStep:
     def __call__(self, batch: LatentBatch, step: int, stop_requested: bool = False) -> StepResult:
         cfg, d, m = self.cfg, self.d, self.cfg.model
         t_tex, t_sem, x0, drop = self.draws(step)
-        # Rank r's k-th item is global item r + kW (the reader's memory-mode order).
+        # Rank r's k-th item is global item r + kW (the reader's order, in every mode).
         mine = torch.arange(d.rank, cfg.global_batch, d.world_size, device=d.device)
         # (b, C, H, W); without semantic channels only the leading texture channels are trained on.
         x1 = (batch.x if cfg.use_semantic else batch.x[:, : m.in_channels]).to(d.device, non_blocking=True)

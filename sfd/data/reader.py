@@ -9,23 +9,25 @@ parts (docs/method.md §2.5).
 Where the bytes come from
     The cache's arrays are stored uncompressed (``sfd/data/cache.py``), so a zarr chunk file *is*
     the raw little-endian array of its rows, and a zarr shard file (the ``dino`` array) is raw
-    inner chunks located by the shard index at its end. The reader memory-maps those files and
-    copies items straight out of them: no per-item zarr call (~1-2 ms of Python each), no private
-    copy. Pages live in the kernel's page cache, which every process on the host shares, so eight
-    ranks on a node hold **one** copy of the cache, and an item costs one memcpy. A cache whose
-    codecs are not plain bytes (compressed, or anything this reader does not recognise) is read
-    through zarr chunk by chunk instead (same results, slower); :attr:`LatentCacheReader.raw`
+    inner chunks located by the shard index at its end. The reader ``pread``s each item straight
+    from those files into the batch buffer: no per-item zarr call (~1-2 ms of Python each), no
+    private copy. The bytes come from the kernel's page cache, which every process on the host
+    shares, so eight ranks on a node hold **one** copy of the cache, and an item costs one system
+    call and one copy. (Memory-mapping the files was the first design; each first touch of a page
+    of a fresh map traps, which cost ~4x the CPU time of ``pread`` for the same gather.) A cache
+    whose codecs are not plain bytes (compressed, or anything this reader does not recognise) is
+    read through zarr chunk by chunk instead (same results, slower); :attr:`LatentCacheReader.raw`
     says which path is in use.
 
-``mode="mmap"`` (the default)
-    Everything is read from the memory maps. Private memory per process is a few batches; the
+``mode="pagecache"`` (the default)
+    Everything is read from the page cache. Private memory per process is a few batches; the
     node's page cache holds what was touched (at most the cache's size: 49 KB per image for
     texture + semantic, 63 GB for ImageNet-1k, plus 786 KB per image if REPA targets are stored).
 
 ``mode="memory"``
     Texture and semantic latents are copied into this process's RAM at start (``N × 49 KB`` per
-    process), which saves the page-table walk per item; REPA targets are still memory-mapped.
-    For small caches and single-process runs.
+    process), which saves the system call per item; REPA targets are still read from the page
+    cache. For small caches and single-process runs.
 
 Order (the same in both modes, and for any number of processes)
     The order of an epoch is a function of ``(seed, epoch)`` only: chunks (``rows_per_chunk``
@@ -55,6 +57,7 @@ fewer than ``world_size`` rows, differs every epoch), and ranks never share a ro
 
 from __future__ import annotations
 
+import contextlib
 import json
 import mmap
 import os
@@ -68,7 +71,7 @@ import torch
 
 from sfd.data.cache import NUM_FLIPS, CacheError, LatentCache
 
-MODES = ("memory", "mmap")
+MODES = ("memory", "pagecache")
 DEFAULT_WINDOW_CHUNKS = 64  # 4,096 rows of 64 (a random 0.3 % of ImageNet in permuted row order)
 
 
@@ -119,8 +122,9 @@ class _ChunkedItems:
 
     Each chunk file holds ``rows_per_chunk`` rows; :meth:`chunk` returns ``(flat, slots)``: a
     ``[k, item_elems]`` float16 array (a view of a memory map when the layout is raw) and a
-    ``[rows_per_chunk, 2]`` table of the slot of each (row in chunk, flip) in it. Open maps are
-    kept in an LRU of ``max_open`` entries (the kernel limits maps per process to ~65k).
+    ``[rows_per_chunk, 2]`` table of the slot of each (row in chunk, flip) in it (memory mode's
+    start-up copy and the zarr fallback); :meth:`gather` ``pread``s raw items. Open maps and
+    files are kept in LRUs of ``max_open`` entries (file descriptors and maps are limited).
     """
 
     def __init__(self, cache: LatentCache, name: str, max_open: int):
@@ -132,6 +136,7 @@ class _ChunkedItems:
         self.item_bytes = self.item_elems * 2
         self.dir = Path(cache.path) / name
         self._open: OrderedDict[int, tuple[np.ndarray, np.ndarray]] = OrderedDict()
+        self._fds: OrderedDict[int, tuple[int, list[list[int]]]] = OrderedDict()
         meta = json.loads((self.dir / "zarr.json").read_text())
         self.sharded = False
         self.raw = self.array.dtype == np.float16 and meta.get("chunk_key_encoding", {}).get("name") == "default"
@@ -191,6 +196,43 @@ class _ChunkedItems:
         flat = np.frombuffer(mm, dtype="<f2", count=index_start // self.item_bytes * self.item_elems).reshape(-1, self.item_elems)
         return flat, slots
 
+    def _handle(self, c: int) -> tuple[int, list[list[int]]]:
+        """(open file descriptor, byte offset of each (row in chunk, flip), -1 = all zeros)."""
+        hit = self._fds.get(c)
+        if hit is not None:
+            self._fds.move_to_end(c)
+            return hit
+        path = self._file(c)
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except FileNotFoundError as e:
+            raise CacheError(f"cache {self.cache.path}: chunk file {path} is missing ({e}); re-run the encode command") from e
+        size = os.fstat(fd).st_size
+        if not self.sharded:
+            if size < self.rpc * NUM_FLIPS * self.item_bytes:
+                os.close(fd)
+                raise CacheError(f"cache {self.cache.path}: chunk file {path} has {size} bytes, expected "
+                                 f"{self.rpc * NUM_FLIPS * self.item_bytes}; re-run the encode command")
+            offsets = (self._regular * self.item_bytes).tolist()
+        else:
+            n_inner = self.rpc * NUM_FLIPS
+            index_start = size - 16 * n_inner - self.index_tail
+            if index_start < 0:
+                os.close(fd)
+                raise CacheError(f"cache {self.cache.path}: shard file {path} is truncated ({size} bytes); re-run the encode command")
+            index = np.frombuffer(os.pread(fd, 16 * n_inner, index_start), dtype="<u8").reshape(self.rpc, NUM_FLIPS, 2)
+            present = index[..., 0] != np.iinfo(np.uint64).max
+            ends = index[..., 0][present] + index[..., 1][present]
+            if (index[..., 1][present] != self.item_bytes).any() or (present.any() and int(ends.max()) > index_start):
+                os.close(fd)
+                raise CacheError(f"cache {self.cache.path}: shard file {path} has an unexpected index; re-run the encode command for its rows")
+            # zarr leaves out inner chunks equal to the fill value (all zeros): offset -1.
+            offsets = np.where(present, index[..., 0].astype(np.int64), -1).tolist()
+        hit = self._fds[c] = (fd, offsets)
+        while len(self._fds) > self.max_open:
+            os.close(self._fds.popitem(last=False)[1][0])
+        return hit
+
     def chunk(self, c: int) -> tuple[np.ndarray, np.ndarray]:
         hit = self._open.get(c)
         if hit is not None:
@@ -202,23 +244,30 @@ class _ChunkedItems:
         return hit
 
     def gather(self, rows: np.ndarray, flips: np.ndarray, out: np.ndarray) -> None:
-        """``out[i] = item(rows[i], flips[i])`` (``out`` is ``[B, item_elems]`` float16)."""
+        """``out[i] = item(rows[i], flips[i])`` (``out`` is ``[B, item_elems]`` float16, C-contiguous)."""
+        if self.raw:
+            # One pread per item straight into the batch buffer: the kernel copies from the page
+            # cache (shared by every process on the host), no map to set up and fault in. On a
+            # fresh memory map each first touch of a page traps, which made the same gather ~4x
+            # more expensive in CPU time.
+            rpc, nbytes = self.rpc, self.item_bytes
+            for i, (r, f) in enumerate(zip(rows.tolist(), flips.tolist())):
+                c = r // rpc
+                fd, offsets = self._handle(c)
+                off = offsets[r - c * rpc][f]
+                if off < 0:
+                    out[i] = 0
+                elif os.preadv(fd, [out[i]], off) != nbytes:
+                    raise CacheError(f"cache {self.cache.path}: short read of row {r} from {self._file(c)}; re-run the encode command")
+            return
         chunk_of = rows // self.rpc
-        local = rows - chunk_of * self.rpc
         order = np.argsort(chunk_of, kind="stable")
         sorted_chunks = chunk_of[order]
         starts = np.flatnonzero(np.r_[True, sorted_chunks[1:] != sorted_chunks[:-1]])
         ends = np.r_[starts[1:], len(order)]
-        # In a large shuffled window most chunks hold one item of a batch: plain Python ints and
-        # a row copy per item are cheaper there than numpy's fancy-index machinery.
-        order_l, local_l, flips_l, chunks_l = order.tolist(), local.tolist(), flips.tolist(), sorted_chunks.tolist()
+        local = rows - chunk_of * self.rpc
         for s, e in zip(starts.tolist(), ends.tolist()):
-            flat, slots = self.chunk(chunks_l[s])
-            if e - s == 1:
-                i = order_l[s]
-                slot = int(slots[local_l[i], flips_l[i]])
-                out[i] = flat[slot] if slot >= 0 else 0
-                continue
+            flat, slots = self.chunk(int(sorted_chunks[s]))
             sel = order[s:e]
             idx = slots[local[sel], flips[sel]]
             out[sel] = flat[idx]
@@ -227,6 +276,12 @@ class _ChunkedItems:
 
     def close(self) -> None:
         self._open.clear()
+        while self._fds:
+            os.close(self._fds.popitem()[1][0])
+
+    def __del__(self) -> None:
+        with contextlib.suppress(Exception):
+            self.close()
 
 
 # ---- the reader ------------------------------------------------------------------------------------
@@ -243,7 +298,7 @@ class LatentCacheReader:
         rank: int = 0,
         world_size: int = 1,
         load_dino: bool = False,
-        mode: Literal["memory", "mmap"] = "mmap",
+        mode: Literal["memory", "pagecache"] = "pagecache",
         window_chunks: int = DEFAULT_WINDOW_CHUNKS,
         expected_attrs: Mapping[str, Any] | None = None,
     ):
@@ -261,7 +316,7 @@ class LatentCacheReader:
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} not in [0, {world_size})")
         if mode not in MODES:
-            hint = " (stream mode was replaced by mmap: bounded memory, and the same order on any world size)" if mode == "stream" else ""
+            hint = " (stream mode was replaced by pagecache: bounded memory, and the same order on any world size)" if mode == "stream" else ""
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}{hint}")
         if load_dino and not self.cache.has_dino:
             raise CacheError(f"cache {self.cache.path} has no DINO targets (created with store_dino=False)")
@@ -281,7 +336,7 @@ class LatentCacheReader:
         # (x - μ) / σ as x·(1/σ) + (-μ/σ), the constants rounded to float32 once.
         self._scale = {p: (1.0 / self._std[p].double()).float() for p in self._std}
         self._shift = {p: (-self._mean[p].double() / self._std[p].double()).float() for p in self._std}
-        # Enough open maps for two windows (a batch may straddle two), never near the kernel's limit.
+        # Enough open files for two windows (a batch may straddle two), never near the kernel's limit.
         max_open = max(64, min(8192, 2 * (self.window_chunks or layout.num_chunks) + 8))
         parts = ("texture", "semantic", "dino") if load_dino else ("texture", "semantic")
         self._items = {p: _ChunkedItems(self.cache, p, max_open) for p in parts}
@@ -418,6 +473,6 @@ class LatentCacheReader:
         return torch.cat(parts, dim=1)[0], self._labels[row], repa
 
     def close(self) -> None:
-        """Drop the memory maps (they reopen on demand); the RAM copy of memory mode is kept."""
+        """Close the open files (they reopen on demand); the RAM copy of memory mode is kept."""
         for src in self._items.values():
             src.close()
