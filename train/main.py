@@ -367,7 +367,12 @@ class TrainStep:
         x1 = (batch.x if cfg.use_semantic else batch.x[:, : m.in_channels]).to(d.device, non_blocking=True)
         y = batch.y.to(d.device, non_blocking=True)
         # [reader #13] stored tokens (cast to fp32 on the device) or decoded by the SemVAE, no grad.
-        repa_target = self.repa_targets(batch) if self.use_repa and self.repa_targets is not None else None
+        repa_target = None
+        if self.use_repa:
+            repa_target = (
+                self.repa_targets(batch) if self.repa_targets is not None
+                else batch.repa.to(d.device, non_blocking=True).float()  # stored, when no source is given
+            )
         accum = len(mine) // self.micro_batch
         sums = torch.zeros(len(LOSS_KEYS), device=d.device)
         for a in range(accum):
