@@ -239,7 +239,10 @@ class _ChunkedItems:
             self._open.move_to_end(c)
             return hit
         hit = self._open[c] = self._load(c)
-        while len(self._open) > self.max_open:
+        # Chunks loaded through zarr are private copies (50 MB for 64 rows of REPA targets):
+        # bound them by bytes, not only by count.
+        keep = self.max_open if self.raw else max(2, min(self.max_open, (1 << 30) // (self.rpc * NUM_FLIPS * self.item_bytes)))
+        while len(self._open) > keep:
             self._open.popitem(last=False)  # the map closes when the last view of it is gone
         return hit
 
