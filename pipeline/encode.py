@@ -497,15 +497,30 @@ def stage_semantic(plan: Plan) -> StageResult:
     return StageResult("semantic", "done", time.perf_counter() - t0, rows, f"{len(pending)} shards", work_s, cpu_s)
 
 
+def attach_semvae_decoder(plan: Plan) -> None:
+    """[reader #13] The SemVAE decoder travels with the cache (train/main.py repa_targets=semvae)."""
+    from sfd.encoding import build_semvae
+    from sfd.repa_targets import DECODER_FILE, write_semvae_decoder
+
+    if (Path(plan.cache.path) / DECODER_FILE).is_file():
+        return
+    spec = plan.sem
+    if plan.semantic_pass:
+        spec = semvae_spec(str(plan.semvae_dir / SEMVAE_FILE), plan.sem["preset"], None)
+    write_semvae_decoder(plan.cache, build_semvae(spec), identity(spec) or {})
+
+
 def stage_stats(plan: Plan) -> StageResult:
     cache, cfg = plan.cache, plan.cfg
     try:
         cache.stats()
+        attach_semvae_decoder(plan)
         return StageResult("stats", "skipped", note="statistics present")
     except CacheError:
         pass
     t0 = time.perf_counter()
     stats = cache.compute_stats(seed=cfg.stats_seed, num_samples=cfg.stats_samples)
+    attach_semvae_decoder(plan)
     n = int(cache.group["texture_mean"].attrs["num_samples"])
     note = f"{n} rows; texture std in [{stats['texture_std'].min():.3g}, {stats['texture_std'].max():.3g}]"
     return StageResult("stats", "done", time.perf_counter() - t0, n, note)

@@ -551,6 +551,7 @@ class TrainConfig:
     use_cosine_loss: bool = True
     repa_weight: float = 1.0  # λ; 0 = REPA off
     repa_mode: str = "cos"  # cos | mse | cos_mse
+    repa_targets: str = "stored"  # stored (cache's DINO tokens) | semvae (decoded from the semantic latent) | none (sfd/repa_targets.py)
     mask_clamped: bool = False  # ours, off = faithful: drop the clamped parts from the loss (method.md §12.3 item 7)
     # Performance policy, decided once in main().
     precision: str = "bf16"  # bf16 autocast on GPU | fp32
@@ -568,13 +569,15 @@ class TrainConfig:
     texture_vae: str = ""  # texture VAE weights for sample-grid PNGs; "" = weights/ldm-imagenet256-f16d32-50ep.ckpt if it exists
     tensorboard: bool = False  # also log to <out_dir>/tb (tensorboard --logdir runs) beside metrics.jsonl
     # Ours (the authors have none of these).
-    data_mode: str = "stream"  # memory | stream: cache reader mode (sfd/data/reader.py)
+    data_mode: str = "pagecache"  # pagecache | memory: cache reader mode (sfd/data/reader.py)
     max_nan_skips: int = 100  # stop after this many consecutive non-finite steps (each one is skipped)
     init_from: str = ""  # weights to start from (authors' .pt or ours); ignored when resuming
 
     def __post_init__(self) -> None:
         if self.repa_mode not in ("cos", "mse", "cos_mse"):
             raise ConfigError(f"repa_mode must be cos, mse or cos_mse, got {self.repa_mode!r}")
+        if self.repa_targets not in ("stored", "semvae", "none"):
+            raise ConfigError(f"repa_targets must be stored, semvae or none, got {self.repa_targets!r}")
         if self.precision not in ("bf16", "fp32"):
             raise ConfigError(f"precision must be bf16 or fp32, got {self.precision!r}")
         if self.delta_t < 0:
@@ -583,8 +586,8 @@ class TrainConfig:
             raise ConfigError("global_batch must be > 0 and micro_batch >= 0")
         if self.kernels not in ("eager", "compile", "triton"):
             raise ConfigError(f"kernels must be eager, compile or triton, got {self.kernels!r}")
-        if self.data_mode not in ("memory", "stream"):
-            raise ConfigError(f"data_mode must be memory or stream, got {self.data_mode!r}")
+        if self.data_mode not in ("pagecache", "memory"):
+            raise ConfigError(f"data_mode must be pagecache or memory, got {self.data_mode!r}")
 
     # Short names accepted by `override` (and so by `-o`): the one stored Δt is the model's.
     ALIASES: ClassVar[dict[str, str]] = {"delta_t": "model.semfirst_delta_t"}
@@ -614,7 +617,6 @@ TRAIN_PRESETS: dict[str, TrainConfig] = {
     "tiny": _run(
         "tiny", out_dir="runs/tiny", global_batch=8, max_steps=200, precision="fp32",
         kernels="eager", log_every=10, ckpt_every=100, sample_every=0,
-        data_mode="memory",
     ),
 }
 

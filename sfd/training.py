@@ -71,7 +71,7 @@ def check_run_config(cfg: TrainConfig) -> None:
             f"use_semantic=false trains on the texture channels only: set model.semantic_chans=0 (now "
             f"{m.semantic_chans}) and delta_t=0 (now {cfg.delta_t})"
         )
-    if cfg.repa_weight > 0 and not m.use_repa:
+    if uses_repa(cfg) and not m.use_repa:
         problems.append(f"repa_weight={cfg.repa_weight} but model.use_repa=false: set repa_weight=0 or model.use_repa=true")
     if cfg.max_steps < 0 or cfg.log_every <= 0 or cfg.ckpt_every < 0 or cfg.sample_every < 0:
         problems.append("max_steps, ckpt_every and sample_every must be >= 0 and log_every > 0")
@@ -125,12 +125,17 @@ def check_cache(cfg: TrainConfig, cache: LatentCache, world_size: int, per_rank:
             n = len(cache.attrs[key]) if key == "class_names" else int(cache.attrs[key])
             if n != m.num_classes:
                 problems.append(f"cache has {n} classes ({key}), model.num_classes={m.num_classes}")
-    if cfg.repa_weight > 0 and m.use_repa:
+    if uses_repa(cfg) and m.use_repa and cfg.repa_targets == "semvae":
+        from sfd.repa_targets import check_repa_targets
+
+        problems += check_repa_targets(cfg.repa_targets, cache, (m.input_size // m.patch_size) ** 2, m.repa_target_dim)
+    elif uses_repa(cfg) and m.use_repa:
         tokens = (m.input_size // m.patch_size) ** 2
         if not cache.has_dino:
             problems.append(
                 f"repa_weight={cfg.repa_weight} needs REPA targets, but the cache at {cache.path} has none "
-                "(encoded without DINO targets): set repa_weight=0 (-o repa_weight=0) or re-encode with targets"
+                "(encoded without DINO targets): set repa_weight=0 (-o repa_weight=0), decode them from the "
+                "semantic latents (-o repa_targets=semvae) or re-encode with targets"
             )
         elif tuple(layout.dino_shape) != (tokens, m.repa_target_dim):
             problems.append(
@@ -251,14 +256,14 @@ def set_rng_state(state: dict[str, Any], device: torch.device) -> None:
 
 
 def reader_state_for(saved: dict[str, Any], world_size: int) -> dict[str, Any]:
-    """The reader position under ``world_size`` ranks; memory mode converts between rank counts."""
+    """The reader position under ``world_size`` ranks (the reader's order is world-size independent)."""
     if saved["world_size"] == world_size:
         return saved
     consumed = saved["index"] * saved["world_size"]  # global positions of this epoch already used
-    if saved["mode"] != "memory" or consumed % world_size:
+    if "order" not in saved or consumed % world_size:
         raise TrainError(
-            f"the checkpoint's data position was saved with {saved['world_size']} ranks ({saved['mode']} mode); "
-            f"resuming on {world_size} ranks needs data_mode=memory and a position divisible by {world_size}"
+            f"the checkpoint's data position was saved with {saved['world_size']} ranks; resuming on {world_size} "
+            f"ranks needs a position divisible by {world_size} (and a checkpoint of the world-size-independent reader)"
         )
     return {**saved, "world_size": world_size, "index": consumed // world_size}
 
@@ -369,3 +374,8 @@ class MetricsLog:
         self.file.close()
         if self.tb is not None:
             self.tb.close()
+
+
+def uses_repa(cfg: TrainConfig) -> bool:
+    """REPA is on when it has a weight and a target source (``repa_targets=none`` turns it off)."""
+    return cfg.repa_weight > 0 and cfg.repa_targets != "none"

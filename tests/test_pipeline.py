@@ -129,6 +129,13 @@ def test_round_trip(full_cache: tuple[Path, list], subset: Path) -> None:
     with torch.no_grad():
         want = tokens_to_latent(semvae_sample(semvae, tokens, row_generators(0, "semantic", [row, row], [0, 1])))
     torch.testing.assert_close(torch.from_numpy(g["semantic"][row].astype(np.float32)), want, rtol=2e-3, atol=2e-3)
+    # Its decoder travels with the cache (repa_targets=semvae in train/main.py).
+    from sfd.repa_targets import load_semvae_decoder
+
+    decoder, _, how = load_semvae_decoder(cache)
+    assert "semvae_decoder.safetensors" in how
+    z = torch.randn(2, 256, 4)
+    torch.testing.assert_close(decoder(z), semvae.decode(z))
 
     stats = cache.stats()
     assert stats["texture_mean"].shape == (8,) and stats["semantic_std"].shape == (4,)

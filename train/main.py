@@ -13,7 +13,7 @@ whether or not the cosine loss is on (1, in sfd.diffusion.sfd_loss).
 
 Determinism across GPU counts: the times, the noise and the class-dropout decisions of a step are
 drawn for the whole global batch from a generator seeded by (seed, step), and rank r takes the
-rows at offsets r, r+W, r+2W, ... — the same items the cache reader hands it (memory mode). So a
+rows at offsets r, r+W, r+2W, ... — the same items the cache reader hands it (in every mode). So a
 run on W processes matches a run on one process up to the order of float reductions, and a
 resumed run continues exactly where the interrupted one stopped.
 
@@ -73,6 +73,7 @@ from sfd.diffusion import LossTerms, noise_composite, sample_training_times, sfd
 from sfd.kernels import resolve as resolve_kernels
 from sfd.manifest import CheckpointError, usable_checkpoints, write_manifest
 from sfd.models.lightningdit import ROPE_BUFFERS, LightningDiT, count_params, load_lightningdit
+from sfd.repa_targets import RepaTargets
 from sfd.runlock import LockError, die_with_parent, hold_for_ranks, release_held_locks
 from sfd.training import (
     LOSS_KEYS,
@@ -93,6 +94,7 @@ from sfd.training import (
     sample_grid,
     set_rng_state,
     truncate_metrics,
+    uses_repa,
     window_means,
 )
 
@@ -217,11 +219,13 @@ def main(argv: list[str] | None = None) -> None:
     }
 
     # -- data -------------------------------------------------------------------------------------
-    use_repa = cfg.repa_weight > 0
+    use_repa = uses_repa(cfg)
     latent_stats = checkpoint_latent_stats(cache)  # stored with every checkpoint for the samplers
     reader = LatentCacheReader(
-        cache, seed=cfg.seed, rank=d.rank, world_size=d.world_size, load_dino=use_repa, mode=cfg.data_mode
+        cache, seed=cfg.seed, rank=d.rank, world_size=d.world_size, mode=cfg.data_mode,
+        load_dino=use_repa and cfg.repa_targets == "stored",
     )
+    repa_targets = RepaTargets(cfg.repa_targets if use_repa else "none", cache, d.device, autocast_dtype)
 
     # -- model ------------------------------------------------------------------------------------
     model = LightningDiT(m)
@@ -266,7 +270,7 @@ def main(argv: list[str] | None = None) -> None:
     if d.world_size > 1:
         # Buffers are constant tables (position codes, RoPE): nothing to broadcast per step.
         net = DDP(net, device_ids=[d.local_rank] if on_cuda else None, broadcast_buffers=False)
-    train_step = TrainStep(cfg, net, model, ema, optimizer, loss_fn, d, micro, autocast_dtype)
+    train_step = TrainStep(cfg, net, model, ema, optimizer, loss_fn, d, micro, autocast_dtype, repa_targets)
 
     # -- resume -----------------------------------------------------------------------------------
     step, nan_total, nan_run = 0, 0, 0
@@ -295,6 +299,7 @@ def main(argv: list[str] | None = None) -> None:
     say(f"SFD training: preset {args.preset} ({cfg.model_name}), run dir {run_dir}")
     say("derived: " + ", ".join(f"{k}={v}" for k, v in derived.items()))
     say("performance policy: " + ", ".join(f"{k}={v}" for k, v in policy.items()))
+    say(f"REPA targets: {repa_targets.how}" if use_repa else "REPA off")
     say(f"resuming from step {step} ({ckpts[-1][1]})" if ckpts else "starting from step 0")
     for note in resume_notes:
         say(f"  changed since the checkpoint: {note}")
@@ -423,11 +428,13 @@ class TrainStep:
         d: runtime.Dist,
         micro_batch: int,
         autocast_dtype: torch.dtype | None,
+        repa_targets: RepaTargets | None = None,
     ) -> None:
         self.cfg, self.net, self.optimizer, self.loss_fn, self.d = cfg, net, optimizer, loss_fn, d
         self.micro_batch = micro_batch
         self.autocast_dtype = autocast_dtype
-        self.use_repa = cfg.repa_weight > 0
+        self.use_repa = uses_repa(cfg)
+        self.repa_targets = repa_targets
         trainable = [(p, e) for p, e in zip(model.parameters(), ema.parameters()) if p.requires_grad]
         self.params = [p for p, _ in trainable]
         self.ema_params = [e for _, e in trainable]
@@ -455,7 +462,13 @@ class TrainStep:
         # (b, C, H, W); without semantic channels only the leading texture channels are trained on.
         x1 = (batch.x if cfg.use_semantic else batch.x[:, : m.in_channels]).to(d.device, non_blocking=True)
         y = batch.y.to(d.device, non_blocking=True)
-        repa_target = batch.repa.to(d.device, non_blocking=True) if self.use_repa else None
+        # Stored tokens (fp16 from the reader, cast on the device) or decoded by the SemVAE, no grad.
+        repa_target = None
+        if self.use_repa:
+            repa_target = (
+                self.repa_targets(batch) if self.repa_targets is not None
+                else batch.repa.to(d.device, non_blocking=True).float()
+            )
         accum = len(mine) // self.micro_batch
         sums = torch.zeros(len(LOSS_KEYS), device=d.device)
         for a in range(accum):

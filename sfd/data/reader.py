@@ -4,59 +4,77 @@ One windowed visiting order (:func:`chunk_windows`) serves both trainers: the di
 trainer's :class:`LatentCacheReader` (composite latents, below) and the Semantic-VAE trainer's
 :class:`DinoTokenReader` (DINO tokens, both flips of every row, whole-chunk reads).
 
-Each item is the composite latent ``[texture | semantic]`` (DESIGN.md §3: texture channels first),
+Each item is the composite latent ``[texture | semantic]`` (docs/architecture.md, Conventions: texture channels first),
 each part normalised per channel as ``(x - μ_c) / σ_c`` with the statistics stored in the cache
-(method.md §2.4), its label, and optionally its REPA target (DINOv2 patch tokens). Every item
-picks the plain or the flipped copy with probability 1/2, and the same choice for all three
-(method.md §2.5).
+(docs/method.md §2.4), its label, and optionally its stored REPA target (DINOv2 patch tokens).
+Every item picks the plain or the flipped copy with probability 1/2, and the same choice for all
+parts (docs/method.md §2.5).
 
-Plain zarr item reads cost ~1-2 ms of Python overhead each (~400-1000 items/s), far below what a
-GPU consumes, so the reader never reads single texture/semantic rows. It gathers batches from
-whole chunks held in memory, in one of two modes:
+Where the bytes come from
+    The cache's arrays are stored uncompressed (``sfd/data/cache.py``), so a zarr chunk file *is*
+    the raw little-endian array of its rows, and a zarr shard file (the ``dino`` array) is raw
+    inner chunks located by the shard index at its end. The reader ``pread``s each item straight
+    from those files into the batch buffer: no per-item zarr call (~1-2 ms of Python each), no
+    private copy. The bytes come from the kernel's page cache, which every process on the host
+    shares, so eight ranks on a node hold **one** copy of the cache, and an item costs one system
+    call and one copy. (Memory-mapping the files was the first design; each first touch of a page
+    of a fresh map traps, which cost ~4x the CPU time of ``pread`` for the same gather.) A cache
+    whose codecs are not plain bytes (compressed, or anything this reader does not recognise) is
+    read through zarr chunk by chunk instead (same results, slower); :attr:`LatentCacheReader.raw`
+    says which path is in use.
+
+``mode="pagecache"`` (the default)
+    Everything is read from the page cache. Private memory per process is a few batches; the
+    node's page cache holds what was touched (at most the cache's size: 49 KB per image for
+    texture + semantic, 63 GB for ImageNet-1k, plus 786 KB per image if REPA targets are stored).
 
 ``mode="memory"``
-    Read the texture and semantic arrays once, chunk by chunk, and keep them in RAM; every epoch
-    is a full random permutation of the valid rows. Costs ``N × 2 × (Ct+Cs)·h·w × 2 B`` per
-    process (49 KB per image at 256²: 63 GB for ImageNet-1k), so it suits small datasets or
-    hosts with the RAM for it.
+    Texture and semantic latents are copied into this process's RAM at start (``N × 49 KB`` per
+    process), which saves the system call per item; REPA targets are still read from the page
+    cache. For small caches and single-process runs.
 
-``mode="stream"``
-    Each epoch visits the zarr chunks (``rows_per_chunk`` contiguous rows) in a random order,
-    split between DDP ranks chunk by chunk, and loads ``window_chunks`` of them at a time
-    (prefetching the next window in a thread); the rows of a window are shuffled together. Memory
-    is bounded by two windows, and reads are large sequential chunk reads. The trade-off: items
-    of one batch come from at most ``window_chunks`` chunks, so if rows are stored in class order
-    (the sorted file list) a batch sees ~``window_chunks × rows_per_chunk / images_per_class``
-    classes at most. Encoding in a fixed permuted row order (``ImageList.permuted``) removes that
-    correlation; otherwise use a large window.
+Order (the same in both modes, and for any number of processes)
+    The order of an epoch is a function of ``(seed, epoch)`` only: chunks (``rows_per_chunk``
+    contiguous rows) are permuted, grouped into windows of ``window_chunks`` chunks, and the valid
+    rows of each window are shuffled together; one flip is drawn per global position. Global
+    batch ``k`` is positions ``[k·G, (k+1)·G)`` of that sequence (``G`` = per-rank batch × world
+    size), and rank ``r`` takes positions ``r, r+W, r+2W, …`` of it — the trainer's convention
+    (``train/main.py``: "rank r's k-th item is global item r + kW"). So 1 and N processes see the
+    same global batches, and a checkpoint saved under one world size resumes under another when
+    the consumed count divides. Windows keep the pages touched by a stretch of batches local
+    (readahead-friendly on a cold disk, few maps open at once, and a batch touches at most
+    ``window_chunks`` chunk files, which bounds the gather's per-file work); ``window_chunks=0``
+    makes one window, a full permutation. The default, 64 chunks = 4,096 rows, is 16 batches of
+    256 drawn from one random 0.3 % of ImageNet (in the encode job's permuted row order). If rows are stored in class order, a batch sees at most
+    ``~window_chunks × rows_per_chunk / images_per_class`` classes; the encode job's permuted row
+    order (``ImageList.permuted``) removes that correlation.
 
 Batch assembly is memory-bound NumPy/torch work in the calling process; run it with one torch
 CPU thread (torchrun's default OMP_NUM_THREADS=1): on a busy CPU the intra-op thread pool made it
 ~6x slower in ``bench/cache_reader.py``.
 
-REPA targets (786 KB per image) are read per item from zarr in both modes (one (row, flip)
-inner chunk each), which bounds throughput to roughly a thousand items per second per process.
-
-Order and resume: the order depends only on ``(seed, epoch)`` (and rank/world size), the flip of
-each item is drawn with it, and :meth:`LatentCacheReader.state_dict` records ``(epoch, index)``,
-the number of items of this epoch already yielded by this rank, so a resumed run continues with
-exactly the batches it would have seen. Each rank yields the same number of items per epoch
-(a few rows are dropped per epoch to make the counts equal), and ranks never share a row within
-an epoch.
+Resume: :meth:`LatentCacheReader.state_dict` records ``(epoch, index)``, the number of items of
+this epoch already yielded by this rank, so a resumed run continues with exactly the batches it
+would have seen. Each rank yields ``n_valid // world_size`` items per epoch (the remainder,
+fewer than ``world_size`` rows, differs every epoch), and ranks never share a row within an epoch.
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
+import mmap
 import os
+from collections import OrderedDict
 from collections.abc import Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal, NamedTuple
 
 import numpy as np
 import torch
 
-from sfd.data.cache import FIX_HINT, CacheError, LatentCache
+from sfd.data.cache import FIX_HINT, NUM_FLIPS, CacheError, LatentCache
 
 
 def valid_rows_per_chunk(valid: np.ndarray, rows_per_chunk: int) -> np.ndarray:
@@ -77,21 +95,223 @@ def chunk_windows(
     return [[mine[i : i + window_chunks] for i in range(0, len(mine), window_chunks)] for mine in per_rank]
 
 
+MODES = ("memory", "pagecache")
+DEFAULT_WINDOW_CHUNKS = 64  # 4,096 rows of 64 (a random 0.3 % of ImageNet in permuted row order)
+
+
 class LatentBatch(NamedTuple):
     x: torch.Tensor  # [B, Ct+Cs, h, w] float32, normalised, texture channels first
     y: torch.Tensor  # [B] int64 class labels
-    repa: torch.Tensor | None  # [B, tokens, dim] float32 REPA targets, or None
+    repa: torch.Tensor | None  # [B, tokens, dim] float16 stored REPA targets (cast on the device), or None
     rows: np.ndarray  # [B] cache row of each item (for logging / debugging)
     flips: np.ndarray  # [B] 0 = plain, 1 = horizontally flipped
 
 
-@dataclass
-class _EpochPlan:
-    rows: np.ndarray  # [n] cache rows this rank yields this epoch, in order
-    flips: np.ndarray  # [n] flip choice per position
-    window: np.ndarray  # [n] window id per position (0 everywhere in memory mode)
-    slot: np.ndarray  # [n] row slot inside that window's buffer
-    window_chunks: list[np.ndarray]  # chunk ids making up each window (stream mode)
+def epoch_order(
+    seed: int, epoch: int, valid: np.ndarray, rows_per_chunk: int, window_chunks: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """(rows, flips) of the whole epoch, in global order: a function of its arguments only."""
+    rng = np.random.default_rng([int(seed), int(epoch)])
+    n = len(valid)
+    num_chunks = -(-n // rows_per_chunk)
+    chunks = rng.permutation(num_chunks)
+    rows = (chunks[:, None] * rows_per_chunk + np.arange(rows_per_chunk)[None, :]).ravel()
+    per_window = num_chunks if window_chunks <= 0 else int(window_chunks)
+    window = np.repeat(np.arange(num_chunks) // per_window, rows_per_chunk)
+    keep = rows < n
+    rows, window = rows[keep], window[keep]
+    keep = valid[rows]
+    rows, window = rows[keep], window[keep]
+    # Shuffle within windows: sort by (window, random key). One generator for the epoch.
+    keys = rng.random(len(rows))
+    order = np.lexsort((keys, window))
+    flips = rng.integers(0, NUM_FLIPS, size=len(rows), dtype=np.int64)
+    return rows[order], flips
+
+
+# ---- raw access to the chunk files ---------------------------------------------------------------
+
+
+def _plain_bytes(codecs: list[dict[str, Any]]) -> bool:
+    """Codecs that leave the chunk's bytes raw at offset 0: little-endian bytes (+ a trailing crc32c)."""
+    if not codecs or codecs[0].get("name") != "bytes":
+        return False
+    if codecs[0].get("configuration", {}).get("endian", "little") != "little":
+        return False
+    return all(c.get("name") == "crc32c" for c in codecs[1:])
+
+
+class _ChunkedItems:
+    """Items ``[row, flip]`` of one cache array, read chunk file by chunk file.
+
+    Each chunk file holds ``rows_per_chunk`` rows; :meth:`chunk` returns ``(flat, slots)``: a
+    ``[k, item_elems]`` float16 array (a view of a memory map when the layout is raw) and a
+    ``[rows_per_chunk, 2]`` table of the slot of each (row in chunk, flip) in it (memory mode's
+    start-up copy and the zarr fallback); :meth:`gather` ``pread``s raw items. Open maps and
+    files are kept in LRUs of ``max_open`` entries (file descriptors and maps are limited).
+    """
+
+    def __init__(self, cache: LatentCache, name: str, max_open: int):
+        self.cache, self.name, self.max_open = cache, name, max_open
+        self.array = cache.group[name]
+        self.rpc = cache.layout.rows_per_chunk
+        self.item_shape = tuple(self.array.shape[2:])
+        self.item_elems = int(np.prod(self.item_shape))
+        self.item_bytes = self.item_elems * 2
+        self.dir = Path(cache.path) / name
+        self._open: OrderedDict[int, tuple[np.ndarray, np.ndarray]] = OrderedDict()
+        self._fds: OrderedDict[int, tuple[int, list[list[int]]]] = OrderedDict()
+        meta = json.loads((self.dir / "zarr.json").read_text())
+        self.sharded = False
+        self.raw = self.array.dtype == np.float16 and meta.get("chunk_key_encoding", {}).get("name") == "default"
+        codecs = meta.get("codecs", [])
+        chunk_rows = meta["chunk_grid"]["configuration"]["chunk_shape"][0]
+        if codecs and codecs[0].get("name") == "sharding_indexed":
+            cfg = codecs[0]["configuration"]
+            self.sharded = True
+            self.inner = list(cfg["chunk_shape"])
+            self.index_tail = 4 * sum(c.get("name") == "crc32c" for c in cfg["index_codecs"])
+            self.raw &= (
+                _plain_bytes(cfg["codecs"]) and cfg.get("index_location", "end") == "end"
+                and _plain_bytes(cfg["index_codecs"]) and self.inner == [1, 1, *self.item_shape]
+                and len(cfg["codecs"]) == 1  # a per-inner-chunk checksum would shift the items
+            )
+        else:
+            self.raw &= _plain_bytes(codecs)
+        self.raw &= chunk_rows == self.rpc and list(meta["shape"][1:]) == [NUM_FLIPS, *self.item_shape]
+        self._regular = (np.arange(self.rpc)[:, None] * NUM_FLIPS + np.arange(NUM_FLIPS)[None, :]).astype(np.int64)
+
+    def _file(self, chunk: int) -> Path:
+        return self.dir / "c" / str(chunk) / "/".join("0" * (self.array.ndim - 1))
+
+    def _load(self, chunk: int) -> tuple[np.ndarray, np.ndarray]:
+        if not self.raw:
+            r0, r1 = self.cache.layout.chunk_rows(chunk)
+            buf = np.zeros((self.rpc * NUM_FLIPS, self.item_elems), dtype=np.float16)
+            buf[: (r1 - r0) * NUM_FLIPS] = np.asarray(self.array[r0:r1]).reshape(-1, self.item_elems)
+            return buf, self._regular
+        path = self._file(chunk)
+        try:
+            with open(path, "rb") as f:
+                mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        except (FileNotFoundError, ValueError) as e:  # ValueError: empty file
+            raise CacheError(f"cache {self.cache.path}: chunk file {path} is missing or empty ({e}); re-run the encode command") from e
+        if not self.sharded:
+            # Chunks are written whole (edge chunks padded), so every chunk file has this size.
+            need = self.rpc * NUM_FLIPS * self.item_bytes
+            if len(mm) < need:
+                raise CacheError(f"cache {self.cache.path}: chunk file {path} has {len(mm)} bytes, expected {need}; re-run the encode command")
+            flat = np.frombuffer(mm, dtype="<f2", count=need // 2).reshape(-1, self.item_elems)
+            return flat, self._regular
+        # Shard index at the end: (offset, nbytes) uint64 per inner chunk, in C order, + crc32c.
+        n_inner = self.rpc * NUM_FLIPS
+        index_start = len(mm) - 16 * n_inner - self.index_tail
+        if index_start < 0:
+            raise CacheError(f"cache {self.cache.path}: shard file {path} is truncated ({len(mm)} bytes); re-run the encode command")
+        index = np.frombuffer(mm, dtype="<u8", count=2 * n_inner, offset=index_start).reshape(self.rpc, NUM_FLIPS, 2)
+        offsets, nbytes = index[..., 0], index[..., 1]
+        present = offsets != np.iinfo(np.uint64).max
+        # zarr leaves out inner chunks equal to the fill value (all zeros): slot -1 reads as zeros.
+        if (nbytes[present] != self.item_bytes).any() or (offsets[present] % self.item_bytes).any():
+            raise CacheError(f"cache {self.cache.path}: shard file {path} has an unexpected index; re-run the encode command for its rows")
+        slots = np.where(present, offsets // self.item_bytes, -1).astype(np.int64)
+        if present.any() and int((offsets[present] + nbytes[present]).max()) > index_start:
+            raise CacheError(f"cache {self.cache.path}: shard file {path} has an index pointing past its data; re-run the encode command")
+        flat = np.frombuffer(mm, dtype="<f2", count=index_start // self.item_bytes * self.item_elems).reshape(-1, self.item_elems)
+        return flat, slots
+
+    def _handle(self, c: int) -> tuple[int, list[list[int]]]:
+        """(open file descriptor, byte offset of each (row in chunk, flip), -1 = all zeros)."""
+        hit = self._fds.get(c)
+        if hit is not None:
+            self._fds.move_to_end(c)
+            return hit
+        path = self._file(c)
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except FileNotFoundError as e:
+            raise CacheError(f"cache {self.cache.path}: chunk file {path} is missing ({e}); re-run the encode command") from e
+        size = os.fstat(fd).st_size
+        if not self.sharded:
+            if size < self.rpc * NUM_FLIPS * self.item_bytes:
+                os.close(fd)
+                raise CacheError(f"cache {self.cache.path}: chunk file {path} has {size} bytes, expected "
+                                 f"{self.rpc * NUM_FLIPS * self.item_bytes}; re-run the encode command")
+            offsets = (self._regular * self.item_bytes).tolist()
+        else:
+            n_inner = self.rpc * NUM_FLIPS
+            index_start = size - 16 * n_inner - self.index_tail
+            if index_start < 0:
+                os.close(fd)
+                raise CacheError(f"cache {self.cache.path}: shard file {path} is truncated ({size} bytes); re-run the encode command")
+            index = np.frombuffer(os.pread(fd, 16 * n_inner, index_start), dtype="<u8").reshape(self.rpc, NUM_FLIPS, 2)
+            present = index[..., 0] != np.iinfo(np.uint64).max
+            ends = index[..., 0][present] + index[..., 1][present]
+            if (index[..., 1][present] != self.item_bytes).any() or (present.any() and int(ends.max()) > index_start):
+                os.close(fd)
+                raise CacheError(f"cache {self.cache.path}: shard file {path} has an unexpected index; re-run the encode command for its rows")
+            # zarr leaves out inner chunks equal to the fill value (all zeros): offset -1.
+            offsets = np.where(present, index[..., 0].astype(np.int64), -1).tolist()
+        hit = self._fds[c] = (fd, offsets)
+        while len(self._fds) > self.max_open:
+            os.close(self._fds.popitem(last=False)[1][0])
+        return hit
+
+    def chunk(self, c: int) -> tuple[np.ndarray, np.ndarray]:
+        hit = self._open.get(c)
+        if hit is not None:
+            self._open.move_to_end(c)
+            return hit
+        hit = self._open[c] = self._load(c)
+        # Chunks loaded through zarr are private copies (50 MB for 64 rows of REPA targets):
+        # bound them by bytes, not only by count.
+        keep = self.max_open if self.raw else max(2, min(self.max_open, (1 << 30) // (self.rpc * NUM_FLIPS * self.item_bytes)))
+        while len(self._open) > keep:
+            self._open.popitem(last=False)  # the map closes when the last view of it is gone
+        return hit
+
+    def gather(self, rows: np.ndarray, flips: np.ndarray, out: np.ndarray) -> None:
+        """``out[i] = item(rows[i], flips[i])`` (``out`` is ``[B, item_elems]`` float16, C-contiguous)."""
+        if self.raw:
+            # One pread per item straight into the batch buffer: the kernel copies from the page
+            # cache (shared by every process on the host), no map to set up and fault in. On a
+            # fresh memory map each first touch of a page traps, which made the same gather ~4x
+            # more expensive in CPU time.
+            rpc, nbytes = self.rpc, self.item_bytes
+            for i, (r, f) in enumerate(zip(rows.tolist(), flips.tolist())):
+                c = r // rpc
+                fd, offsets = self._handle(c)
+                off = offsets[r - c * rpc][f]
+                if off < 0:
+                    out[i] = 0
+                elif os.preadv(fd, [out[i]], off) != nbytes:
+                    raise CacheError(f"cache {self.cache.path}: short read of row {r} from {self._file(c)}; re-run the encode command")
+            return
+        chunk_of = rows // self.rpc
+        order = np.argsort(chunk_of, kind="stable")
+        sorted_chunks = chunk_of[order]
+        starts = np.flatnonzero(np.r_[True, sorted_chunks[1:] != sorted_chunks[:-1]])
+        ends = np.r_[starts[1:], len(order)]
+        local = rows - chunk_of * self.rpc
+        for s, e in zip(starts.tolist(), ends.tolist()):
+            flat, slots = self.chunk(int(sorted_chunks[s]))
+            sel = order[s:e]
+            idx = slots[local[sel], flips[sel]]
+            out[sel] = flat[idx]
+            if (idx < 0).any():  # inner chunks left out by zarr are all zeros
+                out[sel[idx < 0]] = 0
+
+    def close(self) -> None:
+        self._open.clear()
+        while self._fds:
+            os.close(self._fds.popitem()[1][0])
+
+    def __del__(self) -> None:
+        with contextlib.suppress(Exception):
+            self.close()
+
+
+# ---- the reader ------------------------------------------------------------------------------------
 
 
 class LatentCacheReader:
@@ -105,8 +325,8 @@ class LatentCacheReader:
         rank: int = 0,
         world_size: int = 1,
         load_dino: bool = False,
-        mode: Literal["memory", "stream"] = "memory",
-        window_chunks: int = 64,
+        mode: Literal["memory", "pagecache"] = "pagecache",
+        window_chunks: int = DEFAULT_WINDOW_CHUNKS,
         expected_attrs: Mapping[str, Any] | None = None,
     ):
         self.cache = cache if isinstance(cache, LatentCache) else LatentCache.open(cache)
@@ -132,8 +352,9 @@ class LatentCacheReader:
             )
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} not in [0, {world_size})")
-        if mode not in ("memory", "stream"):
-            raise ValueError(f"mode must be 'memory' or 'stream', got {mode!r}")
+        if mode not in MODES:
+            hint = " (stream mode was replaced by pagecache: bounded memory, and the same order on any world size)" if mode == "stream" else ""
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}{hint}")
         if load_dino and not self.cache.has_dino:
             raise CacheError(f"cache {self.cache.path} has no DINO targets (created with store_dino=False)")
         self.seed, self.rank, self.world_size = int(seed), int(rank), int(world_size)
@@ -149,24 +370,33 @@ class LatentCacheReader:
         # [1, C, 1, 1] so they broadcast over a [B, C, h, w] batch.
         self._mean = {p: torch.from_numpy(stats[f"{p}_mean"]).view(1, -1, 1, 1) for p in ("texture", "semantic")}
         self._std = {p: torch.from_numpy(stats[f"{p}_std"]).view(1, -1, 1, 1) for p in ("texture", "semantic")}
-        self._arrays = {p: self.cache.group[p] for p in ("texture", "semantic")}
-        self._dino = self.cache.group["dino"] if load_dino else None
+        # (x - μ) / σ as x·(1/σ) + (-μ/σ), the constants rounded to float32 once.
+        self._scale = {p: (1.0 / self._std[p].double()).float() for p in self._std}
+        self._shift = {p: (-self._mean[p].double() / self._std[p].double()).float() for p in self._std}
+        # Enough open files for two windows (a batch may straddle two), never near the kernel's limit.
+        max_open = max(64, min(8192, 2 * (self.window_chunks or layout.num_chunks) + 8))
+        parts = ("texture", "semantic", "dino") if load_dino else ("texture", "semantic")
+        self._items = {p: _ChunkedItems(self.cache, p, max_open) for p in parts}
+        self.raw = all(s.raw for s in self._items.values())
+        self._ram: dict[str, np.ndarray] = {}
+        if mode == "memory":
+            for p in ("texture", "semantic"):
+                src = self._items[p]
+                buf = np.empty((layout.num_chunks * self._rpc * NUM_FLIPS, src.item_elems), dtype=np.float16)
+                for c in range(layout.num_chunks):
+                    flat, slots = src.chunk(c)
+                    buf[c * self._rpc * NUM_FLIPS : (c + 1) * self._rpc * NUM_FLIPS] = flat[slots.ravel()]
+                src.close()
+                self._ram[p] = buf
 
         self.epoch, self.index = 0, 0
-        self._plan_epoch: int | None = None
-        self._plan: _EpochPlan | None = None
-        self._windows: dict[int, dict[str, np.ndarray]] = {}
-        self._pending: dict[int, Future[dict[str, np.ndarray]]] = {}
-        self._pool: ThreadPoolExecutor | None = None
-        self._dino_pool: ThreadPoolExecutor | None = None
-        self._dino_ahead: dict[tuple[int | None, int], Future[np.ndarray]] = {}  # (epoch, start)
-        if mode == "memory":
-            self._windows[0] = self._load_chunks(np.arange(layout.num_chunks))
-        self._items_per_rank = len(self._make_plan(0).rows)
+        self._order_epoch: int | None = None
+        self._order: tuple[np.ndarray, np.ndarray] | None = None
+        self._items_per_rank = int(self._valid.sum()) // self.world_size
         if self._items_per_rank == 0:
             raise CacheError(
                 f"rank {rank} of {world_size} gets no rows from {self.cache.path} "
-                f"({int(self._valid.sum())} valid rows in {layout.num_chunks} chunks)"
+                f"({int(self._valid.sum())} valid rows)"
             )
 
     # ---- order ---------------------------------------------------------------------------------
@@ -175,47 +405,14 @@ class LatentCacheReader:
         """Items this rank yields per epoch (equal on every rank)."""
         return self._items_per_rank
 
-    def _make_plan(self, epoch: int) -> _EpochPlan:
-        rng = np.random.default_rng([self.seed, epoch])
-        if self.mode == "memory":
-            perm = rng.permutation(np.flatnonzero(self._valid))
-            flips = rng.integers(0, 2, size=len(perm), dtype=np.int64)  # drawn per global position
-            per_rank = len(perm) // self.world_size
-            take = slice(self.rank, per_rank * self.world_size, self.world_size)
-            rows = perm[take]
-            zeros = np.zeros(len(rows), dtype=np.int64)
-            return _EpochPlan(rows, flips[take], zeros, rows.copy(), [])
-
-        # Stream mode: chunks dealt to ranks in a per-epoch random order, read a window at a time.
-        layout = self.cache.layout
-        valid_per_chunk = valid_rows_per_chunk(self._valid, self._rpc)
-        all_windows = chunk_windows(valid_per_chunk, self.seed, epoch, self.world_size, self.window_chunks)
-        per_rank = min(int(sum(valid_per_chunk[w].sum() for w in ws)) for ws in all_windows)
-        rows_l, flips_l, win_l, slot_l, windows = [], [], [], [], []
-        for w, wchunks in enumerate(all_windows[self.rank]):
-            windows.append(wchunks)
-            rows = np.concatenate([np.arange(*layout.chunk_rows(int(c))) for c in wchunks])
-            slots = np.concatenate(
-                [j * self._rpc + np.arange(np.diff(layout.chunk_rows(int(c)))[0]) for j, c in enumerate(wchunks)]
-            )
-            keep = self._valid[rows]
-            rows, slots = rows[keep], slots[keep]
-            wrng = np.random.default_rng([self.seed, epoch, self.rank, w])
-            order = wrng.permutation(len(rows))
-            rows_l.append(rows[order])
-            slot_l.append(slots[order])
-            flips_l.append(wrng.integers(0, 2, size=len(rows), dtype=np.int64))
-            win_l.append(np.full(len(rows), w, dtype=np.int64))
-        cat = lambda parts: np.concatenate(parts)[:per_rank] if parts else np.zeros(0, np.int64)
-        return _EpochPlan(cat(rows_l), cat(flips_l), cat(win_l), cat(slot_l), windows)
-
-    def _plan_for(self, epoch: int) -> _EpochPlan:
-        if self._plan_epoch != epoch:
-            self._plan, self._plan_epoch = self._make_plan(epoch), epoch
-            if self.mode == "stream":
-                self._drop_windows(keep=set())
-        assert self._plan is not None
-        return self._plan
+    def _order_for(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
+        """This rank's (rows, flips) of ``epoch``: global positions r, r+W, ... of the epoch order."""
+        if self._order_epoch != epoch:
+            rows, flips = epoch_order(self.seed, epoch, self._valid, self._rpc, self.window_chunks)
+            take = slice(self.rank, self._items_per_rank * self.world_size, self.world_size)
+            self._order, self._order_epoch = (rows[take], flips[take]), epoch
+        assert self._order is not None
+        return self._order
 
     def state_dict(self) -> dict[str, Any]:
         """Position to resume from: the next item is ``index`` of ``epoch`` (per rank)."""
@@ -224,14 +421,20 @@ class LatentCacheReader:
             "index": self.index,
             "seed": self.seed,
             "world_size": self.world_size,
-            "mode": self.mode,
-            "window_chunks": self.window_chunks if self.mode == "stream" else None,
+            "window_chunks": self.window_chunks,
+            "order": "global-v2",  # positions r + kW of a world-size-independent epoch order
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         # The order is a function of these settings; resuming under others would replay or skip rows.
         mine = self.state_dict()
-        diffs = [k for k in ("seed", "world_size", "mode", "window_chunks") if k in state and state[k] != mine[k]]
+        # Old states (no "order", a "mode" key) came from the world-size-dependent reader.
+        if state.get("order", None if "mode" in state else mine["order"]) != mine["order"]:
+            raise ValueError(
+                "reader state was saved by an older reader whose order depended on the mode and world size; "
+                "it cannot be resumed exactly (start a new run, or resume with the code that saved it)"
+            )
+        diffs = [k for k in ("seed", "world_size", "window_chunks") if k in state and state[k] != mine[k]]
         if diffs:
             raise ValueError(
                 "reader state was saved with different settings: "
@@ -241,88 +444,35 @@ class LatentCacheReader:
 
     # ---- data ----------------------------------------------------------------------------------
 
-    def _load_chunks(self, chunk_ids: np.ndarray) -> dict[str, np.ndarray]:
-        """Texture and semantic of whole chunks, laid out chunk j at rows [j*rpc, (j+1)*rpc)."""
-        layout = self.cache.layout
-        out = {}
-        for part, arr in self._arrays.items():
-            buf = np.zeros((len(chunk_ids) * self._rpc, *arr.shape[1:]), dtype=np.float16)
-            for j, c in enumerate(chunk_ids):
-                r0, r1 = layout.chunk_rows(int(c))
-                buf[j * self._rpc : j * self._rpc + (r1 - r0)] = self.cache.checked_read(part, slice(r0, r1), (r0, r1))
-            out[part] = buf
+    def _gather_part(self, part: str, rows: np.ndarray, flips: np.ndarray) -> np.ndarray:
+        ram = self._ram.get(part)
+        if ram is not None:
+            # Chunk c sits at rows [c·rpc, (c+1)·rpc) of the RAM copy, so slot = row·2 + flip.
+            return np.take(ram, rows * NUM_FLIPS + flips, axis=0)
+        src = self._items[part]
+        out = np.empty((len(rows), src.item_elems), dtype=np.float16)
+        src.gather(rows, flips, out)
         return out
 
-    def _window(self, plan: _EpochPlan, w: int) -> dict[str, np.ndarray]:
-        if self.mode == "memory":
-            return self._windows[0]
-        if w not in self._windows:
-            fut = self._pending.pop(w, None)
-            self._windows[w] = fut.result() if fut is not None else self._load_chunks(plan.window_chunks[w])
-            # Keep the previous window (a batch may straddle two) and start reading the next one.
-            self._drop_windows(keep={w - 1, w})
-            if w + 1 < len(plan.window_chunks) and w + 1 not in self._pending:
-                if self._pool is None:
-                    self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sfd-cache-prefetch")
-                self._pending[w + 1] = self._pool.submit(self._load_chunks, plan.window_chunks[w + 1])
-        return self._windows[w]
-
-    def _drop_windows(self, keep: set[int]) -> None:
-        for w in [w for w in self._windows if w not in keep]:
-            del self._windows[w]
-        for w in [w for w in self._pending if w not in keep and w != max(keep, default=-2) + 1]:
-            self._pending.pop(w).cancel()
-
-    def _gather(self, plan: _EpochPlan, sel: slice) -> LatentBatch:
-        rows, flips, wins, slots = plan.rows[sel], plan.flips[sel], plan.window[sel], plan.slot[sel]
-        win_ids = [int(w) for w in np.unique(wins)]
-        windows = {w: self._window(plan, w) for w in win_ids}
-        ct, cs = self.cache.layout.texture_shape[0], self.cache.layout.semantic_shape[0]
-        hw = self.cache.layout.texture_shape[1:]
-        # One output allocation, filled and normalised in place: at ~50 MB/s-per-batch rates the
-        # extra temporaries of cat / out-of-place arithmetic cost more than the gather itself.
+    def _gather(self, rows: np.ndarray, flips: np.ndarray) -> LatentBatch:
+        layout = self.cache.layout
+        ct, cs = layout.texture_shape[0], layout.semantic_shape[0]
+        hw = layout.texture_shape[1:]
+        # One output allocation, filled and normalised in place: the extra temporaries of cat /
+        # out-of-place arithmetic cost more than the gather itself.
         x = torch.empty((len(rows), ct + cs, *hw), dtype=torch.float32)
         for part, dst in (("texture", x[:, :ct]), ("semantic", x[:, ct:])):
-            # Row-major [slot, flip] → flat index slot*2 + flip: a single np.take gather.
-            flat_idx = slots * 2 + flips
-            for w in win_ids:
-                buf = windows[w][part]
-                flat = buf.reshape(buf.shape[0] * buf.shape[1], -1)
-                if len(win_ids) == 1:
-                    dst.copy_(torch.from_numpy(np.take(flat, flat_idx, axis=0)).view(dst.shape))
-                else:
-                    m = wins == w
-                    dst[torch.from_numpy(m)] = torch.from_numpy(np.take(flat, flat_idx[m], axis=0)).view(-1, *dst.shape[1:]).float()
-            dst.sub_(self._mean[part]).div_(self._std[part])
+            # Convert with a plain copy (vectorised), then normalise in float32 in place: a
+            # mixed-dtype fused op, or numpy's float16 cast, ran ~7x slower on one thread.
+            dst.copy_(torch.from_numpy(self._gather_part(part, rows, flips)).view(dst.shape))
+            dst.mul_(self._scale[part]).add_(self._shift[part])
         y = self._labels[torch.from_numpy(rows)]
         repa = None
-        if self._dino is not None:
-            # Read ahead by batches(); read here when no read-ahead exists (first batch, resume).
-            fut = self._dino_ahead.pop((self._plan_epoch, sel.start), None)
-            dino = fut.result() if fut is not None else self._read_dino(rows, flips)
-            repa = torch.from_numpy(dino).float()
+        if self.load_dino:
+            tokens = self._items["dino"].item_shape
+            # float16 as stored: half the host→device bytes; the trainer casts on the device.
+            repa = torch.from_numpy(self._gather_part("dino", rows, flips)).view(len(rows), *tokens)
         return LatentBatch(x, y, repa, rows, flips)
-
-    def _read_dino(self, rows: np.ndarray, flips: np.ndarray) -> np.ndarray:
-        # One (row, flip) inner chunk per item; zarr gives no faster random access to them.
-        assert self._dino is not None
-        out = []
-        for r, f in zip(rows, flips):
-            try:
-                out.append(np.asarray(self._dino[int(r), int(f)]))
-            except Exception:  # noqa: BLE001 - re-read through the checked path for a clear error
-                out.append(self.cache.checked_read("dino", (int(r), int(f)), (int(r), int(r) + 1)))
-        return np.stack(out)
-
-    def _read_dino_ahead(self, plan: _EpochPlan, start: int, batch_size: int) -> None:
-        # The REPA targets of the next batch are read in a thread (zarr waits release the GIL)
-        # while the caller trains on the current one; only within the epoch, to stay simple.
-        if start + batch_size > len(plan.rows):
-            return
-        if self._dino_pool is None:
-            self._dino_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sfd-dino-prefetch")
-        sel = slice(start, start + batch_size)
-        self._dino_ahead[(self._plan_epoch, start)] = self._dino_pool.submit(self._read_dino, plan.rows[sel], plan.flips[sel])
 
     def batches(self, batch_size: int) -> Iterator[LatentBatch]:
         """Yield batches forever, epoch after epoch, starting from the current position.
@@ -337,42 +487,32 @@ class LatentCacheReader:
             raise ValueError(f"batch_size {batch_size} exceeds the {len(self)} items per rank per epoch")
         try:
             while True:
-                plan = self._plan_for(self.epoch)
-                if self.index + batch_size > len(plan.rows):
+                rows, flips = self._order_for(self.epoch)
+                if self.index + batch_size > len(rows):
                     self.epoch, self.index = self.epoch + 1, 0
                     continue
-                batch = self._gather(plan, slice(self.index, self.index + batch_size))
+                sel = slice(self.index, self.index + batch_size)
+                batch = self._gather(rows[sel], flips[sel])
                 self.index += batch_size
-                if self._dino is not None:
-                    self._read_dino_ahead(plan, self.index, batch_size)
                 yield batch
         finally:
             self.close()
 
     def item(self, row: int, flip: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """One item by cache row and flip, read directly (slow; for inspection and tests)."""
+        """One item by cache row and flip, read through zarr (slow; for inspection and tests)."""
         parts = []
         for part in ("texture", "semantic"):
-            x = torch.from_numpy(np.asarray(self._arrays[part][row, flip])).float()[None]
+            x = torch.from_numpy(np.asarray(self.cache.group[part][row, flip])).float()[None]
             parts.append((x - self._mean[part]) / self._std[part])
         repa = None
-        if self._dino is not None:
-            repa = torch.from_numpy(np.asarray(self._dino[row, flip])).float()
+        if self.load_dino:
+            repa = torch.from_numpy(np.asarray(self.cache.group["dino"][row, flip])).float()
         return torch.cat(parts, dim=1)[0], self._labels[row], repa
 
     def close(self) -> None:
-        for fut in self._pending.values():
-            fut.cancel()
-        self._pending.clear()
-        for fut in self._dino_ahead.values():
-            fut.cancel()
-        self._dino_ahead.clear()
-        for pool in (self._pool, self._dino_pool):
-            if pool is not None:
-                pool.shutdown(wait=False, cancel_futures=True)
-        self._pool = self._dino_pool = None
-        if self.mode == "stream":
-            self._windows.clear()
+        """Close the open files (they reopen on demand); the RAM copy of memory mode is kept."""
+        for src in self._items.values():
+            src.close()
 
 
 class DinoTokenReader:

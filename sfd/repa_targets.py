@@ -1,0 +1,230 @@
+"""Where the REPA targets of a training step come from: ``stored``, ``semvae`` or ``none``.
+
+REPA aligns a projection of an early DiT block with DINOv2 patch tokens (docs/method.md §4.6).
+The authors store those tokens in the cache (docs/method.md §11: ~0.8 MB per image, >1 TB for
+ImageNet-1k). This module offers the choice:
+
+``stored``
+    The cache's ``dino`` array (the authors' targets), read by the reader as float16 and cast to
+    float32 on the device.
+``semvae``
+    Decoded, inside the training step, from the batch's own semantic latent by the Semantic VAE
+    decoder (docs/method.md §3.2): un-normalise the semantic channels with the cache statistics
+    (docs/method.md §2.4), read the ``[Cs, h, w]`` map as ``h·w`` tokens, decode — on the device,
+    batched, without gradients, in bf16 autocast on CUDA. The cache then needs only the 49 KB per
+    image of texture + semantic latents. The targets are the SemVAE's *reconstruction* of the
+    DINO tokens from a posterior sample, not the tokens themselves: their fidelity is the SemVAE's
+    (``bench/cache_reader.py`` measures the cosine similarity to stored targets).
+``none``
+    No targets: REPA is off whatever ``repa_weight`` says.
+
+The decoder travels with the cache: ``<cache>/semvae_decoder.safetensors`` holds the decoder
+half of the SemVAE whose samples fill the cache, with the SemVAE config and the identity of that
+SemVAE (as the cache records it) in its metadata; :func:`load_semvae_decoder` refuses a file
+that names another SemVAE. The encode job writes it (``pipeline/encode.py``); for an older cache,
+``python -m sfd.repa_targets CACHE SEMVAE_WEIGHTS`` attaches it. A cache encoded with a random-init
+test SemVAE needs no file: its decoder is rebuilt from the recorded seed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from sfd.checkpoint import (
+    WeightsError,
+    load_state_dict_strict,
+    load_tensors,
+    read_safetensors_metadata,
+    save_safetensors,
+)
+from sfd.config import SemVAEConfig, from_dict, to_dict
+from sfd.data.cache import CacheError, LatentCache, attr_diffs
+
+SOURCES = ("stored", "semvae", "none")
+DECODER_FILE = "semvae_decoder.safetensors"
+_PREFIX = "decoder."
+
+
+def cache_semvae_identity(cache: LatentCache) -> dict[str, Any]:
+    """The SemVAE that produced the cache's semantic latents, as the cache records it."""
+    enc = cache.attrs.get("semantic_encoder")
+    if not isinstance(enc, dict):
+        raise CacheError(f"cache {cache.path} records no semantic encoder (attribute 'semantic_encoder')")
+    if enc.get("kind") == "trained-on-this-cache":
+        source = cache.semantic_source()
+        if not source:
+            raise CacheError(f"cache {cache.path}: its SemVAE was trained after encoding, but no semantic source is recorded")
+        return source
+    return enc
+
+
+def write_semvae_decoder(cache: LatentCache, semvae: nn.Module, semvae_identity: Mapping[str, Any]) -> Path:
+    """Write the decoder of ``semvae`` beside the cache's arrays (atomic); returns the file."""
+    cfg: SemVAEConfig = semvae.cfg  # type: ignore[assignment]
+    want = cache_semvae_identity(cache)
+    diffs = attr_diffs(dict(semvae_identity), want)
+    if diffs:
+        raise CacheError(f"cache {cache.path} was encoded with another SemVAE than the one given (differs in {sorted(diffs)})")
+    tensors = {_PREFIX + k: v for k, v in semvae.decoder.state_dict().items()}
+    path = Path(cache.path) / DECODER_FILE
+    save_safetensors(tensors, path, metadata={"config": to_dict(cfg), "semantic_encoder": dict(semvae_identity)})
+    return path
+
+
+def load_semvae_decoder(cache: LatentCache) -> tuple[nn.Module, SemVAEConfig, str]:
+    """(decoder tower in eval mode without gradients, its config, where it came from)."""
+    from sfd.models.semvae import SemVAE
+
+    want = cache_semvae_identity(cache)
+    path = Path(cache.path) / DECODER_FILE
+    if path.is_file():
+        meta = read_safetensors_metadata(path)
+        have = json.loads(meta.get("semantic_encoder", "null"))
+        if not isinstance(have, dict) or attr_diffs(have, want) or attr_diffs(want, have):
+            raise CacheError(
+                f"{path} is the decoder of another SemVAE than the one that encoded {cache.path}; "
+                f"attach the right one: python -m sfd.repa_targets {cache.path} SEMVAE_WEIGHTS"
+            )
+        cfg = from_dict(SemVAEConfig, json.loads(meta["config"]), where=f"{path} metadata 'config'")
+        model = SemVAE(cfg)
+        state = {k[len(_PREFIX):]: v for k, v in load_tensors(path).items() if k.startswith(_PREFIX)}
+        load_state_dict_strict(model.decoder, state, source=str(path))
+        how = f"{DECODER_FILE} in the cache ({want.get('name', want.get('kind'))})"
+    elif want.get("kind") == "random-init":
+        from sfd.encoding import build_semvae
+
+        model = build_semvae(want)  # the same weights, rebuilt from the recorded seed
+        cfg = model.cfg
+        how = f"random-init SemVAE rebuilt from seed {want.get('seed')}"
+    else:
+        raise CacheError(
+            f"cache {cache.path} has no {DECODER_FILE} (needed by repa_targets=semvae): attach the SemVAE "
+            f"that encoded it with: python -m sfd.repa_targets {cache.path} SEMVAE_WEIGHTS, "
+            "or use repa_targets=stored"
+        )
+    return model.decoder.eval().requires_grad_(False), cfg, how
+
+
+def check_repa_targets(source: str, cache: LatentCache, tokens: int, dim: int) -> list[str]:
+    """Problems (empty if none) with producing ``(tokens, dim)`` REPA targets from ``source`` for ``cache``."""
+    if source == "none":
+        return []
+    if source == "stored":
+        if cache.layout.dino_shape is None:
+            return [f"repa_targets=stored, but the cache at {cache.path} stores no DINO targets: use repa_targets=semvae or none"]
+        have = tuple(cache.layout.dino_shape)
+        return [] if have == (tokens, dim) else [f"cache REPA targets are {have} (tokens, dim), the model needs ({tokens}, {dim})"]
+    try:
+        _, cfg, _ = load_semvae_decoder(cache)
+    except (CacheError, WeightsError) as e:
+        return [str(e)]
+    cs, h, w = cache.layout.semantic_shape
+    problems = []
+    if cs != cfg.bottleneck_dim:
+        problems.append(f"cache has {cs} semantic channels, its SemVAE decoder takes {cfg.bottleneck_dim}")
+    if (h * w, cfg.input_dim) != (tokens, dim):
+        problems.append(
+            f"repa_targets=semvae decodes ({h * w}, {cfg.input_dim}) (tokens, dim) targets, the model needs ({tokens}, {dim})"
+        )
+    return problems
+
+
+class RepaTargets:
+    """Per-step REPA targets for ``train/main.py``: ``targets(batch) -> [B, tokens, dim] float32 | None``."""
+
+    def __init__(
+        self,
+        source: str,
+        cache: LatentCache,
+        device: torch.device | str = "cpu",
+        autocast_dtype: torch.dtype | None = None,
+        chunk: int = 256,
+    ) -> None:
+        if source not in SOURCES:
+            raise ValueError(f"repa_targets must be one of {SOURCES}, got {source!r}")
+        self.source, self.device, self.autocast_dtype, self.chunk = source, torch.device(device), autocast_dtype, chunk
+        self.decoder: nn.Module | None = None
+        self.how = {"stored": "the cache's stored DINO tokens", "none": "none (REPA off)"}.get(source, "")
+        if source == "semvae":
+            decoder, cfg, self.how = load_semvae_decoder(cache)
+            self.decoder = decoder.to(self.device)
+            self.cfg = cfg
+            stats = cache.stats()
+            ct = cache.layout.texture_shape[0]
+            self.ct = ct
+            self.mean = torch.from_numpy(stats["semantic_mean"]).to(self.device).view(1, -1, 1, 1)
+            self.std = torch.from_numpy(stats["semantic_std"]).to(self.device).view(1, -1, 1, 1)
+            cs = cache.layout.semantic_shape[0]
+            if cs != cfg.bottleneck_dim:
+                raise CacheError(f"cache {cache.path} has {cs} semantic channels, its SemVAE decoder expects {cfg.bottleneck_dim}")
+
+    @property
+    def needs_stored(self) -> bool:
+        return self.source == "stored"
+
+    def target_shape(self, cache: LatentCache) -> tuple[int, int] | None:
+        """(tokens, dim) of the targets this source produces."""
+        if self.source == "none":
+            return None
+        if self.source == "stored":
+            return None if cache.layout.dino_shape is None else tuple(cache.layout.dino_shape)  # type: ignore[return-value]
+        _, h, w = cache.layout.semantic_shape
+        return (h * w, self.cfg.input_dim)
+
+    @torch.no_grad()
+    def decode(self, semantic: Tensor) -> Tensor:
+        """Normalised semantic latents ``[B, Cs, h, w]`` (on the device) → targets ``[B, h·w, dim]`` float32."""
+        from sfd.models.semvae import latent_to_tokens
+
+        assert self.decoder is not None
+        z = latent_to_tokens(semantic.float() * self.std + self.mean)  # raw posterior sample, (B, h·w, Cs)
+        out = []
+        for i in range(0, len(z), self.chunk):  # bounds the activations of a large per-rank batch
+            if self.autocast_dtype is not None:
+                with torch.autocast(self.device.type, dtype=self.autocast_dtype):
+                    out.append(self.decoder(z[i : i + self.chunk]).float())
+            else:
+                out.append(self.decoder(z[i : i + self.chunk]).float())
+        return torch.cat(out)
+
+    def __call__(self, batch: Any) -> Tensor | None:
+        """Targets of a :class:`sfd.data.reader.LatentBatch`, on the device, float32."""
+        if self.source == "none":
+            return None
+        if self.source == "stored":
+            if batch.repa is None:
+                raise CacheError("repa_targets=stored but the reader delivers no targets (load_dino=False)")
+            return batch.repa.to(self.device, non_blocking=True).float()
+        return self.decode(batch.x[:, self.ct :].to(self.device, non_blocking=True))
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m sfd.repa_targets CACHE SEMVAE_WEIGHTS``: attach the SemVAE decoder to a cache."""
+    ap = argparse.ArgumentParser(description=main.__doc__)
+    ap.add_argument("cache", help="latent cache directory")
+    ap.add_argument("semvae", help="the SemVAE weights that encoded the cache (ours or the authors' .pt)")
+    ap.add_argument("--preset", default="transformer_ch16", help="architecture of an authors' .pt file")
+    args = ap.parse_args(argv)
+    from sfd.encoding import build_semvae, identity, semvae_spec
+
+    try:
+        cache = LatentCache.open(args.cache, mode="r")
+        spec = semvae_spec(args.semvae, args.preset, None)
+        path = write_semvae_decoder(cache, build_semvae(spec), identity(spec) or {})
+    except (CacheError, WeightsError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
