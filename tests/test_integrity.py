@@ -340,7 +340,7 @@ def test_refused_weights_one_error_line_and_no_new_directory(images: Path, tmp_p
     assert not (tmp_path / "new").exists()
 
     cmd = [sys.executable, str(REPO / "sample" / "grid.py"), "--ckpt", str(evil), "--model", "tiny",
-           "--stats", str(tmp_path / "missing"), "--out", str(tmp_path / "g.png")]
+           "--stats", "identity", "--out", str(tmp_path / "g.png")]  # the weights are what is refused
     r = subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=120)
     errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
     assert r.returncode == 2 and len(errors) == 1 and "evil.ckpt" in errors[0] and "Traceback" not in r.stderr, r.stderr
