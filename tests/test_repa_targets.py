@@ -135,3 +135,22 @@ def test_trainer_runs_with_semvae_targets(semvae_cache, tmp_path: Path) -> None:
 
     assert len(repa("semvae")) == 2 and all(v > 0 for v in repa("semvae"))
     assert all(v == 0 for v in repa("none"))
+
+
+def test_stored_targets_take_the_raw_path_with_per_item_checksums(tmp_path) -> None:
+    """The cache's DINO shards carry a CRC32C per inner chunk (docs/reliability.md); the reader
+    still reads them raw (strided), never item by item through zarr, and gets zarr's values."""
+    import numpy as np
+
+    from sfd.data.reader import LatentCacheReader
+    from tests.test_train import make_cache
+
+    cache = make_cache(tmp_path / "c.zarr")
+    for mode in ("pagecache", "memory"):
+        reader = LatentCacheReader(cache, seed=0, load_dino=True, mode=mode)
+        assert all(items.raw for items in reader._items.values()), mode
+        assert reader._items["dino"].stored_bytes == reader._items["dino"].item_bytes + 4
+        batch = next(reader.batches(8))
+        expected = np.stack([np.asarray(cache.group["dino"][int(r), int(f)]) for r, f in zip(batch.rows, batch.flips)])
+        np.testing.assert_array_equal(batch.repa.numpy(), expected)
+        reader.close()

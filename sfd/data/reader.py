@@ -158,6 +158,7 @@ class _ChunkedItems:
         self.item_shape = tuple(self.array.shape[2:])
         self.item_elems = int(np.prod(self.item_shape))
         self.item_bytes = self.item_elems * 2
+        self.stored_bytes = self.item_bytes  # an inner chunk on disk: the item (+ its checksum)
         self.dir = Path(cache.path) / name
         self._open: OrderedDict[int, tuple[np.ndarray, np.ndarray]] = OrderedDict()
         self._fds: OrderedDict[int, tuple[int, list[list[int]]]] = OrderedDict()
@@ -171,10 +172,12 @@ class _ChunkedItems:
             self.sharded = True
             self.inner = list(cfg["chunk_shape"])
             self.index_tail = 4 * sum(c.get("name") == "crc32c" for c in cfg["index_codecs"])
+            # Each inner chunk (one item) may end with its own CRC32C (docs/reliability.md): the
+            # items then sit every item_bytes + 4 bytes, still raw, and are read without it.
+            self.stored_bytes = self.item_bytes + 4 * sum(c.get("name") == "crc32c" for c in cfg["codecs"][1:])
             self.raw &= (
                 _plain_bytes(cfg["codecs"]) and cfg.get("index_location", "end") == "end"
                 and _plain_bytes(cfg["index_codecs"]) and self.inner == [1, 1, *self.item_shape]
-                and len(cfg["codecs"]) == 1  # a per-inner-chunk checksum would shift the items
             )
         else:
             self.raw &= _plain_bytes(codecs)
@@ -212,12 +215,14 @@ class _ChunkedItems:
         offsets, nbytes = index[..., 0], index[..., 1]
         present = offsets != np.iinfo(np.uint64).max
         # zarr leaves out inner chunks equal to the fill value (all zeros): slot -1 reads as zeros.
-        if (nbytes[present] != self.item_bytes).any() or (offsets[present] % self.item_bytes).any():
+        stride = self.stored_bytes
+        if (nbytes[present] != stride).any() or (offsets[present] % stride).any():
             raise CacheError(f"cache {self.cache.path}: shard file {path} has an unexpected index; re-run the encode command for its rows")
-        slots = np.where(present, offsets // self.item_bytes, -1).astype(np.int64)
+        slots = np.where(present, offsets // stride, -1).astype(np.int64)
         if present.any() and int((offsets[present] + nbytes[present]).max()) > index_start:
             raise CacheError(f"cache {self.cache.path}: shard file {path} has an index pointing past its data; re-run the encode command")
-        flat = np.frombuffer(mm, dtype="<f2", count=index_start // self.item_bytes * self.item_elems).reshape(-1, self.item_elems)
+        # Item k at byte k·stride (its checksum, if any, in the 4 bytes after it): a strided view.
+        flat = np.ndarray((index_start // stride, self.item_elems), dtype="<f2", buffer=mm, strides=(stride, 2))
         return flat, slots
 
     def _handle(self, c: int) -> tuple[int, list[list[int]]]:
@@ -247,7 +252,7 @@ class _ChunkedItems:
             index = np.frombuffer(os.pread(fd, 16 * n_inner, index_start), dtype="<u8").reshape(self.rpc, NUM_FLIPS, 2)
             present = index[..., 0] != np.iinfo(np.uint64).max
             ends = index[..., 0][present] + index[..., 1][present]
-            if (index[..., 1][present] != self.item_bytes).any() or (present.any() and int(ends.max()) > index_start):
+            if (index[..., 1][present] != self.stored_bytes).any() or (present.any() and int(ends.max()) > index_start):
                 os.close(fd)
                 raise CacheError(f"cache {self.cache.path}: shard file {path} has an unexpected index; re-run the encode command for its rows")
             # zarr leaves out inner chunks equal to the fill value (all zeros): offset -1.
