@@ -1,7 +1,7 @@
 """Training-step speed: the trainer's step (eager and compiled) against a plain eager loop, and
 the achieved FLOP/s against this machine's measured fp32 matmul peak.
 
-The reference loop is what the authors' train.py does per step (method.md §6): model forward with
+The reference loop is what the authors' train.py does per step (docs/method.md §6): model forward with
 label dropout inside the model, the SFD loss, backward, AdamW, and an EMA update parameter by
 parameter. The trainer's step (train/main.py TrainStep) adds the global-batch draws, the
 all-rank agreement on losses/NaN and the foreach EMA. Both run on the same synthetic batch.

@@ -1,4 +1,4 @@
-"""FID, sFID, IS, precision and recall as the paper reports them (ADM protocol, method.md §7.3, §8).
+"""FID, sFID, IS, precision and recall as the paper reports them (ADM protocol, docs/method.md §7.3, §8).
 
 Subcommands:
   gen   generate N class-balanced samples (N/K per class, label ⌊i/(N/K)⌋) as {index:06d}.png;
@@ -93,9 +93,9 @@ def example_epilog(*lines: str) -> str:
 
 
 # ---------------------------------------------------------------------------------------------
-# The evaluation protocol: which index, which label, which order (method.md §7.3)
+# The evaluation protocol: which index, which label, which order (docs/method.md §7.3)
 
-# The authors shuffle the 50K files with seed 42 before packing the npz (method.md §7.3).
+# The authors shuffle the 50K files with seed 42 before packing the npz (docs/method.md §7.3).
 AUTHORS_SHUFFLE_SEED = 42
 
 
@@ -112,7 +112,7 @@ def rank_indices(num_samples: int, rank: int, world_size: int) -> range:
 
 def balanced_labels(indices: Sequence[int] | range, num_samples: int, num_classes: int) -> np.ndarray:
     """Label ⌊i / (N/K)⌋ of each index: exactly N/K samples per class (the authors' balanced
-    sampling, method.md §7.3; they pad to the batch with random labels, we require K | N)."""
+    sampling, docs/method.md §7.3; they pad to the batch with random labels, we require K | N)."""
     if num_samples % num_classes:
         raise ValueError(
             f"{num_samples} samples cannot be split evenly over {num_classes} classes; "
@@ -308,12 +308,12 @@ def cmd_gen(args: argparse.Namespace) -> None:
     check_inputs({"--ckpt": args.ckpt, "--guide": args.guide, "--stats": args.stats, "--vae": args.vae})
     d = runtime.init_distributed(args.device)
     rank, world, device = d.rank, d.world_size, d.device
-    # Policy, decided once: TF32 matmuls as in the authors' inference (method.md §7.1).
+    # Policy, decided once: TF32 matmuls as in the authors' inference (docs/method.md §7.1).
     runtime.set_precision(device, tf32=not args.no_tf32)
     sampling = sampling_config_from_args(args)
     model, ckpt_file, guide, stats, vae = load_pipeline(args.ckpt, device=device, **pipeline_kwargs(args))
     num_classes = args.num_classes or model.cfg.num_classes
-    if args.num_samples % num_classes:  # exactly N/K per class (method.md §7.3)
+    if args.num_samples % num_classes:  # exactly N/K per class (docs/method.md §7.3)
         raise SystemExit(f"--num-samples {args.num_samples} is not a multiple of the {num_classes} classes")
     out = Path(args.out)
     error: list[str | None] = [None]

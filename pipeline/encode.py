@@ -16,7 +16,7 @@ Stages, in order; each is skipped when already done, so re-running the same comm
 3. ``semantic`` — only without ``--semvae``: a Ray pass turning the stored DINO features into
    semantic latents with the trained SemVAE (per shard, resumable, per-row seeds).
 4. ``stats``    — per-channel mean/std of the texture and semantic parts from a fixed-seed sample
-   of valid, non-flipped rows (method.md §2.4), stored in the cache.
+   of valid, non-flipped rows (docs/method.md §2.4), stored in the cache.
 
 Safety: missing weight files, an unknown preset, or an existing cache made with other encoders /
 images / settings are reported as one clear error before any work starts. A lock file
@@ -192,7 +192,7 @@ def preflight(cfg: EncodeConfig) -> Plan:
         "encode_precision": cfg.precision,
         "preprocessing": (
             f"ADM centre crop {cfg.image_size} + horizontal-flip copy; texture input in [-1,1]; DINO input "
-            "ImageNet-normalised then bicubic resize to its img_size (method.md §2.2)"
+            "ImageNet-normalised then bicubic resize to its img_size (docs/method.md §2.2)"
         ),
     }
     out = Path(cfg.out)

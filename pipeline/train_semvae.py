@@ -1,6 +1,6 @@
-"""Train the Semantic VAE on the DINOv2 features stored in a latent cache (method.md §3.3).
+"""Train the Semantic VAE on the DINOv2 features stored in a latent cache (docs/method.md §3.3).
 
-The authors pre-extract one 0.5 TB safetensors file and load all of it into RAM (method.md
+The authors pre-extract one 0.5 TB safetensors file and load all of it into RAM (docs/method.md
 §12.3 item 4). Here the features stream from the cache's ``dino`` array: each epoch visits the
 zarr chunks in a (seed, epoch)-random order, split between DDP ranks chunk by chunk; a window of
 ``--window-chunks`` chunks is read at a time (the next one prefetched in a thread) and its
@@ -10,13 +10,13 @@ class-mixed, so a window is a fair sample of the dataset.
 
 Features: we train on the cache's own features — the ADM crop resized to 224² — i.e. the ones the
 SemVAE will actually encode. The authors train on Resize256 → CenterCrop224 features instead and
-then encode ADM-crop features (method.md §12.3 item 3); training on what is encoded removes that
+then encode ADM-crop features (docs/method.md §12.3 item 3); training on what is encoded removes that
 train/encode mismatch.
 
-Recipe (the authors' ``ch16.yaml``, method.md §3.3):
+Recipe (the authors' ``ch16.yaml``, docs/method.md §3.3):
 - loss ``MSE + (1 − cos) + 1e-7·KL`` (``sfd.models.semvae.semvae_loss``). The cosine axis defaults
   to ``token``: the authors' training code takes the cosine across the 256 tokens of each feature
-  channel (``F.cosine_similarity`` default dim=1 on [B, 256, 768]; method.md §12.3 item 2). It is
+  channel (``F.cosine_similarity`` default dim=1 on [B, 256, 768]; docs/method.md §12.3 item 2). It is
   probably unintended, but it is what produced the released SemVAE, so it is the faithful
   default; ``--cos-axis feature`` gives the evidently intended per-token cosine. The per-token
   cosine is logged either way (what their evaluation reports).

@@ -1,6 +1,6 @@
 """Sample a class-conditional grid from an SFD checkpoint: one row per class, a PNG with captions.
 
-Three-phase ODE sampling over the global clock τ ∈ [0, 1 + Δt] (method.md §7.1), optional CFG or
+Three-phase ODE sampling over the global clock τ ∈ [0, 1 + Δt] (docs/method.md §7.1), optional CFG or
 AutoGuidance (§7.2), texture channels denormalised with the cache statistics and decoded with the
 texture VAE. Runs on CPU and GPU (``--device auto``); fp32 by default as the authors sample.
 
@@ -101,7 +101,7 @@ def main(argv: list[str] | None = None) -> None:
     check_inputs({"--ckpt": args.ckpt, "--guide": args.guide, "--stats": args.stats, "--vae": args.vae,
                   "--class-names": args.class_names})
 
-    # Policy, decided once: TF32 as in the authors' inference (method.md §7.1) unless disabled.
+    # Policy, decided once: TF32 as in the authors' inference (docs/method.md §7.1) unless disabled.
     device = runtime.pick_device(args.device)
     runtime.set_precision(device, tf32=not args.no_tf32)
     sampling = sampling_config_from_args(args)

@@ -76,7 +76,7 @@ def add_sampling_args(parser: Any) -> None:
     """``--preset`` (a :data:`SAMPLING_PRESETS` name), a flag for every :class:`SamplingConfig`
     field that users type often, and ``-o`` for all of them."""
     S = argparse.SUPPRESS  # an absent flag keeps the preset's value
-    g = parser.add_argument_group("sampling (method.md §7): --preset, then flags, then -o overrides")
+    g = parser.add_argument_group("sampling (docs/method.md §7): --preset, then flags, then -o overrides")
     g.add_argument("--preset", default="authors", choices=sorted(SAMPLING_PRESETS), help="sampling preset (default: %(default)s = dopri5, atol 1e-6, rtol 1e-3, no guidance)")
     g.add_argument("--sampler", default=S, choices=METHODS, help="ODE solver (preset default: dopri5, the authors')")
     g.add_argument("--steps", type=int, default=S, help="euler/heun grid size (default: sampler's, euler 250 points, heun 50 steps)")

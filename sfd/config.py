@@ -190,7 +190,7 @@ class ModelConfig:
     """LightningDiT for SFD. Field names follow the authors' constructor arguments.
 
     Defaults are LightningDiT-XL/1 as configured for the released SFD checkpoints
-    (method.md §5): patch 1 on the 16x16x48 composite latent, qk-norm, SwiGLU, 2-D RoPE,
+    (docs/method.md §5): patch 1 on the 16x16x48 composite latent, qk-norm, SwiGLU, 2-D RoPE,
     RMSNorm, adaLN-Zero with shift, REPA projector on block 2 onto 768-d DINOv2-B targets.
     """
 
@@ -252,7 +252,7 @@ def _dit(hidden_size: int, depth: int, num_heads: int, **kw: Any) -> ModelConfig
     return ModelConfig(hidden_size=hidden_size, depth=depth, num_heads=num_heads, **kw)
 
 
-# The paper's names (method.md §5.1). "1p0B/1" is the paper's "XXL".
+# The paper's names (docs/method.md §5.1). "1p0B/1" is the paper's "XXL".
 MODEL_PRESETS: dict[str, ModelConfig] = {
     "LightningDiT-S/1": _dit(384, 12, 6),
     "LightningDiT-B/1": _dit(768, 12, 12),
@@ -364,7 +364,7 @@ def model_config_from_authors(train_config: dict[str, Any]) -> ModelConfig:
 
 @dataclass(frozen=True)
 class TextureVAEConfig:
-    """LDM AutoencoderKL (``ddconfig`` names). Default: hustvl's f16d32 (method.md §2.1)."""
+    """LDM AutoencoderKL (``ddconfig`` names). Default: hustvl's f16d32 (docs/method.md §2.1)."""
 
     ch: int = 128
     ch_mult: tuple[int, ...] = (1, 1, 2, 2, 4)
@@ -397,7 +397,7 @@ TEXTURE_VAE_PRESETS: dict[str, TextureVAEConfig] = {
 
 @dataclass(frozen=True)
 class SemVAEConfig:
-    """Semantic VAE (authors' ``transformer`` arch, names as their constructor, method.md §3)."""
+    """Semantic VAE (authors' ``transformer`` arch, names as their constructor, docs/method.md §3)."""
 
     input_dim: int = 768
     bottleneck_dim: int = 16
@@ -493,7 +493,7 @@ class EncodeConfig:
 @dataclass
 class TrainSemVAEConfig:
     """Semantic-VAE training (pipeline/train_semvae.py); ``preset`` names the architecture
-    (:data:`SEMVAE_PRESETS`). Defaults are the authors' recipe (method.md §3)."""
+    (:data:`SEMVAE_PRESETS`). Defaults are the authors' recipe (docs/method.md §3)."""
 
     cache: str
     run_dir: str
@@ -524,7 +524,7 @@ class TrainSemVAEConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """One SFD training run. Defaults are the authors' released recipe (method.md §6)."""
+    """One SFD training run. Defaults are the authors' released recipe (docs/method.md §6)."""
 
     model: ModelConfig = ModelConfig()
     model_name: str = "LightningDiT-XL/1"  # the preset the model came from (for logs and run names)
@@ -540,7 +540,7 @@ class TrainConfig:
     micro_batch: int = 0  # per-rank batch per forward; 0 = global_batch / world_size
     max_steps: int = 4_000_000  # 400K ≈ 80 epochs, 4M ≈ 800 epochs of ImageNet
     ema_decay: float = 0.9999  # every step, from a synced copy at step 0
-    # Asynchronous flow matching (method.md §4). Δt is model.semfirst_delta_t (stored with the
+    # Asynchronous flow matching (docs/method.md §4). Δt is model.semfirst_delta_t (stored with the
     # weights, read back by the samplers); `delta_t` is its alias in overrides and a property here.
     # False = plain LightningDiT(+REPA) on the texture channels of the same cache (no semantic
     # channels: needs model.semantic_chans=0, model.in_channels=cache texture channels, delta_t=0).
@@ -552,7 +552,7 @@ class TrainConfig:
     repa_weight: float = 1.0  # λ; 0 = REPA off
     repa_mode: str = "cos"  # cos | mse | cos_mse
     repa_targets: str = "stored"  # stored (cache's DINO tokens) | semvae (decoded from the semantic latent) | none (sfd/repa_targets.py)
-    mask_clamped: bool = False  # ours, off = faithful: drop the clamped parts from the loss (method.md §12.3 item 7)
+    mask_clamped: bool = False  # ours, off = faithful: drop the clamped parts from the loss (docs/method.md §12.3 item 7)
     # Performance policy, decided once in main().
     precision: str = "bf16"  # bf16 autocast on GPU | fp32
     # eager | compile (torch.compile of model + loss, before DDP) | triton (compile + the fused
@@ -603,7 +603,7 @@ def _run(model_name: str, **kw: Any) -> TrainConfig:
 
 
 TRAIN_PRESETS: dict[str, TrainConfig] = {
-    # Released checkpoints (method.md §6): lr 1e-4, β2 0.999, REPA 1.0·cos, batch 256.
+    # Released checkpoints (docs/method.md §6): lr 1e-4, β2 0.999, REPA 1.0·cos, batch 256.
     "sfd-xl": _run("LightningDiT-XL/1", out_dir="runs/sfd-xl"),
     "sfd-xxl": _run("LightningDiT-1p0B/1", out_dir="runs/sfd-xxl"),
     # AutoGuidance guide: B/1, same recipe, early checkpoints (60K-120K) are used.
@@ -640,7 +640,7 @@ SAMPLER_METHODS = ("euler", "heun", "dopri5")
 
 @dataclass(frozen=True)
 class SamplingConfig:
-    """Every setting that decides a sample besides the weights and the index (method.md §7).
+    """Every setting that decides a sample besides the weights and the index (docs/method.md §7).
 
     Defaults are the authors' inference configs: dopri5, atol 1e-6, rtol 1e-3, no guidance, no
     timestep shift, CFG interval start 0 (off). Guidance: ``guide_ckpt`` set → AutoGuidance with

@@ -6,7 +6,7 @@ Conventions (docs/architecture.md, Conventions; docs/method.md §4.1):
   velocity target u = x1 − x0. Times enter the network in [0, 1] unscaled.
 - Composite latent (B, C, H, W) = [texture C − semantic_chans | semantic semantic_chans]: texture
   first in the tensor and in every (t_tex, t_sem) pair, although the paper writes [s, z]
-  (method.md §12.3 item 22).
+  (docs/method.md §12.3 item 22).
 - One global clock τ drives both parts: t_sem = min(τ, 1), t_tex = max(τ − Δt, 0) (§4.2, §7.1).
   Training draws τ = u·(1+Δt) with u ~ LogitNormal(0, 1); sampling runs τ from 0 to 1 + Δt in
   three phases: I (τ < Δt) only the semantic channels move, II both, III (τ > 1) only texture.
@@ -53,7 +53,7 @@ RepaMode = Literal["cos", "mse", "cos_mse"]
 
 @dataclass(frozen=True)
 class Phase:
-    """A stretch [start, end] of the global clock τ and which parts move in it (method.md §7.1)."""
+    """A stretch [start, end] of the global clock τ and which parts move in it (docs/method.md §7.1)."""
 
     start: float
     end: float
@@ -66,7 +66,7 @@ class AsyncClock:
     """The asynchronous schedule: the semantic part leads the texture part by ``delta_t``.
 
     ``semantic_chans`` counts the last channels of the composite latent. Δt > 0 needs semantic
-    channels (the authors assert the same, method.md §4.2); Δt ∈ [0, 1], where Δt = 1 is fully
+    channels (the authors assert the same, docs/method.md §4.2); Δt ∈ [0, 1], where Δt = 1 is fully
     sequential generation (§4.3) and has an empty stage II.
     """
 
@@ -116,7 +116,7 @@ def per_channel(
 
 
 # ---------------------------------------------------------------------------------------------
-# Training: time split, noising, losses (method.md §4.2, §4.5, §4.6)
+# Training: time split, noising, losses (docs/method.md §4.2, §4.5, §4.6)
 
 
 def sample_training_times(
@@ -128,7 +128,7 @@ def sample_training_times(
     mean: float = 0.0,
     std: float = 1.0,
 ) -> tuple[Tensor, Tensor]:
-    """Draw (t_tex, t_sem), each (B,) float32, from one logit-normal draw (method.md §4.2).
+    """Draw (t_tex, t_sem), each (B,) float32, from one logit-normal draw (docs/method.md §4.2).
 
     u = σ(n), n ~ N(mean, std²); τ = u·(1+Δt); t_sem = min(τ, 1), t_tex = max(τ − Δt, 0), so
     t_sem ≥ t_tex always. Δt = 0 gives t_tex = t_sem = u. The draw comes from ``generator``
@@ -153,7 +153,7 @@ def noise_composite(
     x0: Tensor | None = None,
     generator: torch.Generator | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Noise each part at its own time: returns (x_t, target u = x1 − x0, x0) (method.md §4.2).
+    """Noise each part at its own time: returns (x_t, target u = x1 − x0, x0) (docs/method.md §4.2).
 
     x0 ~ N(0, I) on every element, hence independent between the parts; pass ``x0`` to fix it.
     """
@@ -183,7 +183,7 @@ class LossTerms:
 
 
 def repa_loss(projection: Tensor, target: Tensor, mode: RepaMode = "cos") -> Tensor:
-    """Per-sample REPA alignment (B,) of projected tokens vs encoder tokens (method.md §4.6).
+    """Per-sample REPA alignment (B,) of projected tokens vs encoder tokens (docs/method.md §4.6).
 
     Both (B, N, D). cos: mean over tokens of 1 − cos; mse: mean over tokens and features;
     cos_mse: their average (the authors' three modes, transport.py).
@@ -219,7 +219,7 @@ def sfd_loss(
     t_sem: Tensor | None = None,
     mask_clamped: bool = False,
 ) -> LossTerms:
-    """The SFD training loss (method.md §4.5, §4.6), computed in fp32.
+    """The SFD training loss (docs/method.md §4.5, §4.6), computed in fp32.
 
     - mse: (1/(C·HW))·[Σ_tex (v̂ − u)² + β·Σ_sem (v̂ − u)²] per sample, β = ``semantic_weight``
       (the authors' normalisation: one mean over all C·HW elements of the β-weighted error).

@@ -11,7 +11,7 @@ Per-row posterior noise: every (row, flip, part) draws its posterior noise from 
 generator seeded by :func:`row_seed`, so a shard redone after a kill, on another worker or with
 another batch size writes the same latents (byte-identical on CPU; on GPU up to kernel choice).
 
-What one shard does (method.md §2.1, §2.2, §2.5, §11): decode each file into its ADM crop
+What one shard does (docs/method.md §2.1, §2.2, §2.5, §11): decode each file into its ADM crop
 (bad files become invalid rows with a reason), add the horizontally flipped copy, then
 
 - texture VAE encoder → posterior sample (or the stand-in's exact latent);
@@ -84,7 +84,7 @@ def row_generators(seed: int, part: str, rows: Sequence[int], flips: Sequence[in
 
 
 def semvae_sample(semvae: nn.Module, tokens: torch.Tensor, generators: Sequence[torch.Generator]) -> torch.Tensor:
-    """SemVAE posterior sample (B, N, C) with one generator per row (method.md §3.4).
+    """SemVAE posterior sample (B, N, C) with one generator per row (docs/method.md §3.4).
 
     Same draw as ``SemVAE.encode(sample=True)`` for a batch of one: ε drawn as (C, N) — the
     authors' (C, 16, 16) posterior layout — then transposed. Posterior maths in fp32.
@@ -283,7 +283,7 @@ class ShardWorker:
         else:
             self.device = torch.device(settings.device)
         # A worker is its own process (a Ray actor): it applies the policy the entry point chose.
-        set_precision(self.device, settings.tf32)  # the authors' extractor: fp32 with TF32 (method.md §3.4)
+        set_precision(self.device, settings.tf32)  # the authors' extractor: fp32 with TF32 (docs/method.md §3.4)
         self.cache = LatentCache.open(settings.cache_path, mode="r+")
         self.root = Path(settings.images_root)
         self.vae = self.dino = self.semvae = None
@@ -313,7 +313,7 @@ class ShardWorker:
         from sfd.models.semvae import tokens_to_latent
 
         z = semvae_sample(self.semvae, tokens, row_generators(self.s.seed, "semantic", rows, flips))
-        return tokens_to_latent(z)  # (B, C, 16, 16), row-major as the authors (method.md §2.2)
+        return tokens_to_latent(z)  # (B, C, 16, 16), row-major as the authors (docs/method.md §2.2)
 
     @torch.no_grad()
     def encode_shard(self, shard_id: int) -> dict[str, Any]:

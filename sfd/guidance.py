@@ -1,4 +1,4 @@
-"""Velocity functions and guidance (method.md §7.2): wrappers that take and return
+"""Velocity functions and guidance (docs/method.md §7.2): wrappers that take and return
 ``fn(x, t_tex, t_sem, y) -> v`` (the convention of sfd/diffusion.py).
 
 - :func:`model_velocity` adapts a LightningDiT; :func:`classifier_free_guidance` and
@@ -81,7 +81,7 @@ def classifier_free_guidance(
     interval_mode: IntervalMode = "both",
     doubled_batch: bool = False,
 ) -> VelocityFn:
-    """CFG on all channels (method.md §7.2): v_u + w·(v_c − v_u), one batch-doubled call.
+    """CFG on all channels (docs/method.md §7.2): v_u + w·(v_c − v_u), one batch-doubled call.
 
     The conditional and null-label (``null_class``) halves run in one call of ``fn`` on
     [x; x]. ``scale_tex``/``scale_sem`` default to ``scale``. With ``doubled_batch`` the wrapper
@@ -130,7 +130,7 @@ def autoguidance(
     interval_start: float = 0.0,
     interval_mode: IntervalMode = "both",
 ) -> VelocityFn:
-    """AutoGuidance (Karras et al. 2024; method.md §7.2): v_guide + w·(v_main − v_guide).
+    """AutoGuidance (Karras et al. 2024; docs/method.md §7.2): v_guide + w·(v_main − v_guide).
 
     Both models are conditioned on the true class (no null label); the guide is a weaker SFD
     model (an early B/1 checkpoint for every reported result). Separate texture/semantic scales
@@ -165,7 +165,7 @@ def _check_guide(main: ModelConfig, guide: ModelConfig) -> None:
 def build_velocity_fn(
     model: nn.Module, sampling: SamplingConfig, guide: nn.Module | None = None
 ) -> VelocityFn:
-    """The (guided) velocity ``fn(x, t_tex, t_sem, y)`` for ``sampling`` (method.md §7.2)."""
+    """The (guided) velocity ``fn(x, t_tex, t_sem, y)`` for ``sampling`` (docs/method.md §7.2)."""
     cfg = model.cfg
     fn = model_velocity(model)
     scale_tex, scale_sem = sampling.scales

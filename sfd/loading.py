@@ -31,7 +31,7 @@ def load_model(
 
     ``path``: a run directory (latest checkpoint), a checkpoint directory or a weight file.
     ``preset`` (e.g. ``XL/1``) gives the architecture for files without a stored config (the
-    authors' released ``.pt`` are bare EMA state dicts, method.md §12.2).
+    authors' released ``.pt`` are bare EMA state dicts, docs/method.md §12.2).
     """
     ckpt = read_checkpoint(path, prefer_ema=prefer_ema, model_config=model_preset(preset) if preset else None)
     model = build_lightningdit(ckpt)

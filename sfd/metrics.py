@@ -1,4 +1,4 @@
-"""Sample-quality metrics as the ADM evaluator computes them (method.md §8).
+"""Sample-quality metrics as the ADM evaluator computes them (docs/method.md §8).
 
 The paper's FID, sFID, IS, precision and recall come from OpenAI guided-diffusion's
 ``evaluations/evaluator.py`` run against ``VIRTUAL_imagenet256_labeled.npz``. This module holds
@@ -134,7 +134,7 @@ def inception_score(probs: ArrayLike, split_size: int = IS_SPLIT_SIZE) -> float:
     pool_3 @ W *without* the fc bias (it rebuilds the softmax from ``softmax/logits/MatMul``'s
     weight only) — ``InceptionOutputs.probs``. Splits are consecutive blocks of ``split_size``
     rows (the last one may be shorter), not a ``num_splits`` partition: for 50K samples that is
-    10 splits of 5,000, and it is why the sample order must be shuffled (method.md §8).
+    10 splits of 5,000, and it is why the sample order must be shuffled (docs/method.md §8).
 
     Differences from the evaluator, both below its own float32 noise: float64 arithmetic, and
     0·log 0 = 0 where it would produce NaN for an exactly-zero probability.

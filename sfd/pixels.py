@@ -1,4 +1,4 @@
-"""From composite latents to pixels: denormalise, decode, tile (method.md §2.4, §7.1).
+"""From composite latents to pixels: denormalise, decode, tile (docs/method.md §2.4, §7.1).
 
 - :class:`TextureStats` / :func:`load_texture_stats` — per-channel texture statistics from a
   checkpoint (stored with the weights), a latent cache or the authors' ``latents_stats.pt``;
@@ -28,7 +28,7 @@ __all__ = ["TextureStats", "load_texture_stats", "Decoder", "latents_to_images",
 
 @dataclass(frozen=True)
 class TextureStats:
-    """Per-channel statistics of the raw texture latent (method.md §2.4)."""
+    """Per-channel statistics of the raw texture latent (docs/method.md §2.4)."""
 
     mean: Tensor  # (C_tex,)
     std: Tensor  # (C_tex,)
@@ -46,7 +46,7 @@ def load_texture_stats(path: str | os.PathLike[str]) -> TextureStats:
     - a run directory, checkpoint directory or our ``.safetensors`` → the ``latent_stats`` the
       trainer stored with the weights (the checkpoint contract, sfd/checkpoint.py);
     - a latent-cache directory → its stored statistics;
-    - the authors' file ``{'mean': [1, 32, 1, 1], 'std': [1, 32, 1, 1]}`` (method.md §2.4), or a
+    - the authors' file ``{'mean': [1, 32, 1, 1], 'std': [1, 32, 1, 1]}`` (docs/method.md §2.4), or a
       file with ``texture_mean``/``texture_std`` keys (as the cache stores them).
     """
     p = Path(path)
@@ -94,7 +94,7 @@ def latents_to_images(
 ) -> Tensor:
     """Composite latents (B, C, h, w) → uint8 images (B, H, W, 3) on the CPU.
 
-    The semantic channels are discarded (method.md §7.1); the texture channels are mapped back to
+    The semantic channels are discarded (docs/method.md §7.1); the texture channels are mapped back to
     the VAE's scale, z = x·σ + μ (latent_multiplier 1), decoded and quantised as the authors do.
     """
     if stats.mean.numel() != texture_chans:

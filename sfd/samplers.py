@@ -1,10 +1,10 @@
-"""Samplers over the asynchronous clock (method.md §7.1) and generation from a model.
+"""Samplers over the asynchronous clock (docs/method.md §7.1) and generation from a model.
 
 - Samplers are pure functions with one signature (docs/conventions.md, k-diffusion):
   ``sample_<method>(fn, x0, y, clock, *, grid, callback, **solver_options) -> SampleResult``.
   ``grid="exact"`` integrates phase by phase so the phase boundaries τ = Δt and τ = 1 are exact
   (default for Heun and dopri5); ``grid="authors"`` reproduces the authors' torchdiffeq
-  integration (one run over the whole clock with a channel-masked drift, method.md §7.1; default
+  integration (one run over the whole clock with a channel-masked drift, docs/method.md §7.1; default
   for Euler, where its ``num_steps`` counts grid points as their ``num_sampling_steps`` does).
   dopri5 is one step function (:func:`_dopri5_step`) under two small drivers, one per grid.
 - Initial noise for sample i depends only on (seed, i) (:func:`initial_noise`, docs/conventions.md: Samplers and guidance).
@@ -49,7 +49,7 @@ Grid = Literal["exact", "authors"]
 
 
 # ---------------------------------------------------------------------------------------------
-# Samplers over the global clock (method.md §7.1)
+# Samplers over the global clock (docs/method.md §7.1)
 
 
 @dataclass(frozen=True)
@@ -156,7 +156,7 @@ def fixed_grid(
       (:func:`allocate_steps`), uniform inside each phase, float64, boundaries exactly Δt and 1.
     - ``"authors"``: one segment linspace(0, 1+Δt, num_steps) in float32 with ``phase=None``
       (channel mask from τ): ``num_steps`` *points*, hence num_steps − 1 steps, as torchdiffeq
-      runs the authors' ``num_sampling_steps`` (method.md §7.1).
+      runs the authors' ``num_sampling_steps`` (docs/method.md §7.1).
 
     ``shift`` (None = off; the authors' ``timestep_shift: 0``) warps the grid as theirs: divide
     by 1+Δt, apply s·u/(1+(s−1)·u), multiply back. On the exact grid the steps are allocated
@@ -205,7 +205,7 @@ def sample_euler(
     shift: float | None = None,
     callback: Callback | None = None,
 ) -> SampleResult:
-    """Euler over the three-phase clock (method.md §7.1): x ← x + Δτ·v(x, τ) on :func:`fixed_grid`.
+    """Euler over the three-phase clock (docs/method.md §7.1): x ← x + Δτ·v(x, τ) on :func:`fixed_grid`.
 
     NFE = num_steps on the exact grid, num_steps − 1 on the authors' grid. The default is the
     authors' grid (LightningDiT's Euler-250): on the closed-form Gaussian test its per-sample
@@ -328,7 +328,7 @@ def sample_dopri5(
     max_steps: int = 100_000,
     callback: Callback | None = None,
 ) -> SampleResult:
-    """Adaptive Dormand–Prince 5(4) over the clock (method.md §7.1; Hairer et al. II.4–5).
+    """Adaptive Dormand–Prince 5(4) over the clock (docs/method.md §7.1; Hairer et al. II.4–5).
 
     Error control as torchdiffeq's: a step is accepted when the RMS of
     err / (atol + rtol·max(|x_old|, |x_new|)) is ≤ 1; the next step is

@@ -34,7 +34,7 @@ from sfd.config import (
     ],
 )
 def test_paper_presets(name, depth, width, heads, ffn):
-    # method.md §5.1: depth, width, heads and SwiGLU hidden per size.
+    # docs/method.md §5.1: depth, width, heads and SwiGLU hidden per size.
     cfg = model_preset(name)
     assert (cfg.depth, cfg.hidden_size, cfg.num_heads, cfg.swiglu_hidden) == (depth, width, heads, ffn)
     assert cfg.patch_size == 1 and cfg.in_channels == 48 and cfg.semantic_chans == 16
@@ -89,7 +89,7 @@ def test_train_presets_round_trip_json(name, tmp_path):
 
 
 def test_train_recipes_match_the_authors():
-    # method.md §6: released recipe vs the later 80-epoch recipe.
+    # docs/method.md §6: released recipe vs the later 80-epoch recipe.
     xl = train_preset("sfd-xl")
     assert (xl.lr, xl.beta1, xl.beta2, xl.weight_decay, xl.global_batch) == (1e-4, 0.9, 0.999, 0.0, 256)
     assert (xl.ema_decay, xl.delta_t, xl.semantic_weight, xl.repa_weight, xl.repa_mode) == (0.9999, 0.3, 2.0, 1.0, "cos")

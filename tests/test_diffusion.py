@@ -1,7 +1,7 @@
 """Tests for sfd.diffusion, sfd.guidance and sfd.samplers: time split, losses, three-phase samplers, guidance, per-sample seeds.
 
 The samplers are checked against the closed-form velocity field of Gaussian data
-(method.md §4.1): for x1 ~ N(μ, σ²) per element and x_t = t·x1 + (1−t)·x0,
+(docs/method.md §4.1): for x1 ~ N(μ, σ²) per element and x_t = t·x1 + (1−t)·x0,
 
     v(x, t) = E[x1 − x0 | x_t = x] = μ + (t·σ² − (1−t)) / (t²σ² + (1−t)²) · (x − t·μ),
 
@@ -44,7 +44,7 @@ DELTA_T = 0.3
 
 
 # ---------------------------------------------------------------------------------------------
-# Time split (method.md §4.2)
+# Time split (docs/method.md §4.2)
 
 
 def clamp_probability(delta_t: float) -> float:
@@ -57,13 +57,13 @@ def test_time_split_statistics():
     n = 200_000
     t_tex, t_sem = sample_training_times(n, DELTA_T, generator=torch.Generator().manual_seed(0))
     p = clamp_probability(DELTA_T)
-    assert abs(p - 0.114) < 0.001  # method.md §4.2: ≈ 11.4% each
+    assert abs(p - 0.114) < 0.001  # docs/method.md §4.2: ≈ 11.4% each
     tol = 5 * math.sqrt(p * (1 - p) / n)
     assert abs((t_sem == 1).float().mean().item() - p) < tol
     assert abs((t_tex == 0).float().mean().item() - p) < tol
     assert bool((t_sem >= t_tex).all())
     assert t_tex.min() >= 0 and t_sem.max() <= 1
-    # Outside the clamped regions the gap is exactly Δt; means as in method.md §4.2.
+    # Outside the clamped regions the gap is exactly Δt; means as in docs/method.md §4.2.
     inner = (t_sem < 1) & (t_tex > 0)
     assert torch.allclose(
         t_sem[inner] - t_tex[inner], torch.full_like(t_sem[inner], DELTA_T), atol=1e-6
@@ -72,7 +72,7 @@ def test_time_split_statistics():
 
 
 def test_time_split_other_delta_t_and_seeding():
-    for delta_t, expected in [(0.1, 0.011), (0.5, 0.244), (1.0, 0.5)]:  # method.md §4.2
+    for delta_t, expected in [(0.1, 0.011), (0.5, 0.244), (1.0, 0.5)]:  # docs/method.md §4.2
         assert abs(clamp_probability(delta_t) - expected) < 0.001
     t_tex, t_sem = sample_training_times(1000, 0.0, generator=torch.Generator().manual_seed(3))
     assert torch.equal(t_tex, t_sem)  # Δt = 0: synchronous, one time
@@ -123,7 +123,7 @@ def test_training_draw_modes():
 
 
 # ---------------------------------------------------------------------------------------------
-# Losses (method.md §4.5, §4.6)
+# Losses (docs/method.md §4.5, §4.6)
 
 
 def test_mse_with_semantic_weight_hand_computed():
@@ -210,7 +210,7 @@ def test_loss_terms_per_sample_and_masking():
 
 
 # ---------------------------------------------------------------------------------------------
-# Samplers on the closed-form Gaussian field (method.md §7.1)
+# Samplers on the closed-form Gaussian field (docs/method.md §7.1)
 
 
 MU = torch.linspace(-1.0, 1.0, C).view(1, C, 1, 1)
@@ -293,7 +293,7 @@ def test_high_order_samplers_need_far_fewer_evaluations(noise, results):
 
 
 def test_exact_grid_vs_authors_grid(noise, results):
-    """The comparison behind the grid defaults (method.md §7.1: the mask is discontinuous)."""
+    """The comparison behind the grid defaults (docs/method.md §7.1: the mask is discontinuous)."""
     _, _, exact = noise
     err = {key: rms(r.x - exact) for key, r in results.items()}
     # Heun and dopri5: exact phase boundaries keep their order; the authors' single masked run
@@ -424,7 +424,7 @@ def test_sampler_argument_errors():
 
 
 # ---------------------------------------------------------------------------------------------
-# Guidance (method.md §7.2)
+# Guidance (docs/method.md §7.2)
 
 
 NULL = 10

@@ -123,7 +123,7 @@ def test_authors_b1_layout_loads_strict(keys_dir):
     load_state_dict_strict(model, sd, optional=ROPE_BUFFERS)
 
 
-# method.md §5.1 (excluding the REPA projector); 1p0B is printed to whole millions there.
+# docs/method.md §5.1 (excluding the REPA projector); 1p0B is printed to whole millions there.
 @pytest.mark.parametrize(
     "name,millions,tol", [("B/1", 130.3, 0.05), ("XL/1", 674.6, 0.05), ("1p0B/1", 1028, 0.5)]
 )
@@ -132,7 +132,7 @@ def test_param_counts_match_paper(name, millions, tol):
 
 
 def test_param_counts_repa_projector():
-    # method.md §5.1: the XL projector has about 8.1M parameters.
+    # docs/method.md §5.1: the XL projector has about 8.1M parameters.
     cfg = model_preset("XL/1")
     assert abs((count_params(cfg, include_repa=True) - count_params(cfg)) / 1e6 - 8.1) < 0.05
 

@@ -1,4 +1,4 @@
-"""FID/sFID, IS and precision/recall maths against references with known answers (method.md §8)."""
+"""FID/sFID, IS and precision/recall maths against references with known answers (docs/method.md §8)."""
 
 from __future__ import annotations
 

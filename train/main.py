@@ -5,8 +5,8 @@ policy → data → model → EMA → optimizer → compile → DDP → resume �
 (TrainStep) follows it. Validation and bookkeeping live in sfd/training.py, process policy
 (distributed, TF32, autocast, seeds) in sfd/runtime.py, the hyperparameters in the presets of
 sfd/config.py (`--dry-run` prints them resolved). The
-defaults are the authors' released recipe (method.md §6, the presets in sfd/config.py); what we
-do differently fixes their bugs (method.md §12.3): the run is seeded (9), the model is wrapped
+defaults are the authors' released recipe (docs/method.md §6, the presets in sfd/config.py); what we
+do differently fixes their bugs (docs/method.md §12.3): the run is seeded (9), the model is wrapped
 in DDP once (10), resume restores everything including AdamW's moments and picks the latest
 checkpoint by step number (11), gradient checkpointing is a working switch (12), and REPA counts
 whether or not the cosine loss is on (1, in sfd.diffusion.sfd_loss).
@@ -440,7 +440,7 @@ class TrainStep:
         self.ema_params = [e for _, e in trainable]
 
     def draws(self, step: int) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
-        """(t_tex, t_sem, x0, drop) for the whole global batch of ``step`` (method.md §4.2)."""
+        """(t_tex, t_sem, x0, drop) for the whole global batch of ``step`` (docs/method.md §4.2)."""
         cfg, m, device = self.cfg, self.cfg.model, self.d.device
         gen = torch.Generator(device=device).manual_seed(runtime.derive_seed("train", cfg.seed, step))
         B = cfg.global_batch
@@ -504,7 +504,7 @@ class TrainStep:
         skipped = shared[-1] > 0
         if not skipped:
             self.optimizer.step()
-            # EMA every step (method.md §6): ema ← ema + (1 − decay)·(θ − ema), one foreach kernel.
+            # EMA every step (docs/method.md §6): ema ← ema + (1 − decay)·(θ − ema), one foreach kernel.
             torch._foreach_lerp_(self.ema_params, self.params, 1.0 - cfg.ema_decay)
         self.optimizer.zero_grad(set_to_none=True)
         return StepResult(losses, float(grad_norm), skipped, shared[-2] > 0)

@@ -28,8 +28,8 @@ shard writes all of its arrays and sets ``shard_done[shard]`` last, so a killed 
 redoing the shards whose flag is still False; the data are stored uncompressed, so a shard
 redone from the same inputs rewrites exactly the same bytes.
 
-Latents are stored raw (the posterior samples, method.md §2.1, §3.4) in float16 — zarr 3 has no
-bfloat16 — and normalised at load time from the per-channel statistics stored here (method.md
+Latents are stored raw (the posterior samples, docs/method.md §2.1, §3.4) in float16 — zarr 3 has no
+bfloat16 — and normalised at load time from the per-channel statistics stored here (docs/method.md
 §2.4), so changing the normalisation never forces a re-encode.
 
 Semantic latents can come later: a cache created with ``semantic_pass=True`` is encoded without
@@ -94,8 +94,8 @@ FIX_HINT = (
     "re-run the same encode command: it checks every shard's files first and re-encodes exactly the "
     "damaged ones (add --verify to also decode every file); `just verify-cache CACHE` lists the damage"
 )
-NUM_FLIPS = 2  # index 0 = plain image, 1 = horizontally flipped (method.md §2.5)
-DEFAULT_DINO_SHAPE = (256, 768)  # DINOv2-B/14 patch tokens of a 224² input (method.md §11)
+NUM_FLIPS = 2  # index 0 = plain image, 1 = horizontally flipped (docs/method.md §2.5)
+DEFAULT_DINO_SHAPE = (256, 768)  # DINOv2-B/14 patch tokens of a 224² input (docs/method.md §11)
 
 
 class CacheError(RuntimeError):
@@ -619,7 +619,7 @@ class LatentCache:
     # ---- statistics ------------------------------------------------------------------------------
 
     def compute_stats(self, seed: int = 0, num_samples: int = 10_000) -> dict[str, np.ndarray]:
-        """Per-channel mean and unbiased std of each part, stored in the cache (method.md §2.4).
+        """Per-channel mean and unbiased std of each part, stored in the cache (docs/method.md §2.4).
 
         As the authors: ``num_samples`` rows drawn without replacement (here from a fixed
         ``seed``, and among valid rows only), the non-flipped copy only, statistics over the N, H

@@ -10,7 +10,7 @@ the latent cache. This module owns the first steps:
   the file is bad. It never raises for bad data: one broken JPEG must not kill a shard of a
   multi-hour job, and the reason ends up in the cache's invalid-row report.
 - :func:`adm_center_crop`, :func:`hflip` and :func:`to_model_input` reproduce the authors'
-  pre-processing (method.md §2.1): ADM crop → optional horizontal flip → ``ToTensor`` →
+  pre-processing (docs/method.md §2.1): ADM crop → optional horizontal flip → ``ToTensor`` →
   ``Normalize(0.5, 0.5)``.
 """
 
@@ -139,7 +139,7 @@ def discover(root: str | os.PathLike[str], extensions: Sequence[str] = IMAGE_EXT
 
 
 def adm_center_crop(pil_image: Image.Image, size: int = 256) -> np.ndarray:
-    """ADM's ``center_crop_arr``: the crop the authors apply before both encoders (method.md §2.1).
+    """ADM's ``center_crop_arr``: the crop the authors apply before both encoders (docs/method.md §2.1).
 
     While the short side is at least ``2*size``, halve both sides (floor) with a BOX filter; then
     resize with BICUBIC so the short side becomes ``size`` (the long side ``round(side*scale)``,

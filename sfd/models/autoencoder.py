@@ -1,4 +1,4 @@
-"""Texture KL-VAE: the LDM ``AutoencoderKL`` (method.md §2.1).
+"""Texture KL-VAE: the LDM ``AutoencoderKL`` (docs/method.md §2.1).
 
 SFD's texture latent comes from hustvl's ``ldm-imagenet256-f16d32-50ep.ckpt``, a plain LDM /
 "SD-VAE" architecture KL autoencoder (ch 128, ch_mult 1,1,2,2,4, 2 res blocks, attention at
@@ -226,7 +226,7 @@ def _posterior_noise(mean: torch.Tensor, generator: Generators) -> torch.Tensor:
     it was encoded in (seed it from the image index for a resumable, re-shardable cache).
     Without a generator it is ``randn_like`` from the global RNG of ``mean``'s device. (The
     authors draw from the global CPU RNG with no per-image seeding, so their exact draws cannot
-    be reproduced anyway; method.md §2.1.)
+    be reproduced anyway; docs/method.md §2.1.)
     """
     if generator is None:
         return torch.randn_like(mean)
@@ -275,7 +275,7 @@ class AutoencoderKL(nn.Module):
         """Texture latent z of ``image`` in [-1, 1].
 
         ``sample=True`` returns the posterior sample mean + exp(0.5·clamp(logvar, -30, 20))·ε that
-        the authors cache (method.md §2.1, §12.3 item 6); ``sample=False`` returns the mean.
+        the authors cache (docs/method.md §2.1, §12.3 item 6); ``sample=False`` returns the mean.
         ``generator`` is one ``torch.Generator`` for the whole batch or a sequence with one per
         row (per-image determinism independent of batching); see :func:`_posterior_noise`.
         """
@@ -297,7 +297,7 @@ class AutoencoderKL(nn.Module):
 def to_uint8(image: torch.Tensor) -> torch.Tensor:
     """Decoder output (B,3,H,W) in [-1, 1] → uint8 pixels (B,H,W,3), on the same device.
 
-    Exactly the authors' mapping (LightningDiT's ``decode_to_images``, method.md §2.1):
+    Exactly the authors' mapping (LightningDiT's ``decode_to_images``, docs/method.md §2.1):
     clamp(127.5·x + 128, 0, 255) then a cast to uint8, which truncates. Because of the +128 (not
     +127.5) this is round-half-up of 127.5·(x + 1): x = -1 → 0, x = 0 → 128, x = 1 → 255
     (255.5 clamped). The arithmetic runs in fp32: in bf16, 127.5·x + 128 is only exact to ±1.

@@ -1,7 +1,7 @@
 """DINOv2 ViT-B/14 with 4 registers through timm: the semantic-feature and REPA-target encoder.
 
 The authors run ``torch.hub`` ``dinov2_vitb14_reg`` and keep ``x_norm_patchtokens``: the
-final-LayerNorm patch tokens, without the CLS and the 4 register tokens (method.md §2.2, §3.1,
+final-LayerNorm patch tokens, without the CLS and the 4 register tokens (docs/method.md §2.2, §3.1,
 §11). We build the same network as a timm ``VisionTransformer`` (register tokens, position
 embedding on patches only, LayerScale) and load Meta's original
 ``dinov2_vitb14_reg4_pretrain.pth`` through timm's own DINOv2 checkpoint conversion.
@@ -92,7 +92,7 @@ class DinoEncoder(nn.Module):
     def preprocess(self, images: torch.Tensor) -> torch.Tensor:
         """[-1, 1] images (B, 3, H, W) → normalised (B, 3, img_size, img_size), the authors' order.
 
-        Their cache builder (method.md §2.2; extract_features.py@8b17273:295-296) maps to [0, 1],
+        Their cache builder (docs/method.md §2.2; extract_features.py@8b17273:295-296) maps to [0, 1],
         applies ImageNet Normalize, and *then* resizes the whole 256² crop to 224² with
         ``F.interpolate(mode="bicubic")`` — default ``align_corners=False``, no antialiasing.
         """

@@ -1,4 +1,4 @@
-"""FID InceptionV3: the TensorFlow 2015-12-05 graph the ADM evaluator reads (method.md §8).
+"""FID InceptionV3: the TensorFlow 2015-12-05 graph the ADM evaluator reads (docs/method.md §8).
 
 Parameter names are those of the public PyTorch port's weight file
 ``pt_inception-2015-12-05-6726825d.pth`` (reference/keys/inception-fid-2015-12-05.txt). The

@@ -1,4 +1,4 @@
-"""LightningDiT for Semantic-First Diffusion (method.md §4.4, §4.6, §5).
+"""LightningDiT for Semantic-First Diffusion (docs/method.md §4.4, §4.6, §5).
 
 A port of the authors' ``models/lightningdit.py`` (SFD, built on hustvl/LightningDiT) with the
 same parameter and buffer names, so their released checkpoints load strict:
@@ -393,7 +393,7 @@ class LightningDiT(nn.Module):
 
     @torch.no_grad()
     def init_weights(self) -> None:
-        """The whole init policy (method.md §5.3, authors' ``initialize_weights``)."""
+        """The whole init policy (docs/method.md §5.3, authors' ``initialize_weights``)."""
         for m in self.modules():
             if isinstance(m, nn.Linear):  # every Linear, REPA projector included
                 nn.init.xavier_uniform_(m.weight)
@@ -510,7 +510,7 @@ class LightningDiT(nn.Module):
 
 
 def count_params(cfg: ModelConfig, include_repa: bool = False) -> int:
-    """Parameter count as the paper's #Params (method.md §5.1), built on the meta device.
+    """Parameter count as the paper's #Params (docs/method.md §5.1), built on the meta device.
 
     Counts trainable parameters plus ``pos_embed`` (a frozen Parameter in the authors' model,
     which the paper's numbers include), excluding the REPA projector unless ``include_repa``.

@@ -1,4 +1,4 @@
-"""Semantic VAE: compresses DINOv2 patch tokens into the 16-channel semantic latent (method.md §3).
+"""Semantic VAE: compresses DINOv2 patch tokens into the 16-channel semantic latent (docs/method.md §3).
 
 Architecture of the authors' ``transformer`` arch (their ``SemanticVariationalAutoEncoder``):
 
@@ -6,7 +6,7 @@ Architecture of the authors' ``transformer`` arch (their ``SemanticVariationalAu
     decoder: Linear(bottleneck→hidden), N pre-LN blocks, LayerNorm, Linear(hidden→in)
 
 Each block is ``x + MHA(LN(x))`` then ``x + MLP(LN(x))`` with a 4× exact-GELU MLP. There is no
-position embedding anywhere (method.md §3.2, §12.3 item 5): every token is encoded with
+position embedding anywhere (docs/method.md §3.2, §12.3 item 5): every token is encoded with
 attention over the image's other tokens, but nothing tells the network where a token sits.
 
 Parameter names match ``semantic_ae_final.pt`` (``model_state_dict``) exactly, including
@@ -15,7 +15,7 @@ is our own and runs through ``F.scaled_dot_product_attention`` (flash / memory-e
 on GPU, autocast-safe).
 
 The posterior is a diagonal Gaussian whose moments are ``[mean | logvar]`` along the last axis,
-logvar clamped to [-30, 20]; the cached latent is a *sample*, not the mean (method.md §3.4,
+logvar clamped to [-30, 20]; the cached latent is a *sample*, not the mean (docs/method.md §3.4,
 §12.3 item 6).
 """
 
@@ -157,7 +157,7 @@ def semvae_loss(
     cos_weight: float = 1.0,
     cos_axis: Literal["token", "feature"] = "token",
 ) -> dict[str, torch.Tensor]:
-    """The authors' SemVAE objective (method.md §3.3): ``mse + (1 − cos) + 1e-7·KL``.
+    """The authors' SemVAE objective (docs/method.md §3.3): ``mse + (1 − cos) + 1e-7·KL``.
 
     Terms, for ``recon``/``target`` of shape (B, N, D) and a posterior (mean, logvar) (B, N, C):
 
@@ -165,7 +165,7 @@ def semvae_loss(
     - ``cos``: ``1 − mean cosine similarity``. ``cos_axis="token"`` (default) is what the
       authors' training loop computes — ``F.cosine_similarity`` with its default ``dim=1`` on a
       (B, 256, 768) tensor, i.e. for each feature channel a cosine across the 256 tokens
-      (method.md §12.3 item 2). It reproduces the released SemVAE. ``cos_axis="feature"`` is the
+      (docs/method.md §12.3 item 2). It reproduces the released SemVAE. ``cos_axis="feature"`` is the
       evidently intended per-token cosine across the D features (what their evaluation reports).
     - ``kl``: ``0.5·Σ(μ² + σ² − 1 − log σ²)`` **summed** over all N·C latent elements of an
       image (diffusers' ``kl()`` over dims 1..3), then **averaged** over the batch; logvar is
