@@ -38,6 +38,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from sfd import runtime
 from sfd.checkpoint import (
     WeightsError,
     load_state_dict_strict,
@@ -188,10 +189,7 @@ class RepaTargets:
         z = latent_to_tokens(semantic.float() * self.std + self.mean)  # raw posterior sample, (B, h·w, Cs)
         out = []
         for i in range(0, len(z), self.chunk):  # bounds the activations of a large per-rank batch
-            if self.autocast_dtype is not None:
-                with torch.autocast(self.device.type, dtype=self.autocast_dtype):
-                    out.append(self.decoder(z[i : i + self.chunk]).float())
-            else:
+            with runtime.autocast(self.device, self.autocast_dtype):  # the trainer's policy
                 out.append(self.decoder(z[i : i + self.chunk]).float())
         return torch.cat(out)
 

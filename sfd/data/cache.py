@@ -1,5 +1,9 @@
 """The Zarr v3 latent cache: one directory holding every encoded image of a dataset (docs/conventions.md: The latent cache).
 
+Long on purpose (~850 lines): the layout, the writers, the completion records and the integrity
+checks (checksums, file records, repair) of one on-disk format belong together; split, each half
+would have to know the other's file layout.
+
 Layout (N rows = images in the fixed order chosen before encoding, F = 2 = [plain, h-flip]):
 
 =================  ==========================  =======  ===========================================
