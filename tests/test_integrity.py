@@ -109,7 +109,7 @@ def test_cache_damage_is_an_error_naming_the_file(pristine: Path, tmp_path: Path
     else:
         _flip_byte(f, at=min(40, f.stat().st_size - 6))
     with pytest.raises(CacheError, match=message.replace("/", ".")) as e:
-        LatentCacheReader(path, load_dino=True)  # memory mode: every chunk decoded up front
+        LatentCacheReader(path, load_dino=True, mode="memory")  # every chunk read (and checked) up front
     assert "re-run the same encode command" in str(e.value)
     # verify-cache lists it too (exit 1), and a deep check is what the encode job's --verify does.
     cache = LatentCache.open(path)
@@ -118,12 +118,25 @@ def test_cache_damage_is_an_error_naming_the_file(pristine: Path, tmp_path: Path
     assert verify_mod.main([str(path)]) == 1
 
 
-def test_stream_mode_and_dino_reads_name_the_file(pristine: Path, tmp_path: Path) -> None:
+def test_pagecache_mode_dino_reads_name_the_file(pristine: Path, tmp_path: Path) -> None:
     path = tmp_path / "c.zarr"
     shutil.copytree(pristine, path)
     _flip_byte(path / "dino/c/1/0/0/0", at=100)  # an inner chunk of rows 8-15: only a read finds it
-    reader = LatentCacheReader(path, load_dino=True, mode="stream", window_chunks=1)
+    reader = LatentCacheReader(path, load_dino=True, mode="pagecache", window_chunks=1)
     with pytest.raises(CacheError, match=r"array 'dino' chunk file .*dino/c/1/0/0/0 does not decode"):
+        for _ in range(100):
+            next(reader.batches(4))
+    reader.close()
+
+
+def test_pagecache_mode_checks_each_chunk_file_once(pristine: Path, tmp_path: Path) -> None:
+    """The page-cache reader reads raw bytes (no zarr decode), so it checks each chunk file's
+    CRC32C the first time it opens it: a flipped byte is an error naming the file, not data."""
+    path = tmp_path / "c.zarr"
+    shutil.copytree(pristine, path)
+    _flip_byte(path / "texture/c/1/0/0/0/0", at=100)  # rows 8-15, same size
+    reader = LatentCacheReader(path, mode="pagecache", window_chunks=1)
+    with pytest.raises(CacheError, match=r"array 'texture' chunk file .*texture/c/1/0/0/0/0 does not decode"):
         for _ in range(100):
             next(reader.batches(4))
     reader.close()

@@ -182,7 +182,35 @@ class _ChunkedItems:
         else:
             self.raw &= _plain_bytes(codecs)
         self.raw &= chunk_rows == self.rpc and list(meta["shape"][1:]) == [NUM_FLIPS, *self.item_shape]
+        # CRC32C trailers: whole chunk file (plain arrays) or each inner chunk (the sharded targets).
+        self.chunk_crc = not self.sharded and any(c.get("name") == "crc32c" for c in codecs[1:])
+        self.inner_crc = self.sharded and self.stored_bytes > self.item_bytes
+        self._verified: set[int] = set()
         self._regular = (np.arange(self.rpc)[:, None] * NUM_FLIPS + np.arange(NUM_FLIPS)[None, :]).astype(np.int64)
+
+    def _verify(self, chunk: int, data: bytes | mmap.mmap, offsets: list[list[int]] | None = None) -> None:
+        """Check a chunk file's CRC32C once per process (the raw paths skip zarr's decoding, which
+        would check it): the whole file's trailer, or each stored item's. A mismatch is the same
+        error a zarr read gives, naming the array, the file and the fix."""
+        if chunk in self._verified:
+            return
+        import google_crc32c
+
+        bad = False
+        if self.chunk_crc:
+            bad = google_crc32c.value(data[:-4]) != int.from_bytes(data[-4:], "little")
+        elif self.inner_crc and offsets is not None:
+            n = self.item_bytes
+            for off in (o for row in offsets for o in row if o >= 0):
+                if google_crc32c.value(data[off : off + n]) != int.from_bytes(data[off + n : off + n + 4], "little"):
+                    bad = True
+                    break
+        if bad:
+            raise CacheError(
+                f"cache {self.cache.path}: array '{self.name}' chunk file {self._file(chunk)} does not decode "
+                f"(checksum mismatch). Fix: {FIX_HINT}"
+            )
+        self._verified.add(chunk)
 
     def _file(self, chunk: int) -> Path:
         return self.dir / "c" / str(chunk) / "/".join("0" * (self.array.ndim - 1))
@@ -204,6 +232,7 @@ class _ChunkedItems:
             need = self.rpc * NUM_FLIPS * self.item_bytes
             if len(mm) < need:
                 raise CacheError(f"cache {self.cache.path}: chunk file {path} has {len(mm)} bytes, expected {need}; re-run the encode command")
+            self._verify(chunk, mm)
             flat = np.frombuffer(mm, dtype="<f2", count=need // 2).reshape(-1, self.item_elems)
             return flat, self._regular
         # Shard index at the end: (offset, nbytes) uint64 per inner chunk, in C order, + crc32c.
@@ -221,6 +250,7 @@ class _ChunkedItems:
         slots = np.where(present, offsets // stride, -1).astype(np.int64)
         if present.any() and int((offsets[present] + nbytes[present]).max()) > index_start:
             raise CacheError(f"cache {self.cache.path}: shard file {path} has an index pointing past its data; re-run the encode command")
+        self._verify(chunk, mm, np.where(present, offsets.astype(np.int64), -1).tolist())
         # Item k at byte k·stride (its checksum, if any, in the 4 bytes after it): a strided view.
         flat = np.ndarray((index_start // stride, self.item_elems), dtype="<f2", buffer=mm, strides=(stride, 2))
         return flat, slots
@@ -243,6 +273,12 @@ class _ChunkedItems:
                 raise CacheError(f"cache {self.cache.path}: chunk file {path} has {size} bytes, expected "
                                  f"{self.rpc * NUM_FLIPS * self.item_bytes}; re-run the encode command")
             offsets = (self._regular * self.item_bytes).tolist()
+            if self.chunk_crc and c not in self._verified:
+                try:
+                    self._verify(c, os.pread(fd, size, 0))
+                except CacheError:
+                    os.close(fd)
+                    raise
         else:
             n_inner = self.rpc * NUM_FLIPS
             index_start = size - 16 * n_inner - self.index_tail
@@ -257,6 +293,12 @@ class _ChunkedItems:
                 raise CacheError(f"cache {self.cache.path}: shard file {path} has an unexpected index; re-run the encode command for its rows")
             # zarr leaves out inner chunks equal to the fill value (all zeros): offset -1.
             offsets = np.where(present, index[..., 0].astype(np.int64), -1).tolist()
+            if self.inner_crc and c not in self._verified:
+                try:
+                    self._verify(c, os.pread(fd, index_start, 0), offsets)
+                except CacheError:
+                    os.close(fd)
+                    raise
         hit = self._fds[c] = (fd, offsets)
         while len(self._fds) > self.max_open:
             os.close(self._fds.popitem(last=False)[1][0])
