@@ -564,7 +564,7 @@ class LatentCacheReader:
 
 class DinoTokenReader:
     """Batches of DINO tokens (B, N, D) float32 for the Semantic-VAE trainer: both flips of every
-    valid row, in the windowed order of :func:`chunk_windows` (the stream mode's), resumable.
+    valid row, in the windowed order of :func:`chunk_windows`, resumable.
 
     The order depends only on (seed, epoch, rank, world size); ``batches(epoch, start)`` skips the
     first ``start`` batches of the epoch without reading them. Every rank yields the same number
