@@ -6,6 +6,7 @@ Synthetic data only: tiny random PNGs for the encode job, generated here.
 
 from __future__ import annotations
 
+import contextlib
 import filecmp
 import json
 import os
@@ -514,6 +515,16 @@ def _wait_steps(out: Path, proc: subprocess.Popen, n: int, timeout: float = 120)
     raise AssertionError("the trainer made no progress")
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    with contextlib.suppress(FileNotFoundError):  # a zombie (not yet reaped) counts as gone
+        return Path(f"/proc/{pid}/stat").read_text().split(") ", 1)[1][0] != "Z"
+    return False
+
+
 def _worker_pid(out: Path) -> int:
     return int(json.loads((out / "run.lock").read_text())["pid"])
 
@@ -525,8 +536,14 @@ def test_trainer_soak_kills_lock_and_launcher_death(train_cache: Path, uninterru
     #    but not saved; the resume must drop them from metrics.jsonl.
     proc = _torchrun(train_cache, out, 40)
     _wait_steps(out, proc, 4 + rng.randrange(4))
+    first_worker = _worker_pid(out)
     os.killpg(proc.pid, signal.SIGKILL)
+    with contextlib.suppress(ProcessLookupError):  # torchrun's worker runs in a session of its own
+        os.kill(first_worker, signal.SIGKILL)
     proc.wait()
+    while _alive(first_worker):
+        time.sleep(0.05)
+    assert (out / "run.lock").exists()  # a dead trainer's lock: the restart takes it over
 
     # 2. Restart; once it trains (a new checkpoint), a second trainer on the directory is refused.
     from sfd.checkpoint import list_checkpoints
