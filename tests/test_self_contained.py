@@ -16,8 +16,11 @@ CITATION = re.compile(r"method\.md\s+§\s*(\d+(?:\.\d+)*)")
 
 def tracked_text_files() -> list[Path]:
     out = subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True, text=True)
-    if out.returncode != 0:  # not a git checkout (e.g. an unpacked archive): every file counts
-        files = [p for p in REPO.rglob("*") if p.is_file() and ".git" not in p.parts]
+    if out.returncode != 0:  # not a git checkout (CI's copy, an unpacked archive): the source tree
+        skip = {"runs", "data", "weights", "build", "dist"}  # outputs and inputs, not source
+        files = [p for p in REPO.rglob("*") if p.is_file()
+                 and not any(part.startswith(".") or part in skip or part.endswith(".egg-info")
+                             for part in p.relative_to(REPO).parts[:-1])]
     else:
         files = [REPO / line for line in out.stdout.splitlines()]
     keep = []
