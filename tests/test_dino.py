@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import time
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -89,11 +87,9 @@ def test_loads_real_vitb14_reg4_names(keys_dir, tmp_path):
     state = model.vit.state_dict()
     assert torch.equal(state["blocks.11.ls2.gamma"], sd["blocks.11.ls2.gamma"])
     assert state["pos_embed"].shape == (1, 256, 768)
-    start = time.perf_counter()
     with torch.no_grad():
         tokens = model(torch.zeros(1, 3, 256, 256))
-    assert tokens.shape == (1, 256, 768)
-    assert time.perf_counter() - start < 10.0
+    assert tokens.shape == (1, 256, 768)  # (speed is a bench's business, not a test's)
 
 
 def test_bad_files_and_configs(golden_dir, tmp_path):
