@@ -213,12 +213,13 @@ def main() -> None:
     env_solo = {**env, "OMP_NUM_THREADS": str(os.cpu_count() or 1)}
     cfg = ["--cfg-scale", str(args.cfg_scale)]
 
-    # 5. A labelled grid from the EMA weights: every class, with the demo's guidance.
+    # 5. A labelled grid from the EMA weights: every class (full names), with the demo's guidance,
+    #    each row led by a held-out real image of its class.
     grid = out / "grid.png"
     timings["grid"] = run("grid", [
         py, "sample/grid.py", "--ckpt", str(train), "--stats", str(cache),
         "--classes", ",".join(str(i) for i in range(len(CLASSES))), "--per-class", "8",
-        *SAMPLER, *cfg, "--out", str(grid), "--device", "cpu",
+        *SAMPLER, *cfg, "--out", str(grid), "--device", "cpu", "--real-images", str(inputs["heldout"]),
     ], log, env_solo)
 
     # 6. Class-balanced samples with and without guidance, judged against held-out real images.

@@ -26,6 +26,7 @@ import json
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from sfd import runtime
@@ -80,6 +81,30 @@ def parse_classes(spec: str, names: list[str] | None, num_classes: int) -> list[
     return labels
 
 
+def real_row_images(root: Path, classes: list[int], names: list[str] | None, size: int) -> np.ndarray:
+    """One real image per class (the first decodable one of ``root/<class name>/``), ADM-cropped to
+    ``size``: uint8 (K, size, size, 3). The class folders are found by the names the cache (or
+    --class-names) gives, as the encode job numbered them."""
+    from sfd.data.images import discover, load_image
+
+    found = discover(root)
+    by_name = {n: k for k, n in enumerate(found.class_names)}
+    out = []
+    for c in classes:
+        name = names[c] if names else None
+        if name not in by_name:
+            raise ConfigError(f"--real-images {root}: no class folder for class {c} ({name!r}); "
+                              "pass the image folder the cache was encoded from (and a cache via --stats for the names)")
+        for i in np.flatnonzero(found.labels == by_name[name]):
+            arr, _ = load_image(found.abspath(int(i)), size)
+            if arr is not None:
+                out.append(arr)
+                break
+        else:
+            raise ConfigError(f"--real-images {root}: no decodable image in {name}/")
+    return np.stack(out)
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
         prog="sample/grid.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -89,6 +114,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--classes", default="207,360,387,974,88,979,417,279", help="comma-separated labels (indices, or wnids/names with --class-names or a cache); default: the 8 classes of DiT's sample.py")
     ap.add_argument("--class-names", default=None, help="text file, one class name per line in label order (for captions and --classes)")
     ap.add_argument("--per-class", type=int, default=4, help="samples per class (one row per class)")
+    ap.add_argument("--real-images", default=None, help="image folder <class>/<image> (e.g. the training images): "
+                    "each row starts with one real image of its class, ADM-cropped to the sample size, to compare with")
     ap.add_argument("--batch-size", type=int, default=32, help="samples per sampler call")
     ap.add_argument("--out", default="grid.png", help="output PNG (a JSON with the settings is written beside it)")
     ap.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps")
@@ -99,7 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     check_inputs({"--ckpt": args.ckpt, "--guide": args.guide, "--stats": args.stats, "--vae": args.vae,
-                  "--class-names": args.class_names})
+                  "--class-names": args.class_names, "--real-images": args.real_images})
 
     # Policy, decided once: TF32 as in the authors' inference (docs/method.md §7.1) unless disabled.
     device = runtime.pick_device(args.device)
@@ -126,10 +153,18 @@ def main(argv: list[str] | None = None) -> None:
         nfe.append(batch_nfe)
     seconds = time.perf_counter() - t0
 
-    captions = [f"{c} {names[c]}" if names else f"class {c}" for c in labels]
+    samples = torch.cat(images)
+    row_labels = [f"{c} {names[c]}" if names else f"class {c}" for c in classes]  # whole, never cut
+    nrow, captions = args.per_class, None
+    if args.real_images:
+        real = real_row_images(Path(args.real_images), classes, names, samples.shape[1])
+        rows = samples.view(len(classes), args.per_class, *samples.shape[1:])
+        samples = torch.cat([torch.from_numpy(real)[:, None], rows], dim=1).flatten(0, 1)
+        nrow = args.per_class + 1
+        captions = [("real" if j == 0 else "") for _ in classes for j in range(nrow)]
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    make_grid(torch.cat(images), nrow=args.per_class, captions=captions).save(out)
+    make_grid(samples, nrow=nrow, captions=captions, row_labels=row_labels).save(out)
     summary = {
         "png": str(out), "checkpoint": str(ckpt_file), "checkpoint_sha256": file_sha256(ckpt_file, 16),
         "classes": classes, "per_class": args.per_class, "sampling": sampling.describe(),

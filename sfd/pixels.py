@@ -121,12 +121,14 @@ def make_grid(
     pad: int = 2,
     caption_height: int = 12,
     background: tuple[int, int, int] = (255, 255, 255),
+    row_labels: Sequence[str] | None = None,
 ) -> Image.Image:
     """Tile uint8 images (N, H, W, 3), ``nrow`` per row, each with a caption strip below it.
 
     Size: width = nrow·(W + pad) + pad, height = rows·(H + caption_height + pad) + pad, where
     rows = ceil(N / nrow); ``caption_height`` 0 (or no captions) gives a plain grid. Captions
-    use PIL's default font and are cut to the tile width.
+    use PIL's default font and are cut to the tile width; ``row_labels`` (one per row) are drawn
+    whole in a left margin.
     """
     imgs = images.cpu().numpy() if isinstance(images, Tensor) else np.asarray(images)
     if imgs.ndim != 4 or imgs.shape[-1] != 3 or imgs.dtype != np.uint8:
@@ -136,11 +138,21 @@ def make_grid(
     n, h, w, _ = imgs.shape
     cap = caption_height if captions is not None else 0
     rows = max(1, math.ceil(n / nrow))
-    grid = Image.new("RGB", (nrow * (w + pad) + pad, rows * (h + cap + pad) + pad), background)
-    draw = ImageDraw.Draw(grid)
+    if row_labels is not None and len(row_labels) != rows:
+        raise ValueError(f"{len(row_labels)} row labels for {rows} rows")
     font = _font(max(cap - 2, 6))
+    # Row labels (e.g. full class names) get a left margin as wide as the longest one, so they are
+    # never cut the way per-tile captions must be.
+    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    label_font = _font(max(min(h // 3, 14), 8))
+    left = 0 if not row_labels else int(max(measure.textlength(t, font=label_font) for t in row_labels)) + 2 * pad + 4
+    grid = Image.new("RGB", (left + nrow * (w + pad) + pad, rows * (h + cap + pad) + pad), background)
+    draw = ImageDraw.Draw(grid)
+    for r, text in enumerate(row_labels or []):
+        draw.text((pad + 2, pad + r * (h + cap + pad) + max(0, (h - getattr(label_font, "size", 10)) // 2)), text,
+                  fill=(0, 0, 0), font=label_font)
     for i, tile in enumerate(imgs):
-        x, y = pad + (i % nrow) * (w + pad), pad + (i // nrow) * (h + cap + pad)
+        x, y = left + pad + (i % nrow) * (w + pad), pad + (i // nrow) * (h + cap + pad)
         grid.paste(Image.fromarray(tile), (x, y))
         if cap and captions[i]:
             text = captions[i]

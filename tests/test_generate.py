@@ -242,3 +242,27 @@ def test_shuffled_order_is_a_fixed_permutation() -> None:
     # Any 5,000-split of a shuffled balanced 50K set holds most classes (IS must not see one class).
     labels = balanced_labels(shuffled_order(50_000)[:5000], 50_000, 1000)
     assert len(np.unique(labels)) > 990
+
+
+def test_grid_rows_carry_whole_class_names_and_a_real_image(tmp_path) -> None:
+    """Row labels are drawn whole in a left margin (never cut like tile captions), and
+    ``sample/grid.py --real-images`` leads each row with a real image of that class."""
+    from sample.grid import real_row_images
+    from sfd.data.synthetic import write_image_folder
+
+    images = np.zeros((6, 16, 16, 3), np.uint8)
+    long = ["0 a very long class name that no tile could hold", "1 short"]
+    plain = make_grid(images, nrow=3)
+    labelled = make_grid(images, nrow=3, row_labels=long)
+    assert labelled.height == plain.height and labelled.width > plain.width + 100
+    with pytest.raises(ValueError):
+        make_grid(images, nrow=3, row_labels=long[:1])
+
+    root = tmp_path / "imgs"
+    write_image_folder(root, num_classes=3)
+    names = sorted(p.name for p in root.iterdir())
+    real = real_row_images(root, [2, 0], names, 16)
+    assert real.shape == (2, 16, 16, 3) and real.dtype == np.uint8
+    from sfd.config import ConfigError
+    with pytest.raises(ConfigError, match="no class folder"):
+        real_row_images(root, [0], ["elsewhere"], 16)
