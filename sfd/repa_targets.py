@@ -76,7 +76,11 @@ def write_semvae_decoder(cache: LatentCache, semvae: nn.Module, semvae_identity:
         raise CacheError(f"cache {cache.path} was encoded with another SemVAE than the one given (differs in {sorted(diffs)})")
     tensors = {_PREFIX + k: v for k, v in semvae.decoder.state_dict().items()}
     path = Path(cache.path) / DECODER_FILE
-    save_safetensors(tensors, path, metadata={"config": to_dict(cfg), "semantic_encoder": dict(semvae_identity)})
+    # One metadata key holding canonical JSON: the file lives in the cache, whose files must be
+    # byte-identical when a job is redone, and safetensors writes several metadata keys in a
+    # per-process hash order.
+    meta = {"semvae_decoder": json.dumps({"config": to_dict(cfg), "semantic_encoder": dict(semvae_identity)}, sort_keys=True)}
+    save_safetensors(tensors, path, metadata=meta)
     return path
 
 
@@ -88,13 +92,14 @@ def load_semvae_decoder(cache: LatentCache) -> tuple[nn.Module, SemVAEConfig, st
     path = Path(cache.path) / DECODER_FILE
     if path.is_file():
         meta = read_safetensors_metadata(path)
-        have = json.loads(meta.get("semantic_encoder", "null"))
+        record = json.loads(meta.get("semvae_decoder", "{}"))
+        have = record.get("semantic_encoder")
         if not isinstance(have, dict) or attr_diffs(have, want) or attr_diffs(want, have):
             raise CacheError(
                 f"{path} is the decoder of another SemVAE than the one that encoded {cache.path}; "
                 f"attach the right one: python -m sfd.repa_targets {cache.path} SEMVAE_WEIGHTS"
             )
-        cfg = from_dict(SemVAEConfig, json.loads(meta["config"]), where=f"{path} metadata 'config'")
+        cfg = from_dict(SemVAEConfig, record["config"], where=f"{path} metadata 'semvae_decoder'")
         model = SemVAE(cfg)
         state = {k[len(_PREFIX):]: v for k, v in load_tensors(path).items() if k.startswith(_PREFIX)}
         load_state_dict_strict(model.decoder, state, source=str(path))
