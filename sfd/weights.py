@@ -19,6 +19,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from sfd.checkpoint import KNOWN_WEIGHTS
+
 DEFAULT_DIR = Path("weights")
 HF_REPO = "SFD-Project/SFD"
 
@@ -60,36 +62,31 @@ def _checkpoint(run: str, step: int, what: str) -> WeightFile:
     )
 
 
+def _third_party(key: str, what: str, url: str, **digest: str) -> WeightFile:
+    """A file the resolvers of sfd.checkpoint know (KNOWN_WEIGHTS: its name and publisher), at the
+    top of the weights directory, fetched from ``url``."""
+    known = KNOWN_WEIGHTS[key]
+    return WeightFile(key, known.filename, what, known.publisher, f"wget -O {{dir}}/{known.filename} {url}", **digest)
+
+
 FILES: dict[str, WeightFile] = {f.key: f for f in [
-    WeightFile(
-        "texture_vae", "ldm-imagenet256-f16d32-50ep.ckpt",
-        "texture KL-VAE (f16d32, LDM architecture): encoder for the cache, decoder for samples",
-        "hustvl on Hugging Face (hustvl/va-vae-imagenet256-experimental-variants)",
-        "wget -O {dir}/ldm-imagenet256-f16d32-50ep.ckpt https://huggingface.co/hustvl/"
-        "va-vae-imagenet256-experimental-variants/resolve/main/ldm-imagenet256-f16d32-50ep.ckpt",
+    _third_party(
+        "texture_vae", "texture KL-VAE (f16d32, LDM architecture): encoder for the cache, decoder for samples",
+        "https://huggingface.co/hustvl/va-vae-imagenet256-experimental-variants/resolve/main/ldm-imagenet256-f16d32-50ep.ckpt",
     ),
-    WeightFile(
-        "dinov2", "dinov2_vitb14_reg4_pretrain.pth",
-        "DINOv2 ViT-B/14 with 4 registers (semantic features and REPA targets for the cache)",
-        "Meta AI (facebookresearch/dinov2 release files)",
-        "wget -O {dir}/dinov2_vitb14_reg4_pretrain.pth "
+    _third_party(
+        "dinov2", "DINOv2 ViT-B/14 with 4 registers (semantic features and REPA targets for the cache)",
         "https://dl.fbaipublicfiles.com/dinov2/dinov2_vitb14/dinov2_vitb14_reg4_pretrain.pth",
     ),
-    WeightFile(
-        "inception", "pt_inception-2015-12-05-6726825d.pth",
-        "FID InceptionV3 (TensorFlow 2015-12-05 graph, PyTorch port)",
-        "the pytorch-fid project's GitHub release (mseitzer/pytorch-fid, fid_weights)",
-        "wget -O {dir}/pt_inception-2015-12-05-6726825d.pth https://github.com/mseitzer/"
-        "pytorch-fid/releases/download/fid_weights/pt_inception-2015-12-05-6726825d.pth",
+    _third_party(
+        "inception", "FID InceptionV3 (TensorFlow 2015-12-05 graph, PyTorch port)",
+        "https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/pt_inception-2015-12-05-6726825d.pth",
         sha256="6726825d",
         sha256_note="the publisher states only this SHA-256 prefix (in the file name, checked by torch.hub)",
     ),
-    WeightFile(
-        "adm_reference", "VIRTUAL_imagenet256_labeled.npz",
-        "ADM ImageNet-256 reference batch (FID/sFID statistics and images for precision/recall)",
-        "OpenAI guided-diffusion evaluation suite",
-        "wget -O {dir}/VIRTUAL_imagenet256_labeled.npz https://openaipublic.blob.core.windows.net/"
-        "diffusion/jul-2021/ref_batches/imagenet/256/VIRTUAL_imagenet256_labeled.npz",
+    _third_party(
+        "adm_reference", "ADM ImageNet-256 reference batch (FID/sFID statistics and images for precision/recall)",
+        "https://openaipublic.blob.core.windows.net/diffusion/jul-2021/ref_batches/imagenet/256/VIRTUAL_imagenet256_labeled.npz",
     ),
     WeightFile(
         "semvae", "semantic_vae/**/semantic_ae_final.pt",
