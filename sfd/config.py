@@ -536,6 +536,9 @@ class TrainConfig:
     beta2: float = 0.999
     weight_decay: float = 0.0
     grad_clip: float = 0.0  # max grad norm; 0 = off (the authors clip nothing)
+    # Ours: from this fraction of max_steps on, lr falls linearly to 0 at max_steps; 1.0 = the
+    # authors' constant lr. For short budgets (the CPU demo), where a constant lr plateaus.
+    lr_decay_start: float = 1.0
     global_batch: int = 256  # images per optimiser step over all ranks
     micro_batch: int = 0  # per-rank batch per forward; 0 = global_batch / world_size
     max_steps: int = 4_000_000  # 400K ≈ 80 epochs, 4M ≈ 800 epochs of ImageNet
@@ -580,6 +583,8 @@ class TrainConfig:
             raise ConfigError(f"repa_targets must be stored, semvae or none, got {self.repa_targets!r}")
         if self.precision not in ("bf16", "fp32"):
             raise ConfigError(f"precision must be bf16 or fp32, got {self.precision!r}")
+        if not 0.0 <= self.lr_decay_start <= 1.0:
+            raise ConfigError(f"lr_decay_start must lie in [0, 1], got {self.lr_decay_start}")
         if self.delta_t < 0:
             raise ConfigError(f"delta_t must be >= 0, got {self.delta_t}")
         if self.global_batch <= 0 or self.micro_batch < 0:

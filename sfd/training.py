@@ -59,6 +59,15 @@ def batch_split(cfg: TrainConfig, world_size: int) -> tuple[int, int, int]:
     return per_rank, micro, per_rank // micro
 
 
+def lr_at(cfg: TrainConfig, step: int) -> float:
+    """The learning rate of optimisation step ``step`` (0-based): ``cfg.lr``, falling linearly to 0 at
+    ``max_steps`` from ``lr_decay_start · max_steps`` on (``lr_decay_start = 1``: constant, the authors')."""
+    start = cfg.lr_decay_start * cfg.max_steps
+    if cfg.lr_decay_start >= 1.0 or step < start:
+        return cfg.lr
+    return cfg.lr * max(cfg.max_steps - step, 0) / max(cfg.max_steps - start, 1e-9)
+
+
 def check_run_config(cfg: TrainConfig) -> None:
     m = cfg.model
     problems = []

@@ -150,3 +150,17 @@ def test_delta_t_is_stored_once_and_reachable_by_its_alias():
     cfg = train_preset("tiny", "delta_t=0.5")
     assert cfg.model.semfirst_delta_t == 0.5 and cfg.delta_t == 0.5
     assert "delta_t" not in json.loads(to_json(cfg))  # one stored value: the model's
+
+
+def test_lr_decay_is_off_by_default_and_linear_to_zero_when_on():
+    from sfd.training import lr_at
+
+    flat = TrainConfig(lr=1e-3, max_steps=100)
+    assert [lr_at(flat, s) for s in (0, 50, 99)] == [1e-3] * 3  # the authors' constant lr
+    cfg = TrainConfig(lr=1e-3, max_steps=100, lr_decay_start=0.5)
+    assert lr_at(cfg, 0) == lr_at(cfg, 49) == lr_at(cfg, 50) == 1e-3
+    assert lr_at(cfg, 75) == pytest.approx(5e-4)
+    assert lr_at(cfg, 99) == pytest.approx(2e-5)
+    assert lr_at(cfg, 100) == 0.0
+    with pytest.raises(ConfigError, match="lr_decay_start"):
+        TrainConfig(lr_decay_start=1.5)

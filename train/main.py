@@ -87,6 +87,7 @@ from sfd.training import (
     checkpoint_latent_stats,
     find_decoder,
     fit_to_cache,
+    lr_at,
     open_cache,
     reader_state_for,
     rng_state,
@@ -362,6 +363,8 @@ def main(argv: list[str] | None = None) -> None:
             # The optimisation step.
             batch = next(batches)
             reader_state = reader.state_dict()
+            for group in optimizer.param_groups:  # a float, so compiled code never sees it change
+                group["lr"] = lr_at(cfg, step)
             result = train_step(batch, step, stop_requested=signals.received is not None)
             step += 1
             pbar.update(1)
