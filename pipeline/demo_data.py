@@ -1,6 +1,6 @@
 """The demo's procedural image set on disk (command line for sfd/demo/shapes.py).
 
-Classes are shapes (disc, square, triangle, ring, cross, star); position, size, rotation,
+Classes are shapes (disc, square, triangle, ring, cross, star); shapes upright; position, size,
 colour and fill texture vary at random, so the class is the outline alone. Images are PNG class
 folders in the ImageNet train layout (``<class>/<index>.png``), which the real encode job reads
 exactly like ImageNet. Every image is a pure function of (seed, class, index): the held-out

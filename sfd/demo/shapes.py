@@ -1,11 +1,16 @@
 """The demo domain: classes defined by shape only, everything else is texture.
 
-A class is a shape (cross, disc, ring, square, star, triangle). Each image draws that shape with
-a random position, size and rotation, a random bright hue, and one of four fill textures (solid,
-stripes at a random angle and period, checkerboard, linear gradient) over a dark, noisy,
+A class is a shape (cross, disc, ring, square, star, triangle), drawn upright. Each image draws
+that shape with a random position and size, a random bright hue, and one of four fill textures
+(solid, stripes at a random angle and period, checkerboard, linear gradient) over a dark, noisy,
 randomly tinted ground. So the class (what the semantic latent should carry) is the outline,
 and the texture latent has to add where, how large, which colour and which fill. Colour carries
-no class information at all, unlike the previous 5 shapes × 2 colours set.
+no class information at all.
+
+Shapes are upright (``MAX_ROTATION = 0``): with free rotation the 10-minute CPU demo plateaued
+near 78 % sample class accuracy (stars at 25 %: five thin points at any angle on a 24² canvas)
+and the semantic ViT's linear probe reached 76 %; upright, the probe reaches 91 %
+(docs/decisions.md, "The CPU demo"). Rotation is a parameter, for a harder testbed.
 
 Every image is a pure function of ``(seed, label, index)``, so a split is reproducible and can
 be re-rendered in memory (the judge and the demo's semantic encoder train on the same pixels
@@ -30,6 +35,7 @@ CLASSES = ("cross", "disc", "ring", "square", "star", "triangle")
 assert list(CLASSES) == sorted(CLASSES)
 FILLS = ("solid", "stripes", "checker", "gradient")
 SUPERSAMPLE = 4  # draw large, then downsample: anti-aliased edges like a photo's
+MAX_ROTATION = 0.0  # radians either side of upright (the draw is made either way: same images for 0)
 
 
 def _polygon(cx: float, cy: float, radii: list[float], angle: float) -> list[tuple[float, float]]:
@@ -39,20 +45,20 @@ def _polygon(cx: float, cy: float, radii: list[float], angle: float) -> list[tup
 
 
 def _outline(shape: str, s: int, rng: np.random.Generator) -> Image.Image:
-    """A binary ('L') mask of ``shape`` on an s×s canvas: random centre, radius and rotation."""
+    """A binary ('L') mask of ``shape`` on an s×s canvas: random centre and radius, upright ± MAX_ROTATION."""
     mask = Image.new("L", (s, s), 0)
     d = ImageDraw.Draw(mask)
-    r = s * rng.uniform(0.24, 0.38)
+    r = s * rng.uniform(0.30, 0.42)  # large enough that a star's points survive 24²
     margin = s / 2 - r  # keep the shape inside the frame
     cx = s / 2 + rng.uniform(-0.7, 0.7) * margin
     cy = s / 2 + rng.uniform(-0.7, 0.7) * margin
-    angle = rng.uniform(0, 2 * math.pi)
+    angle = rng.uniform(-1.0, 1.0) * MAX_ROTATION
     if shape == "disc":
         d.ellipse([cx - r, cy - r, cx + r, cy + r], fill=255)
     elif shape == "square":
-        d.polygon(_polygon(cx, cy, [r * 1.1] * 4, angle), fill=255)
+        d.polygon(_polygon(cx, cy, [r * 1.1] * 4, angle + math.pi / 4), fill=255)  # sides level
     elif shape == "triangle":
-        d.polygon(_polygon(cx, cy, [r * 1.15] * 3, angle), fill=255)
+        d.polygon(_polygon(cx, cy, [r * 1.15] * 3, angle - math.pi / 2), fill=255)  # apex up
     elif shape == "ring":
         d.ellipse([cx - r, cy - r, cx + r, cy + r], fill=255)
         ri = r * 0.55
@@ -60,11 +66,10 @@ def _outline(shape: str, s: int, rng: np.random.Generator) -> Image.Image:
     elif shape == "cross":
         w = r * 0.38
         arms = [(-r, -w), (-w, -w), (-w, -r), (w, -r), (w, -w), (r, -w), (r, w), (w, w), (w, r), (-w, r), (-w, w), (-r, w)]
-        a = angle / 4  # a cross is symmetric under 90°: rotate within ±45°
-        ca, sa = math.cos(a), math.sin(a)
+        ca, sa = math.cos(angle), math.sin(angle)
         d.polygon([(cx + x * ca - y * sa, cy + x * sa + y * ca) for x, y in arms], fill=255)
     elif shape == "star":
-        d.polygon(_polygon(cx, cy, [r * 1.15, r * 0.45] * 5, angle), fill=255)
+        d.polygon(_polygon(cx, cy, [r * 1.15, r * 0.45] * 5, angle - math.pi / 2), fill=255)  # point up
     else:
         raise ValueError(f"unknown shape {shape!r}; known: {CLASSES}")
     return mask
@@ -83,7 +88,7 @@ def _fill(s: int, rng: np.random.Generator) -> np.ndarray:
         a = rng.uniform(0, math.pi)
         t = (np.sin((xx * math.cos(a) + yy * math.sin(a)) * 2 * math.pi * rng.uniform(3, 6)) > 0).astype(np.float32)
     elif kind == "checker":
-        n = rng.uniform(3, 6)
+        n = rng.uniform(2, 4)
         t = ((np.floor(xx * n) + np.floor(yy * n)) % 2).astype(np.float32)
     else:  # gradient
         a = rng.uniform(0, 2 * math.pi)
@@ -162,4 +167,4 @@ def read_split(root: str | Path) -> tuple[np.ndarray, np.ndarray]:
     return np.stack(images), np.asarray(labels, np.int64)
 
 
-__all__ = ["CLASSES", "FILLS", "render", "image_rng", "render_arrays", "write_split", "read_split"]
+__all__ = ["CLASSES", "FILLS", "MAX_ROTATION", "render", "image_rng", "render_arrays", "write_split", "read_split"]
