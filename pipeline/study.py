@@ -114,9 +114,43 @@ def write_markdown(path: Path, table: dict[str, Any], ceiling: dict[str, float],
                 if last in rows:
                     lines.append(f"| {VARIANTS[v][0]} | " + " | ".join(fmt.format(rows[last][m]["per_seed"][s]) for s in seeds) + " |")
             lines.append("")
+    lines += paired_lines(table, seeds)
     text = "\n".join(lines)
     path.write_text(text)
     return text
+
+
+def paired_lines(table: dict[str, Any], seeds: list[int]) -> list[str]:
+    """Differences against the baselines seed by seed (mean ± std over seeds of the per-seed difference).
+
+    Runs with the same seed share the batch order, the time draws and the sampling noise, so a
+    paired difference cancels much of what the spread of each variant contains; its std is the
+    yardstick for "real or noise" (a mean difference within about one std is noise with 3 seeds).
+    """
+    lines: list[str] = []
+    for base in ("dt0", "no-semantic"):
+        if base not in table or len(table) < 2 or len(seeds) < 2:
+            continue
+        steps = sorted(table[base])
+        for m, fmt in ((METRIC_ACCURACY, "{:+.3f}"), (METRIC_FD, "{:+.2f}")):
+            better = "higher" if m == METRIC_ACCURACY else "lower"
+            lines.append(f"### {m}: difference to {VARIANTS[base][0]}, same seed ({better} is better; mean ± std over seeds)\n")
+            lines.append("| variant | " + " | ".join(f"step {s}" for s in steps) + " |")
+            lines.append("|---|" + "---:|" * len(steps))
+            for v, rows in table.items():
+                if v == base:
+                    continue
+                cells = []
+                for st in steps:
+                    if st not in rows:
+                        cells.append("–")
+                        continue
+                    d = [rows[st][m]["per_seed"][sd] - table[base][st][m]["per_seed"][sd] for sd in seeds]
+                    mu, sd_ = mean_std(d)
+                    cells.append(f"{fmt.format(mu)} ± {abs(sd_):.3g}")
+                lines.append(f"| {VARIANTS[v][0]} | " + " | ".join(cells) + " |")
+            lines.append("")
+    return lines
 
 
 def plot(path: Path, table: dict[str, Any], ceiling: dict[str, float]) -> None:
@@ -157,6 +191,7 @@ def main() -> None:
     ap.add_argument("--jobs", type=int, default=2, help="runs side by side (one per free CPU core)")
     ap.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset of " + ", ".join(VARIANTS))
     ap.add_argument("--tiny", action="store_true", help="the demo's --quick data sizes (tests)")
+    ap.add_argument("--report-only", action="store_true", help="rebuild the table, plot and summary from the runs' eval logs; train nothing")
     args = ap.parse_args()
 
     variants = [v for v in args.variants.split(",") if v]
@@ -175,41 +210,49 @@ def main() -> None:
     t_start = time.perf_counter()
     print("SFD Δt study — stand-ins: " + "; ".join(STANDINS.values()))
 
-    # Shared inputs, built once (the demo's data, judge, semantic ViT and cache).
-    sizes = replace(QUICK if args.tiny else Sizes(), ceiling=max(args.samples // 6, 1))
-    inputs = prepare(out, sizes, log, env, timings)
-    cache, judge, ref = inputs["cache"], inputs["judge"], inputs["heldout"]
     ceiling_file = out / "ceiling.json"
-    run("ceiling", [py, "pipeline/demo_models.py", "score", "--judge", str(judge), "--ref", str(ref),
-                    str(inputs["ceiling"]), "--out", str(ceiling_file)], log, env)
-    ceiling = next(iter(json.loads(ceiling_file.read_text()).values()))
+    previous = json.loads((out / "summary.json").read_text()) if (out / "summary.json").is_file() else {}
+    if args.report_only:
+        if not ceiling_file.is_file():
+            print(f"error: {out} holds no study (no ceiling.json); run it without --report-only first", file=sys.stderr)
+            raise SystemExit(2)
+        ceiling = next(iter(json.loads(ceiling_file.read_text()).values()))
+        timings = previous.get("stage_seconds", {})
+    else:
+        # Shared inputs, built once (the demo's data, judge, semantic ViT and cache).
+        sizes = replace(QUICK if args.tiny else Sizes(), ceiling=max(args.samples // 6, 1))
+        inputs = prepare(out, sizes, log, env, timings)
+        cache, judge, ref = inputs["cache"], inputs["judge"], inputs["heldout"]
+        run("ceiling", [py, "pipeline/demo_models.py", "score", "--judge", str(judge), "--ref", str(ref),
+                        str(inputs["ceiling"]), "--out", str(ceiling_file)], log, env)
+        ceiling = next(iter(json.loads(ceiling_file.read_text()).values()))
 
-    echo = args.jobs == 1
+        echo = args.jobs == 1
 
-    def one(job: tuple[str, int]) -> dict[str, float]:
-        name, seed = job
-        label, overrides = VARIANTS[name]
-        run_dir = out / name / f"seed{seed}"
-        run_log = out / f"{name}-seed{seed}.log"
-        t0 = time.perf_counter()
-        # One process per run: the study compares variants, not launchers (the demo covers torchrun).
-        run(f"train {name} seed {seed}", [
-            py, "train/main.py", "--preset", "tiny", "--cache", str(cache), "--out-dir", str(run_dir),
-            *[a for o in (*TINY_MODEL, *overrides) for a in ("-o", o)],
-            "-o", f"seed={seed}", "-o", f"max_steps={args.steps}", "-o", f"ckpt_every={every}",
-            "-o", f"keep_last={args.evals + 1}", "-o", f"log_every={max(args.steps // 40, 1)}", "-o", "sample_every=0",
-        ], run_log, env, echo)
-        t1 = time.perf_counter()
-        run(f"evaluate {name} seed {seed}", [
-            py, "pipeline/demo_models.py", "evaluate", "--run", str(run_dir), "--cache", str(cache),
-            "--judge", str(judge), "--ref", str(ref), "--samples", str(args.samples), "--every", str(every),
-        ], run_log, env, echo)
-        return {f"train {name} seed {seed}": t1 - t0, f"evaluate {name} seed {seed}": time.perf_counter() - t1}
+        def one(job: tuple[str, int]) -> dict[str, float]:
+            name, seed = job
+            label, overrides = VARIANTS[name]
+            run_dir = out / name / f"seed{seed}"
+            run_log = out / f"{name}-seed{seed}.log"
+            t0 = time.perf_counter()
+            # One process per run: the study compares variants, not launchers (the demo covers torchrun).
+            run(f"train {name} seed {seed}", [
+                py, "train/main.py", "--preset", "tiny", "--cache", str(cache), "--out-dir", str(run_dir),
+                *[a for o in (*TINY_MODEL, *overrides) for a in ("-o", o)],
+                "-o", f"seed={seed}", "-o", f"max_steps={args.steps}", "-o", f"ckpt_every={every}",
+                "-o", f"keep_last={args.evals + 1}", "-o", f"log_every={max(args.steps // 40, 1)}", "-o", "sample_every=0",
+            ], run_log, env, echo)
+            t1 = time.perf_counter()
+            run(f"evaluate {name} seed {seed}", [
+                py, "pipeline/demo_models.py", "evaluate", "--run", str(run_dir), "--cache", str(cache),
+                "--judge", str(judge), "--ref", str(ref), "--samples", str(args.samples), "--every", str(every),
+            ], run_log, env, echo)
+            return {f"train {name} seed {seed}": t1 - t0, f"evaluate {name} seed {seed}": time.perf_counter() - t1}
 
-    jobs = [(v, s) for s in seeds for v in variants]  # seed-major: an interrupted study has whole seeds
-    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
-        for t in pool.map(one, jobs):
-            timings.update(t)
+        jobs = [(v, s) for s in seeds for v in variants]  # seed-major: an interrupted study has whole seeds
+        with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+            for t in pool.map(one, jobs):
+                timings.update(t)
 
     table = build_table(out, variants, seeds)
     plot(out / "study.png", table, ceiling)
@@ -220,14 +263,16 @@ def main() -> None:
         "seeds": seeds, "variants": {v: VARIANTS[v][0] for v in variants}, "sampling": "heun 16 steps, no guidance",
         "ceiling_real_heldout": {m: ceiling[m] for m in METRICS}, "table": table,
         "plot": str(out / "study.png"), "table_md": str(out / "study_table.md"),
-        "wall_seconds": round(total, 1), "stage_seconds": {k: round(s, 1) for k, s in timings.items()},
+        "wall_seconds": previous.get("wall_seconds") if args.report_only else round(total, 1),
+        "stage_seconds": {k: round(s, 1) for k, s in timings.items()},
         "stand_ins": STANDINS,
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     print("\n" + "=" * 78)
     print(md)
     print(f"plot {out / 'study.png'}; table {out / 'study_table.md'}; summary {out / 'summary.json'}")
-    print(f"study finished in {total / 60:.1f} min wall")
+    if not args.report_only:
+        print(f"study finished in {total / 60:.1f} min wall")
     print("=" * 78)
 
 

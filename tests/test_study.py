@@ -39,7 +39,14 @@ def test_study_tiny_budget_produces_its_table(tmp_path: Path) -> None:
         assert metric in summary["ceiling_real_heldout"]
     md = (out / "study_table.md").read_text()
     assert "± " in md and "no semantic channels" in md and "Per seed" in md
+    assert "difference to no semantic channels, same seed" in md  # the paired comparison
     assert (out / "study.png").stat().st_size > 0
     # The seeds differ: the runs are not one run copied.
     lines = [json.loads(x) for s in (0, 1) for x in (out / "dt0.3" / f"seed{s}" / "eval.jsonl").read_text().splitlines()]
     assert len(lines) == 2 and lines[0]["FD_judge"] != lines[1]["FD_judge"]
+
+    # --report-only rebuilds the same table from the eval logs without training anything.
+    (out / "study_table.md").unlink()
+    again = subprocess.run([*cmd, "--report-only"], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert (out / "study_table.md").read_text() == md and "== train" not in again.stdout
