@@ -57,10 +57,17 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
     "dt0.3": ("Δt=0.3 (paper default)", _dt(0.3)),
     "dt0.5": ("Δt=0.5", _dt(0.5)),
     "dt1.0": ("Δt=1.0 (sequential)", _dt(1.0)),
+    # Optional (issue 15 item 6): the smooth "power" member of the schedule family, its largest
+    # lead 0.3, against the fixed offset Δt = 0.3 (sfd/diffusion.py schedule_times).
+    "power0.3": ("power schedule, lead ≤ 0.3 (ours)", [*_dt(0.3), "schedule=power"]),
     "no-semantic": ("no semantic channels", [
         "use_semantic=false", "model.in_channels=48", "model.semantic_chans=0", "delta_t=0", "model.semfirst_delta_t=0",
     ]),
 }
+
+
+# The issue's design: the Δt grid and the no-semantic baseline (add power0.3 with --variants).
+DEFAULT_VARIANTS = [v for v in VARIANTS if not v.startswith("power")]
 
 
 def mean_std(xs: list[float]) -> tuple[float, float]:
@@ -128,7 +135,8 @@ def paired_lines(table: dict[str, Any], seeds: list[int]) -> list[str]:
     yardstick for "real or noise" (a mean difference within about one std is noise with 3 seeds).
     """
     lines: list[str] = []
-    for base in ("dt0", "no-semantic"):
+    bases = ["dt0", "no-semantic"] + (["dt0.3"] if any(v.startswith("power") for v in table) else [])
+    for base in bases:
         if base not in table or len(table) < 2 or len(seeds) < 2:
             continue
         steps = sorted(table[base])
@@ -138,7 +146,7 @@ def paired_lines(table: dict[str, Any], seeds: list[int]) -> list[str]:
             lines.append("| variant | " + " | ".join(f"step {s}" for s in steps) + " |")
             lines.append("|---|" + "---:|" * len(steps))
             for v, rows in table.items():
-                if v == base:
+                if v == base or (base == "dt0.3" and not v.startswith("power")):
                     continue
                 cells = []
                 for st in steps:
@@ -189,7 +197,7 @@ def main() -> None:
     ap.add_argument("--samples", type=int, default=120, help="unguided class-balanced samples per checkpoint")
     ap.add_argument("--seeds", type=int, default=3, help="training seeds per variant (0..N-1)")
     ap.add_argument("--jobs", type=int, default=2, help="runs side by side (one per free CPU core)")
-    ap.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset of " + ", ".join(VARIANTS))
+    ap.add_argument("--variants", default=",".join(DEFAULT_VARIANTS), help="comma-separated subset of " + ", ".join(VARIANTS))
     ap.add_argument("--tiny", action="store_true", help="the demo's --quick data sizes (tests)")
     ap.add_argument("--report-only", action="store_true", help="rebuild the table, plot and summary from the runs' eval logs; train nothing")
     args = ap.parse_args()

@@ -216,6 +216,10 @@ class ModelConfig:
     repa_target_dim: int = 768  # DINOv2-B feature width (ours; the authors derive it from the name)
     semantic_chans: int = 16  # last channels of the composite latent; 0 = plain LightningDiT
     semfirst_delta_t: float = 0.3  # Δt the checkpoint was trained with (sampling default)
+    # Ours: the map from the global clock to (t_tex, t_sem). "offset" = the paper's constant lead
+    # Δt; "power" = a smooth monotone pair whose largest lead is Δt (sfd/diffusion.py). Stored with
+    # the weights like Δt, so every sampler follows the schedule the model was trained with.
+    semfirst_schedule: str = "offset"
     # Our extension: how time enters the network. "dual" = two half-width embedders
     # concat[emb_sem(t_sem), emb_tex(t_tex)] (every SFD checkpoint); "single" = the authors'
     # single-timestep LightningDiT layout (`t_embedder.*`), which they silently use for Δt = 0.
@@ -226,6 +230,10 @@ class ModelConfig:
             raise ConfigError(
                 f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}"
             )
+        if self.semfirst_schedule not in ("offset", "power"):
+            raise ConfigError(f"semfirst_schedule must be 'offset' or 'power', got {self.semfirst_schedule!r}")
+        if self.semfirst_schedule == "power" and not 0 <= self.semfirst_delta_t < 1:
+            raise ConfigError(f"the power schedule needs semfirst_delta_t in [0, 1), got {self.semfirst_delta_t}")
         if self.timestep_embedding not in ("dual", "single"):
             raise ConfigError(f"timestep_embedding must be 'dual' or 'single', got {self.timestep_embedding!r}")
         if self.timestep_embedding == "dual" and self.hidden_size % 2:
@@ -595,7 +603,7 @@ class TrainConfig:
             raise ConfigError(f"data_mode must be pagecache or memory, got {self.data_mode!r}")
 
     # Short names accepted by `override` (and so by `-o`): the one stored Δt is the model's.
-    ALIASES: ClassVar[dict[str, str]] = {"delta_t": "model.semfirst_delta_t"}
+    ALIASES: ClassVar[dict[str, str]] = {"delta_t": "model.semfirst_delta_t", "schedule": "model.semfirst_schedule"}
 
     @property
     def delta_t(self) -> float:

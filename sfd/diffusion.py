@@ -23,6 +23,7 @@ Sections: clock · training (time split, noising, losses).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal
@@ -33,6 +34,9 @@ from torch import Tensor
 
 __all__ = [
     "AsyncClock",
+    "SCHEDULES",
+    "power_gamma",
+    "schedule_times",
     "Phase",
     "per_channel",
     "sample_training_times",
@@ -61,10 +65,42 @@ class Phase:
     semantic_moves: bool
 
 
+SCHEDULES = ("offset", "power")
+
+
+def power_gamma(delta_t: float) -> float:
+    """γ of the ``power`` schedule whose largest lead t_sem − t_tex (at τ = ½) equals ``delta_t``."""
+    if not 0.0 <= delta_t < 1.0:
+        raise ValueError(f"the power schedule needs delta_t in [0, 1), got {delta_t}")
+    return 1.0 - math.log2(1.0 - delta_t)  # 1 − 2·(½)^γ = Δt
+
+
+def schedule_times(schedule: str, delta_t: float, tau: Tensor) -> tuple[Tensor, Tensor]:
+    """(t_tex, t_sem) at global clock ``tau`` under ``schedule`` (docs/method.md §4.2, §7.1).
+
+    ``offset`` (the paper): t_sem = min(τ, 1), t_tex = max(τ − Δt, 0), τ ∈ [0, 1 + Δt].
+    ``power`` (ours, smooth): t_tex = τ^γ, t_sem = 1 − (1 − τ)^γ, τ ∈ [0, 1], with γ from
+    :func:`power_gamma` so that the largest lead is Δt. Both maps are monotone, t_sem ≥ t_tex,
+    and Δt = 0 gives t_tex = t_sem = τ in both.
+    """
+    if schedule == "offset":
+        return (tau - delta_t).clamp(min=0.0), tau.clamp(max=1.0)
+    if schedule == "power":
+        g = power_gamma(delta_t)
+        tau = tau.clamp(0.0, 1.0)
+        if g == 1.0:  # Δt = 0: exactly the synchronous clock (1 − (1 − τ) is not τ in floats)
+            return tau, tau
+        return tau.pow(g), 1.0 - (1.0 - tau).pow(g)
+    raise ValueError(f"unknown schedule {schedule!r}; known: {SCHEDULES}")
+
+
 @dataclass(frozen=True)
 class AsyncClock:
-    """The asynchronous schedule: the semantic part leads the texture part by ``delta_t``.
+    """The asynchronous schedule: the semantic part leads the texture part.
 
+    ``schedule="offset"`` is the paper's: a constant lead ``delta_t``. ``"power"`` is a smooth
+    member of the family of monotone maps τ ↦ (t_tex, t_sem) whose largest lead is ``delta_t``
+    (:func:`schedule_times`); each part then moves with its own rate dt/dτ (:meth:`rates`).
     ``semantic_chans`` counts the last channels of the composite latent. Δt > 0 needs semantic
     channels (the authors assert the same, docs/method.md §4.2); Δt ∈ [0, 1], where Δt = 1 is fully
     sequential generation (§4.3) and has an empty stage II.
@@ -72,6 +108,7 @@ class AsyncClock:
 
     delta_t: float = 0.3
     semantic_chans: int = 16
+    schedule: str = "offset"
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.delta_t <= 1.0:
@@ -80,18 +117,32 @@ class AsyncClock:
             raise ValueError(f"semantic_chans must be >= 0, got {self.semantic_chans}")
         if self.delta_t > 0 and self.semantic_chans == 0:
             raise ValueError("delta_t > 0 needs semantic channels (semantic_chans > 0)")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"unknown schedule {self.schedule!r}; known: {SCHEDULES}")
+        if self.schedule == "power":
+            power_gamma(self.delta_t)  # raises for Δt = 1
 
     @property
     def tau_end(self) -> float:
-        return 1.0 + self.delta_t
+        return 1.0 + self.delta_t if self.schedule == "offset" else 1.0
 
     def times(self, tau: Tensor) -> tuple[Tensor, Tensor]:
         """(t_tex, t_sem) at clock value ``tau`` (§4.2 step 3, §7.1); texture first."""
-        return (tau - self.delta_t).clamp(min=0.0), tau.clamp(max=1.0)
+        return schedule_times(self.schedule, self.delta_t, tau)
+
+    def rates(self, tau: Tensor) -> tuple[Tensor, Tensor] | None:
+        """(dt_tex/dτ, dt_sem/dτ), or None where every moving part has rate 1 (the offset
+        schedule: its phases say which parts move, and a moving part moves with the clock)."""
+        if self.schedule == "offset":
+            return None
+        g = power_gamma(self.delta_t)
+        tau = tau.clamp(0.0, 1.0)
+        return g * tau.pow(g - 1.0), g * (1.0 - tau).pow(g - 1.0)
 
     def phases(self) -> list[Phase]:
-        """The non-empty phases I, II, III in order (a single phase [0, 1] when Δt = 0)."""
-        if self.delta_t == 0:
+        """The non-empty phases I, II, III in order (a single phase [0, 1] when Δt = 0 or the
+        schedule is smooth: both parts move all the way, at their own rates)."""
+        if self.delta_t == 0 or self.schedule != "offset":
             return [Phase(0.0, 1.0, True, True)]
         dt = self.delta_t
         phases = [
@@ -127,11 +178,13 @@ def sample_training_times(
     device: torch.device | str | None = None,
     mean: float = 0.0,
     std: float = 1.0,
+    schedule: str = "offset",
 ) -> tuple[Tensor, Tensor]:
     """Draw (t_tex, t_sem), each (B,) float32, from one logit-normal draw (docs/method.md §4.2).
 
     u = σ(n), n ~ N(mean, std²); τ = u·(1+Δt); t_sem = min(τ, 1), t_tex = max(τ − Δt, 0), so
-    t_sem ≥ t_tex always. Δt = 0 gives t_tex = t_sem = u. The draw comes from ``generator``
+    t_sem ≥ t_tex always. Δt = 0 gives t_tex = t_sem = u. Another ``schedule`` maps u over its
+    own clock length instead (:func:`schedule_times`; ``power``: τ = u). The draw comes from ``generator``
     (torch RNG; the authors used unseeded scipy, §12.3 item 9) on the generator's device, so a
     seed gives the same times on any ``device``.
     """
@@ -140,6 +193,9 @@ def sample_training_times(
     rng_device = generator.device if generator is not None else device
     n = torch.randn(batch_size, generator=generator, device=rng_device)
     u = torch.sigmoid(n * std + mean)
+    if schedule != "offset":
+        t_tex, t_sem = schedule_times(schedule, delta_t, u)
+        return t_tex.to(device), t_sem.to(device)
     tau = u * (1.0 + delta_t)
     return (tau - delta_t).clamp(min=0.0).to(device), tau.clamp(max=1.0).to(device)
 

@@ -96,6 +96,9 @@ class _Drift:
         t_tex, t_sem = self.clock.times(tau)
         v = self.fn(x, t_tex, t_sem, self.y).to(x.dtype)
         self.nfe += 1
+        rates = self.clock.rates(tau)
+        if rates is not None:  # a smooth schedule: every part moves at its own dt/dτ
+            return v * per_channel(*rates, x.shape[1], self.clock.semantic_chans, x.ndim).to(v.dtype)
         if phase is None:
             if self.clock.delta_t == 0:
                 return v
@@ -594,7 +597,7 @@ def clock_for(cfg: ModelConfig, sampling: SamplingConfig) -> AsyncClock:
     delta_t = cfg.semfirst_delta_t if sampling.delta_t is None else sampling.delta_t
     if cfg.semantic_chans == 0:
         delta_t = 0.0 if sampling.delta_t is None else delta_t
-    return AsyncClock(delta_t=delta_t, semantic_chans=cfg.semantic_chans)
+    return AsyncClock(delta_t=delta_t, semantic_chans=cfg.semantic_chans, schedule=cfg.semfirst_schedule)
 
 
 @torch.no_grad()

@@ -72,7 +72,7 @@ def check_run_config(cfg: TrainConfig) -> None:
     m = cfg.model
     problems = []
     try:
-        AsyncClock(cfg.delta_t, m.semantic_chans)
+        AsyncClock(cfg.delta_t, m.semantic_chans, m.semfirst_schedule)
     except ValueError as e:
         problems.append(str(e))
     if not cfg.use_semantic and (m.semantic_chans != 0 or cfg.delta_t != 0):

@@ -448,7 +448,8 @@ class TrainStep:
         gen = torch.Generator(device=device).manual_seed(runtime.derive_seed("train", cfg.seed, step))
         B = cfg.global_batch
         t_tex, t_sem = sample_training_times(
-            B, cfg.delta_t, generator=gen, device=device, mean=cfg.time_mean, std=cfg.time_std
+            B, cfg.delta_t, generator=gen, device=device, mean=cfg.time_mean, std=cfg.time_std,
+            schedule=m.semfirst_schedule,
         )
         x0 = torch.randn((B, m.in_channels, m.input_size, m.input_size), generator=gen, device=device)
         # Label dropout decided here, not inside the model, so it is seeded and rank-independent.
