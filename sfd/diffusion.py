@@ -12,6 +12,9 @@ Conventions (docs/architecture.md, Conventions; docs/method.md §4.1):
   three phases: I (τ < Δt) only the semantic channels move, II both, III (τ > 1) only texture.
   Δt = 0 is the synchronous baseline on the same composite latent; semantic_chans = 0 (with
   Δt = 0) is plain flow matching, i.e. LightningDiT(+REPA).
+  That is the ``offset`` schedule; ``power`` (ours) is a smooth member of the same family of
+  monotone maps τ ↦ (t_tex, t_sem), each part moving at its own rate (:class:`AsyncClock`,
+  docs/decisions.md).
 - Velocity functions have one signature, ``fn(x, t_tex, t_sem, y) -> v`` with x (B, C, H, W),
   t_tex and t_sem (B,) and y (B,) int64 labels (the null class is ``num_classes``).
 
