@@ -172,10 +172,9 @@ def prepare(out: Path, sizes: Sizes, log: Path, env: dict[str, str], timings: di
         done = dict(zip(jobs, pool.map(lambda kv: run(kv[0], kv[1], log, env, echo=False), jobs.items())))
     timings.update(done)
     timings["judge + semantic ViT (side by side)"] = time.perf_counter() - t0
-    for name, f in (("judge", judge_file), ("semantic ViT", vit_file)):
-        rec = json.loads(f.with_suffix(".json").read_text())
-        key = "heldout_accuracy" if name == "judge" else "linear_probe_heldout_accuracy"
-        print(f"   {name}: held-out {'accuracy' if name == 'judge' else 'linear probe'} {rec[key]:.1%} ({f})")
+    for name, f, key, what in (("judge", judge_file, "heldout_accuracy", "accuracy"),
+                               ("semantic ViT", vit_file, "linear_probe_heldout_accuracy", "linear probe")):
+        print(f"   {name}: held-out {what} {json.loads(f.with_suffix('.json').read_text())[key]:.1%} ({f})")
 
     # 3. Encode with the real Ray job; the ViT goes in through --dino like DINOv2.
     cache = out / "cache"

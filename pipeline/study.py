@@ -135,9 +135,11 @@ def paired_lines(table: dict[str, Any], seeds: list[int]) -> list[str]:
     yardstick for "real or noise" (a mean difference within about one std is noise with 3 seeds).
     """
     lines: list[str] = []
-    bases = ["dt0", "no-semantic"] + (["dt0.3"] if any(v.startswith("power") for v in table) else [])
-    for base in bases:
-        if base not in table or len(table) < 2 or len(seeds) < 2:
+    # Each baseline and the variants compared with it: every variant against the synchronous and the
+    # no-semantic run; the smooth schedules also against the offset of the same Δt.
+    comparisons = {"dt0": lambda v: True, "no-semantic": lambda v: True, "dt0.3": lambda v: v.startswith("power")}
+    for base, compared in comparisons.items():
+        if base not in table or len(seeds) < 2 or not any(compared(v) for v in table if v != base):
             continue
         steps = sorted(table[base])
         for m, fmt in ((METRIC_ACCURACY, "{:+.3f}"), (METRIC_FD, "{:+.2f}")):
@@ -146,7 +148,7 @@ def paired_lines(table: dict[str, Any], seeds: list[int]) -> list[str]:
             lines.append("| variant | " + " | ".join(f"step {s}" for s in steps) + " |")
             lines.append("|---|" + "---:|" * len(steps))
             for v, rows in table.items():
-                if v == base or (base == "dt0.3" and not v.startswith("power")):
+                if v == base or not compared(v):
                     continue
                 cells = []
                 for st in steps:
@@ -189,6 +191,50 @@ def plot(path: Path, table: dict[str, Any], ceiling: dict[str, float]) -> None:
     plt.close(fig)
 
 
+def run_variants(args: argparse.Namespace, out: Path, variants: list[str], seeds: list[int], log: Path,
+                 env: dict[str, str], timings: dict[str, float]) -> dict[str, float]:
+    """Build the shared inputs, train and evaluate every (variant, seed); returns the real-image ceiling."""
+    py = sys.executable
+    every = max(args.steps // args.evals, 1)
+    ceiling_file = out / "ceiling.json"
+    # Shared inputs, built once (the demo's data, judge, semantic ViT and cache).
+    sizes = replace(QUICK if args.tiny else Sizes(), ceiling=max(args.samples // 6, 1))
+    inputs = prepare(out, sizes, log, env, timings)
+    cache, judge, ref = inputs["cache"], inputs["judge"], inputs["heldout"]
+    run("ceiling", [py, "pipeline/demo_models.py", "score", "--judge", str(judge), "--ref", str(ref),
+                    str(inputs["ceiling"]), "--out", str(ceiling_file)], log, env)
+    ceiling = next(iter(json.loads(ceiling_file.read_text()).values()))
+
+    echo = args.jobs == 1
+
+    def one(job: tuple[str, int]) -> dict[str, float]:
+        name, seed = job
+        label, overrides = VARIANTS[name]
+        run_dir = out / name / f"seed{seed}"
+        run_log = out / f"{name}-seed{seed}.log"
+        t0 = time.perf_counter()
+        # One process per run: the study compares variants, not launchers (the demo covers torchrun).
+        run(f"train {name} seed {seed}", [
+            py, "train/main.py", "--preset", "tiny", "--cache", str(cache), "--out-dir", str(run_dir),
+            *[a for o in (*TINY_MODEL, *overrides) for a in ("-o", o)],
+            "-o", f"seed={seed}", "-o", f"max_steps={args.steps}", "-o", f"ckpt_every={every}",
+            "-o", f"keep_last={args.evals + 1}", "-o", f"log_every={max(args.steps // 40, 1)}", "-o", "sample_every=0",
+        ], run_log, env, echo)
+        t1 = time.perf_counter()
+        run(f"evaluate {name} seed {seed}", [
+            py, "pipeline/demo_models.py", "evaluate", "--run", str(run_dir), "--cache", str(cache),
+            "--judge", str(judge), "--ref", str(ref), "--samples", str(args.samples), "--every", str(every),
+        ], run_log, env, echo)
+        return {f"train {name} seed {seed}": t1 - t0, f"evaluate {name} seed {seed}": time.perf_counter() - t1}
+
+    jobs = [(v, s) for s in seeds for v in variants]  # seed-major: an interrupted study has whole seeds
+    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+        for t in pool.map(one, jobs):
+            timings.update(t)
+
+    return ceiling
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=Path("runs/study"), help="study folder (everything goes here)")
@@ -212,55 +258,21 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     log = out / "study.log"
     env = demo_env()
-    py = sys.executable
-    every = max(args.steps // args.evals, 1)
     timings: dict[str, float] = {}
     t_start = time.perf_counter()
     print("SFD Δt study — stand-ins: " + "; ".join(STANDINS.values()))
 
-    ceiling_file = out / "ceiling.json"
-    previous = json.loads((out / "summary.json").read_text()) if (out / "summary.json").is_file() else {}
+    previous: dict[str, Any] = {}
     if args.report_only:
+        ceiling_file, summary_file = out / "ceiling.json", out / "summary.json"
         if not ceiling_file.is_file():
             print(f"error: {out} holds no study (no ceiling.json); run it without --report-only first", file=sys.stderr)
             raise SystemExit(2)
         ceiling = next(iter(json.loads(ceiling_file.read_text()).values()))
+        previous = json.loads(summary_file.read_text()) if summary_file.is_file() else {}
         timings = previous.get("stage_seconds", {})
     else:
-        # Shared inputs, built once (the demo's data, judge, semantic ViT and cache).
-        sizes = replace(QUICK if args.tiny else Sizes(), ceiling=max(args.samples // 6, 1))
-        inputs = prepare(out, sizes, log, env, timings)
-        cache, judge, ref = inputs["cache"], inputs["judge"], inputs["heldout"]
-        run("ceiling", [py, "pipeline/demo_models.py", "score", "--judge", str(judge), "--ref", str(ref),
-                        str(inputs["ceiling"]), "--out", str(ceiling_file)], log, env)
-        ceiling = next(iter(json.loads(ceiling_file.read_text()).values()))
-
-        echo = args.jobs == 1
-
-        def one(job: tuple[str, int]) -> dict[str, float]:
-            name, seed = job
-            label, overrides = VARIANTS[name]
-            run_dir = out / name / f"seed{seed}"
-            run_log = out / f"{name}-seed{seed}.log"
-            t0 = time.perf_counter()
-            # One process per run: the study compares variants, not launchers (the demo covers torchrun).
-            run(f"train {name} seed {seed}", [
-                py, "train/main.py", "--preset", "tiny", "--cache", str(cache), "--out-dir", str(run_dir),
-                *[a for o in (*TINY_MODEL, *overrides) for a in ("-o", o)],
-                "-o", f"seed={seed}", "-o", f"max_steps={args.steps}", "-o", f"ckpt_every={every}",
-                "-o", f"keep_last={args.evals + 1}", "-o", f"log_every={max(args.steps // 40, 1)}", "-o", "sample_every=0",
-            ], run_log, env, echo)
-            t1 = time.perf_counter()
-            run(f"evaluate {name} seed {seed}", [
-                py, "pipeline/demo_models.py", "evaluate", "--run", str(run_dir), "--cache", str(cache),
-                "--judge", str(judge), "--ref", str(ref), "--samples", str(args.samples), "--every", str(every),
-            ], run_log, env, echo)
-            return {f"train {name} seed {seed}": t1 - t0, f"evaluate {name} seed {seed}": time.perf_counter() - t1}
-
-        jobs = [(v, s) for s in seeds for v in variants]  # seed-major: an interrupted study has whole seeds
-        with ThreadPoolExecutor(max_workers=args.jobs) as pool:
-            for t in pool.map(one, jobs):
-                timings.update(t)
+        ceiling = run_variants(args, out, variants, seeds, log, env, timings)
 
     table = build_table(out, variants, seeds)
     plot(out / "study.png", table, ceiling)

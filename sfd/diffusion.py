@@ -196,11 +196,9 @@ def sample_training_times(
     rng_device = generator.device if generator is not None else device
     n = torch.randn(batch_size, generator=generator, device=rng_device)
     u = torch.sigmoid(n * std + mean)
-    if schedule != "offset":
-        t_tex, t_sem = schedule_times(schedule, delta_t, u)
-        return t_tex.to(device), t_sem.to(device)
-    tau = u * (1.0 + delta_t)
-    return (tau - delta_t).clamp(min=0.0).to(device), tau.clamp(max=1.0).to(device)
+    tau = u * (1.0 + delta_t) if schedule == "offset" else u  # over the clock's length
+    t_tex, t_sem = schedule_times(schedule, delta_t, tau)
+    return t_tex.to(device), t_sem.to(device)
 
 
 def noise_composite(
