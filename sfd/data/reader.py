@@ -62,6 +62,7 @@ fewer than ``world_size`` rows, differs every epoch), and ranks never share a ro
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import mmap
 import os
@@ -516,7 +517,9 @@ class LatentCacheReader:
         t0 = time.perf_counter()
         files = [(p, c) for p, src in self._items.items() if p not in self._ram for c in range(self.cache.layout.num_chunks)]
         mine = list(range(self.rank, len(files), self.world_size))
-        sizes = [self.cache.chunk_file(p, c * self._rpc).stat().st_size for p, c in files]
+        # The raw layouts know their file names; asking zarr costs more than the stat itself.
+        where = {p: src._file if src.raw else (lambda c, p=p: self.cache.chunk_file(p, c * self._rpc)) for p, src in self._items.items()}
+        sizes = [os.stat(where[p](c)).st_size for p, c in files]
         total, own = sum(sizes), sum(sizes[i] for i in mine)
         flags = torch.zeros(len(files))
         bar = tqdm(total=own, unit="B", unit_scale=True, desc="verify cache", disable=not progress, mininterval=1.0)
@@ -530,10 +533,11 @@ class LatentCacheReader:
             done += sizes[i]
             bar.update(sizes[i])
             seconds = time.perf_counter() - t0
-            if progress and own and not announced and (done >= 0.02 * own or seconds > 5):
+            if progress and own and not announced and (done >= 0.05 * own or seconds > 5):
                 rate = done / max(seconds, 1e-9)
-                bar.write(f"verify: {total / 1e9:.2f} GB in {len(files)} files over {self.world_size} rank(s); "
-                          f"{rate / 1e9:.2f} GB/s measured here: about {own / rate:.0f} s")
+                size = functools.partial(tqdm.format_sizeof, suffix="B", divisor=1000)
+                bar.write(f"verify: {size(total)} in {len(files)} files over {self.world_size} rank(s); "
+                          f"{size(rate)}/s measured here: about {own / rate:.0f} s")
                 announced = True
         bar.close()
         damaged = np.flatnonzero(reduce(flags).numpy() > 0)
