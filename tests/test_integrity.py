@@ -648,3 +648,21 @@ def test_flipped_byte_stops_the_trainer_before_step_one(tmp_path: Path) -> None:
     lazy = tmp_path / "lazy"
     _one_error_naming(_trainer_cli(cache, lazy, "max_steps=8", "ckpt_every=1", "verify=lazy"), rel)
     assert _steps(lazy) == list(range(1, first_step[victim] + 1))  # trained until the chunk was read
+
+
+def test_two_ranks_share_the_check_and_stop_together(train_cache: Path, tmp_path: Path) -> None:
+    """torchrun, 2 ranks: rank 1 checks texture chunk 1 (files are dealt round-robin), the
+    all-reduce tells rank 0, and both stop before step 1; rank 0 prints the one error line."""
+    cache = tmp_path / "c.zarr"
+    shutil.copytree(train_cache, cache)
+    _flip_byte(cache / "texture/c/1/0/0/0/0", at=100)
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(REPO / "train" / "main.py"), *TINY, "--cache", str(cache), "--out-dir", str(out), "-o", "max_steps=2"]
+    r = subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=300)
+    # torchrun reports each worker's exit status (and prints its own traceback for the failure).
+    assert r.returncode != 0 and r.stderr.count("exitcode  : 2") == 2, r.stderr
+    assert 'main.py", line' not in r.stderr, r.stderr  # no worker traceback
+    errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "texture/c/1/0/0/0/0 does not decode" in errors[0], r.stderr
+    assert not out.exists()
