@@ -581,6 +581,9 @@ class TrainConfig:
     tensorboard: bool = False  # also log to <out_dir>/tb (tensorboard --logdir runs) beside metrics.jsonl
     # Ours (the authors have none of these).
     data_mode: str = "pagecache"  # pagecache | memory: cache reader mode (sfd/data/reader.py)
+    # full: every cache file the run reads has its checksums checked before step 1 (all ranks
+    # share the reading); lazy: each file when first read (docs/reliability.md).
+    verify: str = "full"  # full | lazy
     max_nan_skips: int = 100  # stop after this many consecutive non-finite steps (each one is skipped)
     init_from: str = ""  # weights to start from (authors' .pt or ours); ignored when resuming
 

@@ -3,7 +3,8 @@
 - :class:`TextureStats` / :func:`load_texture_stats` — per-channel texture statistics from a
   checkpoint (stored with the weights), a latent cache or the authors' ``latents_stats.pt``;
 - :func:`latents_to_images` — drop the semantic channels, z = x·σ + μ, decode to uint8;
-- :func:`make_grid` — a labelled PNG grid.
+- :func:`make_grid` — a labelled PNG grid;
+- :func:`preview_grid` — a model's progress picture on fixed seeds (the trainer's periodic EMA grid).
 """
 
 from __future__ import annotations
@@ -13,17 +14,17 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 from torch import Tensor
 
-from sfd.checkpoint import WeightsError, load_tensors, read_checkpoint
+from sfd.checkpoint import Checkpoint, WeightsError, load_tensors, read_checkpoint
 from sfd.models.autoencoder import to_uint8
 
-__all__ = ["TextureStats", "load_texture_stats", "Decoder", "latents_to_images", "make_grid"]
+__all__ = ["TextureStats", "load_texture_stats", "texture_stats_of", "Decoder", "latents_to_images", "make_grid", "preview_grid"]
 
 
 @dataclass(frozen=True)
@@ -56,14 +57,7 @@ def load_texture_stats(path: str | os.PathLike[str]) -> TextureStats:
         stats = LatentCache.open(p).stats()
         mean, std = torch.as_tensor(stats["texture_mean"]), torch.as_tensor(stats["texture_std"])
     elif p.is_dir() or p.suffix == ".safetensors":
-        ckpt = read_checkpoint(p, weights=False)
-        stored = ckpt.latent_stats or {}
-        if "texture_mean" not in stored:
-            raise WeightsError(
-                f"'{ckpt.path}' stores no latent statistics (written before they were stored, or not "
-                "trained on a cache); pass them: --stats CACHE_DIR or the authors' latents_stats.pt"
-            )
-        mean, std = torch.tensor(stored["texture_mean"]), torch.tensor(stored["texture_std"])
+        return texture_stats_of(read_checkpoint(p, weights=False), source=p)
     else:
         raw = load_tensors(p)
         if not isinstance(raw, dict):
@@ -77,10 +71,25 @@ def load_texture_stats(path: str | os.PathLike[str]) -> TextureStats:
                 f"'{p}' has keys {sorted(raw)}; expected 'mean'/'std' (the authors' latents_stats.pt) "
                 "or 'texture_mean'/'texture_std'"
             )
+    return _checked(mean, std, p)
+
+
+def texture_stats_of(ckpt: Checkpoint, source: str | os.PathLike[str] | None = None) -> TextureStats:
+    """The texture statistics the trainer stored with a checkpoint already read (no second read)."""
+    stored = ckpt.latent_stats or {}
+    if "texture_mean" not in stored:
+        raise WeightsError(
+            f"'{ckpt.path}' stores no latent statistics (written before they were stored, or not "
+            "trained on a cache); pass them: --stats CACHE_DIR or the authors' latents_stats.pt"
+        )
+    return _checked(torch.tensor(stored["texture_mean"]), torch.tensor(stored["texture_std"]), source or ckpt.path)
+
+
+def _checked(mean: Tensor, std: Tensor, source: str | os.PathLike[str]) -> TextureStats:
     mean, std = mean.float().reshape(-1), std.float().reshape(-1)
     if mean.shape != std.shape or not bool((std > 0).all()):
-        raise WeightsError(f"'{p}': bad texture statistics (mean {tuple(mean.shape)}, std {tuple(std.shape)}, std > 0 required)")
-    return TextureStats(mean, std, str(p))
+        raise WeightsError(f"'{source}': bad texture statistics (mean {tuple(mean.shape)}, std {tuple(std.shape)}, std > 0 required)")
+    return TextureStats(mean, std, str(source))
 
 
 class Decoder(Protocol):
@@ -160,3 +169,29 @@ def make_grid(
                 text = text[:-1]
             draw.text((x, y + h), text, fill=(0, 0, 0), font=font)
     return grid
+
+
+@torch.no_grad()
+def preview_grid(
+    model: torch.nn.Module, num: int = 16, stats: TextureStats | None = None, decoder: Decoder | None = None,
+    path: str | os.PathLike[str] | None = None,
+) -> dict[str, Any]:
+    """Sample ``model`` on ``num`` fixed seeds (labels 0, 1, 2, ... cycling over its classes): the
+    latents' statistics, and with a decoder and ``path`` a PNG grid there (its path under ``png``)."""
+    from sfd.config import SamplingConfig
+    from sfd.samplers import generate_latents
+
+    m = model.cfg
+    labels = [i % m.num_classes for i in range(num)]
+    # Heun on the exact three-phase grid: 50 NFE, plenty for a progress picture.
+    latents, nfe = generate_latents(model, labels, range(num), SamplingConfig(method="heun", num_steps=25))
+    tex, sem = latents[:, : m.texture_chans], latents[:, m.texture_chans :]
+    record: dict[str, Any] = {"nfe": nfe, "texture_mean": tex.mean().item(), "texture_std": tex.std().item()}
+    if m.semantic_chans > 0:
+        record |= {"semantic_mean": sem.mean().item(), "semantic_std": sem.std().item()}
+    if decoder is not None and stats is not None and path is not None:
+        images = latents_to_images(latents, stats, decoder.to(latents.device), m.texture_chans)
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        make_grid(images, nrow=8, captions=[str(c) for c in labels]).save(path)
+        record["png"] = str(path)
+    return record

@@ -10,7 +10,9 @@ for each decision:
 - :func:`set_precision` — TF32 for matmuls and cuDNN convolutions (CUDA only; a no-op on CPU).
   :func:`autocast_dtype` / :func:`autocast` — the autocast policy (bf16 on GPUs when asked).
 - :func:`derive_seed` — every derived seed of the project (training steps, samples, the encode
-  job's posterior noise), each domain with its formula unchanged so outputs stay bit-identical.
+  job's posterior noise), each domain with its formula unchanged so outputs stay bit-identical;
+  :func:`rng_state` / :func:`set_rng_state` — the global generators, saved and restored on resume.
+- :class:`StopSignals` — SIGTERM/SIGINT set a flag so a long job finishes its step, saves, exits.
 """
 
 from __future__ import annotations
@@ -18,7 +20,10 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import signal
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -27,7 +32,7 @@ from torch import Tensor
 
 __all__ = [
     "Dist", "pick_device", "init_distributed", "shutdown", "set_precision", "autocast_dtype",
-    "autocast", "derive_seed",
+    "autocast", "derive_seed", "rng_state", "set_rng_state", "StopSignals",
 ]
 
 SEED_MASK = (1 << 63) - 1
@@ -146,3 +151,49 @@ def derive_seed(domain: str, *parts: int) -> int:
         return ((int(state[0]) << 32) | int(state[1])) & SEED_MASK
     digest = hashlib.blake2b(f"sfd-{domain}:{':'.join(map(str, ints))}".encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") & SEED_MASK
+
+
+def rng_state(device: torch.device) -> dict[str, Any]:
+    """The global generators (CPU, and ``device``'s on CUDA) as plain tensors, for a checkpoint."""
+    # The trainer's step draws are stateless (seeded by (seed, step)); the global generators are
+    # saved so any other use of them (an added dropout, say) also resumes exactly.
+    state: dict[str, Any] = {"cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def set_rng_state(state: dict[str, Any], device: torch.device) -> None:
+    torch.set_rng_state(state["cpu"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+# ---------------------------------------------------------------------------------------------
+# Stopping on request
+
+
+class StopSignals:
+    """SIGTERM/SIGINT set :attr:`received`: the job finishes its step, saves and exits.
+
+    A second signal of the same kind gets the previous handler (Ctrl-C twice aborts at once).
+    """
+
+    def __init__(self, say: Callable[[str], None]) -> None:
+        self.received: str | None = None
+        self.say = say
+        self.previous: dict[int, Any] = {}
+
+    def install(self) -> None:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self.previous[sig] = signal.signal(sig, self.handle)
+
+    def handle(self, signum: int, frame: Any) -> None:
+        self.received = signal.Signals(signum).name
+        signal.signal(signum, self.previous[signum])
+        self.say(f"{self.received}: finishing this step, saving a checkpoint, then exiting (again to abort)")
+
+    def restore(self) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+        self.previous.clear()

@@ -111,9 +111,9 @@ def test_model_with_kernels_matches_golden(golden_dir) -> None:
     """The whole LightningDiT with the fused path on reproduces the authors' golden velocity."""
     _runs_triton()
     from sfd.checkpoint import load_tensors
-    from sfd.models.lightningdit import load_lightningdit
+    from sfd.loading import load_model
 
-    model = load_lightningdit(golden_dir / "lightningdit-tiny-weights.safetensors").to(DEVICE)
+    model = load_model(golden_dir / "lightningdit-tiny-weights.safetensors")[0].to(DEVICE)
     io = {k: v.to(DEVICE) for k, v in load_tensors(golden_dir / "lightningdit-tiny-io.safetensors").items()}
     assert model.use_kernels(True) == len(model.blocks) + 1
     with torch.no_grad():
@@ -126,10 +126,10 @@ def test_model_with_kernels_matches_golden(golden_dir) -> None:
 def test_model_gradients_with_kernels_match_eager(golden_dir) -> None:
     """Training-mode forward + backward of the whole model: fused vs eager parameter gradients."""
     _runs_triton()
-    from sfd.models.lightningdit import load_lightningdit
+    from sfd.loading import load_model
 
     path = golden_dir / "lightningdit-tiny-weights.safetensors"
-    eager, fused = (load_lightningdit(path).to(DEVICE) for _ in range(2))
+    eager, fused = (load_model(path)[0].to(DEVICE).requires_grad_() for _ in range(2))  # trained here
     fused.use_kernels(True)
     g = torch.Generator().manual_seed(0)
     cfg = eager.cfg

@@ -153,7 +153,7 @@ def test_delta_t_is_stored_once_and_reachable_by_its_alias():
 
 
 def test_lr_decay_is_off_by_default_and_linear_to_zero_when_on():
-    from sfd.training import lr_at
+    from train.main import lr_at
 
     flat = TrainConfig(lr=1e-3, max_steps=100)
     assert [lr_at(flat, s) for s in (0, 50, 99)] == [1e-3] * 3  # the authors' constant lr

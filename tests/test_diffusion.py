@@ -519,10 +519,10 @@ def test_guided_sampling_runs_through_the_samplers():
 
 
 def test_cfg_matches_golden_lightningdit(golden_dir):
-    from sfd.models.lightningdit import load_lightningdit
+    from sfd.loading import load_model
 
     io = load_file(str(golden_dir / "lightningdit-tiny-io.safetensors"))
-    model = load_lightningdit(golden_dir / "lightningdit-tiny-weights.safetensors")
+    model = load_model(golden_dir / "lightningdit-tiny-weights.safetensors")[0]
     null, sem = model.cfg.num_classes, model.cfg.semantic_chans
     fn = model_velocity(model)
     x, t_tex, t_sem, y = io["cfg_x"], io["cfg_t_tex"], io["cfg_t_sem"], io["cfg_y"]

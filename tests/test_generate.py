@@ -24,7 +24,7 @@ from sfd.models.autoencoder import to_uint8
 from sfd.models.lightningdit import LightningDiT, save_lightningdit
 from sfd.pixels import TextureStats, latents_to_images, load_texture_stats, make_grid
 from sfd.samplers import clock_for, generate_latents
-from sfd.training import run_config_dict
+from train.main import run_config_dict
 
 SEM = 4
 

@@ -23,7 +23,7 @@ import pytest
 import torch
 from PIL import Image
 
-from sfd.checkpoint import WeightsError, load_tensors
+from sfd.checkpoint import WeightsError, list_checkpoints, load_tensors
 from sfd.data.cache import LAYOUT_KEY, CacheError, LatentCache, create_cache
 from sfd.data.reader import LatentCacheReader
 from sfd.manifest import CheckpointError, usable_checkpoints, verify_checkpoint
@@ -595,3 +595,74 @@ def test_step_one_grad_norm_is_large_but_trips_nothing(train_cache: Path, tmp_pa
         first = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
         assert first["step"] == 1 and first["skipped"] == 0
         assert 1e6 < first["grad_norm"] < 1e12, first
+
+
+# ---------------------------------------------------------------------------------------------
+# The trainer checks the cache's checksums before step 1 (verify=full, the default)
+
+
+def _trainer_cli(cache: Path, out: Path, *overrides: str) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, str(REPO / "train" / "main.py"), *TINY, "--cache", str(cache), "--out-dir", str(out),
+           *[a for o in overrides for a in ("-o", o)]]
+    return subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=300)
+
+
+def _one_error_naming(r: subprocess.CompletedProcess, rel: str) -> str:
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and rel in errors[0] and "does not decode (checksum mismatch)" in errors[0], r.stderr
+    assert "re-run the same encode command" in errors[0] and "just verify-cache" in errors[0], errors[0]
+    return errors[0]
+
+
+def test_flipped_byte_stops_the_trainer_before_step_one(tmp_path: Path) -> None:
+    """Default reader mode (pagecache): a bit flip in a texture chunk is found before step 1 —
+    on a fresh run and on a resume (bit rot happens between runs) — with nothing written; with
+    verify=lazy (the old behaviour) it is found only when the reader first reads that chunk."""
+    from sfd.data.reader import DEFAULT_WINDOW_CHUNKS, epoch_order
+
+    c = make_train_cache(tmp_path / "c.zarr", rows=256)  # 16 chunks: a batch of 8 touches at most 8
+    cache = c.path
+    # The chunk the run reads last for the first time: lazy mode trains some steps before it.
+    rpc, batch = c.layout.rows_per_chunk, 8  # the tiny preset's global batch
+    rows, _ = epoch_order(0, 0, c.valid(), rpc, DEFAULT_WINDOW_CHUNKS)
+    first_step = {}
+    for i, r in enumerate(rows.tolist()):
+        first_step.setdefault(r // rpc, i // batch)
+    victim = max(first_step, key=first_step.get)
+    assert first_step[victim] >= 1  # the precondition of the lazy half below
+    rel = f"texture/c/{victim}/0/0/0/0"
+
+    resumed = tmp_path / "resumed"
+    assert _trainer_cli(cache, resumed, "max_steps=2").returncode == 0
+    before = (resumed / "metrics.jsonl").read_text()
+    _flip_byte(cache / rel, at=100)
+
+    fresh = tmp_path / "fresh"
+    _one_error_naming(_trainer_cli(cache, fresh, "max_steps=4"), rel)
+    assert not fresh.exists()  # no config, no metrics, no checkpoint
+    _one_error_naming(_trainer_cli(cache, resumed, "max_steps=4"), rel)
+    assert [s for s, _ in list_checkpoints(resumed)] == [2]
+    assert (resumed / "metrics.jsonl").read_text() == before
+
+    lazy = tmp_path / "lazy"
+    _one_error_naming(_trainer_cli(cache, lazy, "max_steps=8", "ckpt_every=1", "verify=lazy"), rel)
+    assert _steps(lazy) == list(range(1, first_step[victim] + 1))  # trained until the chunk was read
+
+
+def test_two_ranks_share_the_check_and_stop_together(train_cache: Path, tmp_path: Path) -> None:
+    """torchrun, 2 ranks: rank 1 checks texture chunk 1 (files are dealt round-robin), the
+    all-reduce tells rank 0, and both stop before step 1; rank 0 prints the one error line."""
+    cache = tmp_path / "c.zarr"
+    shutil.copytree(train_cache, cache)
+    _flip_byte(cache / "texture/c/1/0/0/0/0", at=100)
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(REPO / "train" / "main.py"), *TINY, "--cache", str(cache), "--out-dir", str(out), "-o", "max_steps=2"]
+    r = subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=300)
+    # torchrun reports each worker's exit status (and prints its own traceback for the failure).
+    assert r.returncode != 0 and r.stderr.count("exitcode  : 2") == 2, r.stderr
+    assert 'main.py", line' not in r.stderr, r.stderr  # no worker traceback
+    errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "texture/c/1/0/0/0/0 does not decode" in errors[0], r.stderr
+    assert not out.exists()

@@ -87,9 +87,9 @@ def test_cpu_op_matches_reference_forward_and_backward() -> None:
 def test_model_with_fused_ops_matches_golden_on_cpu(golden_dir) -> None:
     """The fused path off CUDA (the ops' eager references) against the authors' velocity."""
     from sfd.checkpoint import load_tensors
-    from sfd.models.lightningdit import load_lightningdit
+    from sfd.loading import load_model
 
-    model = load_lightningdit(golden_dir / "lightningdit-tiny-weights.safetensors")
+    model = load_model(golden_dir / "lightningdit-tiny-weights.safetensors")[0]
     io = load_tensors(golden_dir / "lightningdit-tiny-io.safetensors")
     assert model.use_kernels(True) == len(model.blocks) + 1
     with torch.no_grad():

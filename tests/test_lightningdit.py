@@ -13,11 +13,11 @@ import torch
 
 from sfd.checkpoint import WeightsError, load_state_dict_strict, load_tensors
 from sfd.config import model_config_from_authors, model_preset
+from sfd.loading import load_model
 from sfd.models.lightningdit import (
     ROPE_BUFFERS,
     LightningDiT,
     count_params,
-    load_lightningdit,
     rope_tables_2d,
     save_lightningdit,
     sincos_pos_embed_2d,
@@ -54,7 +54,7 @@ def _inputs(model: LightningDiT, batch: int = 2, seed: int = 1):
 
 @pytest.fixture(scope="module")
 def golden(golden_dir):
-    model = load_lightningdit(golden_dir / "lightningdit-tiny-weights.safetensors")
+    model = load_model(golden_dir / "lightningdit-tiny-weights.safetensors")[0]
     return model, load_tensors(golden_dir / "lightningdit-tiny-io.safetensors")
 
 
@@ -144,7 +144,7 @@ def test_single_timestep_layout_round_trip(tmp_path):
     assert not any(k.startswith("t_embedder_") for k in sd)
     path = tmp_path / "single.safetensors"
     save_lightningdit(model, path)
-    loaded = load_lightningdit(path)
+    loaded = load_model(path)[0]
     assert loaded.cfg == model.cfg
     assert all(torch.equal(v, loaded.state_dict()[k]) for k, v in sd.items())
     # One clock: a tuple uses t_tex, and a shared tensor is the same thing.
@@ -153,7 +153,7 @@ def test_single_timestep_layout_round_trip(tmp_path):
         torch.testing.assert_close(loaded(x, (t_tex, t_tex + 0.3), y), model.eval()(x, t_tex, y))
     # The layout conflicts with a dual config: refused with a message naming the layout.
     with pytest.raises(WeightsError, match=r"t_embedder\.\*.*timestep_embedding='single'"):
-        load_lightningdit(path, model_preset("tiny"))
+        load_model(path, model_preset("tiny"))[0]
 
 
 def test_bad_files_name_the_keys(tmp_path):
@@ -164,7 +164,7 @@ def test_bad_files_name_the_keys(tmp_path):
     sd["extra.weight"] = torch.zeros(1)
     torch.save(sd, tmp_path / "broken.pt")
     with pytest.raises(WeightsError) as err:
-        load_lightningdit(tmp_path / "broken.pt", model.cfg)
+        load_model(tmp_path / "broken.pt", model.cfg)[0]
     msg = str(err.value)
     assert (
         "blocks.1.attn.qkv.weight" in msg
@@ -173,7 +173,7 @@ def test_bad_files_name_the_keys(tmp_path):
     )
     # A bare state dict has no config: the error asks for a preset.
     with pytest.raises(WeightsError, match="model_preset"):
-        load_lightningdit(tmp_path / "broken.pt")
+        load_model(tmp_path / "broken.pt")[0]
 
 
 def test_authors_container_prefers_ema(tmp_path):
@@ -185,9 +185,9 @@ def test_authors_container_prefers_ema(tmp_path):
         "opt": {},
     }
     torch.save(blob, tmp_path / "0000100.pt")
-    loaded = load_lightningdit(tmp_path / "0000100.pt", model.cfg)
+    loaded = load_model(tmp_path / "0000100.pt", model.cfg)[0]
     assert torch.equal(loaded.blocks[0].attn.qkv.weight, ema.blocks[0].attn.qkv.weight)
-    loaded = load_lightningdit(tmp_path / "0000100.pt", model.cfg, prefer_ema=False)
+    loaded = load_model(tmp_path / "0000100.pt", model.cfg, prefer_ema=False)[0]
     assert torch.equal(loaded.blocks[0].attn.qkv.weight, model.blocks[0].attn.qkv.weight)
 
 

@@ -367,7 +367,7 @@ def test_dry_run_help_and_cli_errors(cache_dir: Path, tmp_path: Path, capsys: py
 def test_tensorboard_and_default_texture_vae(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys) -> None:
     """-o tensorboard=true logs the same scalars as metrics.jsonl (and the EMA grid as an image);
     grids use the texture VAE at its README path (weights/…) when none is given."""
-    import sfd.training
+    import sfd.loading
     from sfd.checkpoint import KNOWN_WEIGHTS, file_sha256
     from sfd.config import TEXTURE_VAE_PRESETS, to_dict
     from sfd.models.autoencoder import AutoencoderKL
@@ -378,7 +378,7 @@ def test_tensorboard_and_default_texture_vae(tmp_path: Path, monkeypatch: pytest
     default = weights / KNOWN_WEIGHTS["texture_vae"].filename
     torch.manual_seed(0)
     torch.save(AutoencoderKL(vae_cfg).state_dict(), default)  # the released .ckpt is a pickled state dict too
-    monkeypatch.setattr(sfd.training, "WEIGHTS_DIR", weights)
+    monkeypatch.setattr(sfd.loading, "WEIGHTS_DIR", weights)
     encoder = {"kind": "weights", "name": "tiny-vae", "config": to_dict(vae_cfg), "file": default.name,
                "sha256": file_sha256(default)}
     cache = make_cache(tmp_path / "c.zarr", tex=vae_cfg.embed_dim, texture_encoder=encoder).path

@@ -1,15 +1,16 @@
 """Train SFD (Semantic-First Diffusion) on a latent cache: the single-file DDP trainer.
 
-main() reads top to bottom in fixed sections: config → distributed init → seeds and precision
-policy → data → model → EMA → optimizer → compile → DDP → resume → loop → cleanup; the step's maths
-(TrainStep) follows it. Validation and bookkeeping live in sfd/training.py, process policy
-(distributed, TF32, autocast, seeds) in sfd/runtime.py, the hyperparameters in the presets of
-sfd/config.py (`--dry-run` prints them resolved). The
-defaults are the authors' released recipe (docs/method.md §6, the presets in sfd/config.py); what we
-do differently fixes their bugs (docs/method.md §12.3): the run is seeded (9), the model is wrapped
-in DDP once (10), resume restores everything including AdamW's moments and picks the latest
-checkpoint by step number (11), gradient checkpointing is a working switch (12), and REPA counts
-whether or not the cosine loss is on (1, in sfd.diffusion.sfd_loss).
+main() tells the run in the order it happens: config → distributed init → checks → seeds and
+precision policy → data → model → EMA → optimizer → compile → DDP → resume → cache verification →
+loop (periodic jobs first, then the step) → cleanup. The step is TrainStep, below main(); the
+trainer's own checks and bookkeeping follow it. Everything imported from sfd/ is a general building
+block (sfd/runtime.py: process policy; sfd/data: the cache and its reader; sfd/checkpoint.py and
+sfd/manifest.py: weight files; sfd/runlog.py: the metrics log). The hyperparameters are the
+presets of sfd/config.py (`--dry-run` prints them resolved); the defaults are the authors' released
+recipe (docs/method.md §6). What we do differently fixes their bugs (docs/method.md §12.3): the run
+is seeded (9), the model is wrapped in DDP once (10), resume restores everything including AdamW's
+moments and picks the latest checkpoint by step number (11), gradient checkpointing is a working
+switch (12), and REPA counts whether or not the cosine loss is on (1, in sfd.diffusion.sfd_loss).
 
 Determinism across GPU counts: the times, the noise and the class-dropout decisions of a step are
 drawn for the whole global batch from a generator seeded by (seed, step), and rank r takes the
@@ -17,9 +18,12 @@ rows at offsets r, r+W, r+2W, ... — the same items the cache reader hands it (
 run on W processes matches a run on one process up to the order of float reductions, and a
 resumed run continues exactly where the interrupted one stopped.
 
+Before step 1 (`verify=full`, the default) the ranks read every cache file the run will read and
+check its CRC32C checksums, so a damaged file stops the run before it trains (docs/reliability.md).
+
 Run directory: config.json (the resolved config), metrics.jsonl (one line per log interval),
-checkpoints/<step:07d>/{model,ema}.safetensors + state.pt, samples/ (EMA grids, if a texture VAE
-is given). Resume = run the same command again.
+checkpoints/<step:07d>/{model,ema}.safetensors + state.pt + manifest.json, samples/ (EMA grids, if
+a texture decoder is known). Resume = run the same command again.
 
 Examples:
     # the tiny preset on the demo's cache (`just demo` builds it); the model's shape comes from the cache
@@ -48,9 +52,10 @@ import os
 import sys
 import time
 import traceback
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -59,45 +64,33 @@ from tqdm import tqdm
 
 from sfd import runtime
 from sfd.checkpoint import (
+    Checkpoint,
     WeightsError,
     list_checkpoints,
-    load_state_dict_strict,
     load_training_state,
     read_checkpoint,
     save_training_checkpoint,
 )
-from sfd.config import TRAIN_PRESETS, ConfigError, TrainConfig, to_json, train_preset
-from sfd.data.cache import CacheError
+from sfd.config import TRAIN_PRESETS, ConfigError, TrainConfig, to_dict, to_json, train_preset
+from sfd.data.cache import DATA_SHAPED, CacheError, LatentCache
 from sfd.data.reader import LatentBatch, LatentCacheReader
-from sfd.diffusion import LossTerms, noise_composite, sample_training_times, sfd_loss
+from sfd.diffusion import AsyncClock, LossTerms, noise_composite, sample_training_times, sfd_loss
 from sfd.kernels import resolve as resolve_kernels
+from sfd.loading import texture_decoder_for
 from sfd.manifest import CheckpointError, usable_checkpoints, write_manifest
-from sfd.models.lightningdit import ROPE_BUFFERS, LightningDiT, count_params, load_lightningdit
+from sfd.models.lightningdit import LightningDiT, count_params, load_weights
+from sfd.pixels import load_texture_stats, preview_grid
 from sfd.repa_targets import RepaTargets
 from sfd.runlock import LockError, die_with_parent, hold_for_ranks, release_held_locks
-from sfd.training import (
-    LOSS_KEYS,
-    MetricsLog,
-    StopSignals,
-    TrainError,
-    batch_split,
-    check_cache,
-    check_resume,
-    check_run_config,
-    checkpoint_latent_stats,
-    find_decoder,
-    fit_to_cache,
-    lr_at,
-    open_cache,
-    reader_state_for,
-    rng_state,
-    run_config_dict,
-    sample_grid,
-    set_rng_state,
-    truncate_metrics,
-    uses_repa,
-    window_means,
-)
+from sfd.runlog import MetricsLog
+
+LOSS_KEYS = ("total", "mse", "cos", "repa")
+VERIFY_MODES = ("full", "lazy")  # cache checksums: all before step 1 | each file on first read
+
+
+class TrainError(RuntimeError):
+    """The run cannot start (or go on) as configured; the message says what to change."""
+
 
 # ---------------------------------------------------------------------------------------------
 # Command line
@@ -143,7 +136,6 @@ def main(argv: list[str] | None = None) -> None:
     except ConfigError as e:
         raise TrainError(str(e)) from e
     check_run_config(cfg)
-    m = cfg.model
     run_dir = Path(cfg.out_dir)
 
     # -- distributed init -----------------------------------------------------------------------
@@ -151,50 +143,43 @@ def main(argv: list[str] | None = None) -> None:
         die_with_parent()  # torchrun workers run in their own sessions: stop (and save) if it dies
     d = runtime.init_distributed(connect=not args.dry_run)
     say = d.say
+
+    # -- checks: the batch, the cache against the model, one writer, the checkpoints -------------
     per_rank, micro, accum = batch_split(cfg, d.world_size)
+    use_repa = uses_repa(cfg)
+    # bf16 autocast on GPUs only; fp32 master weights and optimizer state, loss in fp32.
+    autocast_dtype = runtime.autocast_dtype(cfg.precision, d.device)
     cache = None if args.dry_run and not Path(cfg.cache).exists() else open_cache(cfg)
     if cache is not None:
         given = [o.split("=", 1)[0].strip() for o in args.override]
-        cfg, shape_notes = fit_to_cache(cfg, cache, given)  # latent shape, classes, REPA width
-        m = cfg.model
-        for note in shape_notes:
+        model_cfg, notes = cache.fit_model(cfg.model, cfg.use_semantic, given)  # latent shape, classes, REPA width
+        cfg = dataclasses.replace(cfg, model=model_cfg)
+        for note in notes:
             say(note)
-        check_cache(cfg, cache, d.world_size, per_rank)
+        # Stored tokens, decoded by the SemVAE on the device, or none (its decoder loads once, here).
+        repa_targets = RepaTargets(cfg.repa_targets if use_repa else "none", cache, d.device, autocast_dtype)
+        check_cache(cfg, cache, d.world_size, per_rank, repa_targets)
+    m = cfg.model
     # One writer per run directory (rank 0 holds <out_dir>/run.lock), then only intact checkpoints.
     if not args.dry_run:
         hold_for_ranks(run_dir / "run.lock", "trainer", d.is_main)
     ckpts = usable_checkpoints(run_dir, list_checkpoints, say, move_aside=d.is_main and not args.dry_run)
-    if d.initialized and d.world_size > 1:
-        # Every rank must resume from the same step: the run dir has to be on a shared filesystem.
-        found = torch.tensor([ckpts[-1][0] if ckpts else -1] * 2, device=d.device)
-        found[1].neg_()
-        torch.distributed.all_reduce(found, op=torch.distributed.ReduceOp.MAX)
-        if int(found[0]) != -int(found[1]):
-            raise TrainError(
-                f"ranks see different checkpoints in {run_dir} (latest steps from {-int(found[1])} to "
-                f"{int(found[0])}); put --out-dir on a filesystem shared by all nodes"
-            )
-    resume_notes = check_resume(cfg, ckpts[-1][1]) if ckpts else []
+    check_same_checkpoint(d, ckpts, run_dir)
 
     num_valid = int(cache.valid().sum()) if cache is not None else None
     steps_per_epoch = (num_valid // d.world_size) // per_rank if num_valid is not None else None
     derived = {
-        "world_size": d.world_size,
-        "device": str(d.device),
-        "global_batch": cfg.global_batch,
-        "per_rank_batch": per_rank,
-        "micro_batch": micro,
-        "grad_accumulation": accum,
-        "images_per_step": cfg.global_batch,
-        "cache_rows": num_valid,
-        "steps_per_epoch": steps_per_epoch,
+        "world_size": d.world_size, "device": str(d.device), "global_batch": cfg.global_batch,
+        "per_rank_batch": per_rank, "micro_batch": micro, "grad_accumulation": accum,
+        "images_per_step": cfg.global_batch, "cache_rows": num_valid, "steps_per_epoch": steps_per_epoch,
         "epochs": round(cfg.max_steps / steps_per_epoch, 2) if steps_per_epoch else None,
-        "total_images": cfg.max_steps * cfg.global_batch,
-        "params": count_params(m),
+        "total_images": cfg.max_steps * cfg.global_batch, "params": count_params(m),
         "params_with_repa_projector": count_params(m, include_repa=m.use_repa),
         "resume_from": str(ckpts[-1][1]) if ckpts else None,
     }
     if args.dry_run:
+        if ckpts:  # the resume check on the header alone (a run reads the whole file once, below)
+            check_resume(cfg, read_checkpoint(ckpts[-1][1], prefer_ema=False, weights=False))
         say(to_json(cfg))
         say("derived:\n" + "\n".join(f"  {k}: {v}" for k, v in derived.items()))
         if cache is None:
@@ -206,36 +191,30 @@ def main(argv: list[str] | None = None) -> None:
     torch.manual_seed(cfg.seed)  # same initial weights on every rank (the authors never seed, §12.3 bug 9)
     on_cuda = d.device.type == "cuda"
     tf32 = runtime.set_precision(d.device, cfg.tf32)
-    # bf16 autocast on GPUs only; fp32 master weights and optimizer state, loss in fp32.
-    autocast_dtype = runtime.autocast_dtype(cfg.precision, d.device)
     kernel_policy = resolve_kernels(cfg.kernels, d.device)  # compile? fused ops? decided here once
     policy = {
         "autocast": "bf16" if autocast_dtype else f"off (fp32{', CPU' if not on_cuda else ''})",
-        "tf32": tf32,
-        "kernels": kernel_policy.describe(),
-        "optimizer": f"AdamW ({'fused' if on_cuda else 'foreach'})",
-        "ema": "foreach lerp every step",
+        "tf32": tf32, "kernels": kernel_policy.describe(),
+        "optimizer": f"AdamW ({'fused' if on_cuda else 'foreach'})", "ema": "foreach lerp every step",
         "grad_checkpointing": cfg.grad_checkpointing,
         "ddp": f"{'nccl' if on_cuda else 'gloo'}, {d.world_size} ranks" if d.world_size > 1 else "off (1 process)",
     }
 
     # -- data -------------------------------------------------------------------------------------
-    use_repa = uses_repa(cfg)
-    latent_stats = checkpoint_latent_stats(cache)  # stored with every checkpoint for the samplers
+    latent_stats = cache.checkpoint_stats()  # stored with every checkpoint for the samplers
     reader = LatentCacheReader(
         cache, seed=cfg.seed, rank=d.rank, world_size=d.world_size, mode=cfg.data_mode,
-        load_dino=use_repa and cfg.repa_targets == "stored",
+        load_dino=repa_targets.needs_stored,
     )
-    repa_targets = RepaTargets(cfg.repa_targets if use_repa else "none", cache, d.device, autocast_dtype)
 
     # -- model ------------------------------------------------------------------------------------
     model = LightningDiT(m)
-    ema_start = None
-    if cfg.init_from:
-        # The authors' full checkpoints hold {model, ema, opt, config}: the raw weights train on and
-        # their EMA continues. A bare state dict (their released EMA-only files) starts both.
-        model.load_state_dict(load_lightningdit(cfg.init_from, m, prefer_ema=False).state_dict())
-        ema_start = load_lightningdit(cfg.init_from, m, prefer_ema=True).state_dict()
+    init = None
+    if cfg.init_from and not ckpts:
+        # One read of the file. The authors' full checkpoints hold {model, ema, opt, config}: the raw
+        # weights train on and their EMA continues; a bare state dict (their EMA-only files) starts both.
+        init = read_checkpoint(cfg.init_from, prefer_ema=False, model_config=m)
+        load_weights(model, init.state_dict, source=f"'{init.path}'")
     model.grad_checkpointing = cfg.grad_checkpointing
     model.use_kernels(kernel_policy.fused)
     if not use_repa and m.use_repa:
@@ -247,8 +226,9 @@ def main(argv: list[str] | None = None) -> None:
     # -- EMA --------------------------------------------------------------------------------------
     # A copy of the step-0 weights, which are the same on every rank (same seed or same file).
     ema = copy.deepcopy(model).eval().requires_grad_(False)
-    if ema_start is not None:
-        ema.load_state_dict(ema_start)
+    if init is not None:
+        load_weights(ema, init.ema_state_dict or init.state_dict, source=f"'{init.path}' (EMA)")
+        init = None  # the file's tensors are in the modules now: free them
 
     # -- optimizer --------------------------------------------------------------------------------
     optimizer = torch.optim.AdamW(
@@ -274,27 +254,39 @@ def main(argv: list[str] | None = None) -> None:
     train_step = TrainStep(cfg, net, model, ema, optimizer, loss_fn, d, micro, autocast_dtype, repa_targets)
 
     # -- resume -----------------------------------------------------------------------------------
-    step, nan_total, nan_run = 0, 0, 0
-    metrics_path = run_dir / "metrics.jsonl"
+    step, nan_total, nan_run, resume_notes = 0, 0, 0, []
     if ckpts:
         start_dir = ckpts[-1][1]
-        for module, prefer_ema in ((model, False), (ema, True)):
-            saved = read_checkpoint(start_dir, prefer_ema=prefer_ema, model_config=m)
-            load_state_dict_strict(module, saved.state_dict, optional=ROPE_BUFFERS, source=f"'{saved.path}'")
+        saved = read_checkpoint(start_dir, prefer_ema=False)  # each file read once: configs and weights
+        resume_notes = check_resume(cfg, saved)
+        load_weights(model, saved.state_dict, source=f"'{saved.path}'")
+        saved = read_checkpoint(start_dir, prefer_ema=True, model_config=m)
+        load_weights(ema, saved.state_dict, source=f"'{saved.path}'")
+        del saved
         state = load_training_state(start_dir)
         try:
             optimizer.load_state_dict(state["optimizer"])
         except ValueError as e:
             raise TrainError(f"{start_dir}: optimizer state does not fit (was repa_weight switched on/off?): {e}") from e
-        reader.load_state_dict(reader_state_for(state["reader"], d.world_size))
-        set_rng_state(state["rng"], d.device)
+        try:  # the reader's order is world-size independent: a position carries over when it divides
+            reader.load_state_dict(LatentCacheReader.state_for_world_size(state["reader"], d.world_size))
+        except ValueError as e:
+            raise TrainError(str(e)) from e
+        runtime.set_rng_state(state["rng"], d.device)
         step, nan_total, nan_run = state["step"], state["nan_skips_total"], state["nan_skips_consecutive"]
         if cfg.init_from:
             resume_notes.append(f"init_from {cfg.init_from} ignored: resuming from the checkpoint")
+
+    # -- cache verification: damage stops every rank here, before anything is written -----------
+    if cfg.verify == "full":
+        parts = "texture + semantic latents" + (" + stored DINO targets" if reader.load_dino else "")
+        seconds = reader.verify(reduce=lambda flags: d.sum(flags.to(d.device)).cpu(), progress=d.is_main)
+        say(f"cache checksums verified ({parts}, {d.world_size} rank(s)) in {seconds:.1f} s")
+    else:
+        say("cache checksums: lazy (each chunk file checked when first read; `just verify-cache` checks all)")
     if d.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.json").write_text(to_json(cfg) + "\n")
-        truncate_metrics(metrics_path, step)
     start_step = step
 
     say(f"SFD training: preset {args.preset} ({cfg.model_name}), run dir {run_dir}")
@@ -304,58 +296,51 @@ def main(argv: list[str] | None = None) -> None:
     say(f"resuming from step {step} ({ckpts[-1][1]})" if ckpts else "starting from step 0")
     for note in resume_notes:
         say(f"  changed since the checkpoint: {note}")
-    decoder = None
+    decoder = texture_stats = None
     if cfg.sample_every > 0 and d.is_main:
-        decoder, why = find_decoder(cfg, cache)
+        decoder, why = texture_decoder_for(cache.attrs, cfg.texture_vae)
+        texture_stats = load_texture_stats(cfg.cache) if decoder is not None else None
         say(f"sample grids every {cfg.sample_every} steps: {why}")
 
+    def save(step: int, reader_state: dict[str, Any]) -> Path:
+        state = {
+            "step": step, "images_seen": step * cfg.global_batch, "optimizer": optimizer.state_dict(),
+            "reader": reader_state, "rng": runtime.rng_state(d.device), "world_size": d.world_size,
+            "nan_skips_total": nan_total, "nan_skips_consecutive": nan_run,
+        }
+        path = save_training_checkpoint(
+            run_dir, step, model=model, ema=ema, state=state, kind="lightningdit", model_config=m,
+            run_config=run_config_dict(cfg), latent_stats=latent_stats, keep_last=cfg.keep_last,
+        )
+        write_manifest(path)  # last: sizes and SHA-256 of the files above
+        return path
+
     # -- loop -------------------------------------------------------------------------------------
-    signals = StopSignals(say)
+    signals = runtime.StopSignals(say)
     signals.install()
-    metrics = MetricsLog(run_dir, cfg.tensorboard) if d.is_main else None
+    metrics = MetricsLog(run_dir, cfg.tensorboard, resume_step=step) if d.is_main else None
     pbar = tqdm(total=cfg.max_steps, initial=step, disable=not d.is_main, dynamic_ncols=True, mininterval=1.0)
     batches: Iterator[LatentBatch] = reader.batches(per_rank)
     reader_state = reader.state_dict()  # position after the last batch that was trained on
     window: list[StepResult] = []
-    window_start = time.perf_counter()
-    stop = False
+    window_start, stop = time.perf_counter(), False
     try:
         while True:
             last = step >= cfg.max_steps
             # Periodic jobs first, so the final step needs no special case.
             if window and (step % cfg.log_every == 0 or last or stop):
-                seconds = time.perf_counter() - window_start
-                record = {
-                    "event": "train", "step": step, "images": step * cfg.global_batch,
-                    **window_means(window),
-                    "lr": optimizer.param_groups[0]["lr"],
-                    "images_per_s": len(window) * cfg.global_batch / seconds,
-                    "skipped": sum(r.skipped for r in window), "skipped_total": nan_total,
-                }
+                record = log_record(window, step, cfg.global_batch, time.perf_counter() - window_start)
+                record |= {"lr": optimizer.param_groups[0]["lr"], "skipped_total": nan_total}
                 if metrics is not None:
                     metrics.write(record)
-                pbar.set_postfix(
-                    {k: f"{record[k]:.4f}" for k in (*LOSS_KEYS, "grad_norm") if record[k] is not None}
-                    | {"img/s": f"{record['images_per_s']:.1f}", "lr": f"{record['lr']:.1e}"}, refresh=False,
-                )
+                pbar.set_postfix(progress_postfix(record), refresh=False)
                 window, window_start = [], time.perf_counter()
             if cfg.sample_every and d.is_main and step > start_step and (step % cfg.sample_every == 0 or last):
-                metrics.write(sample_grid(ema, cfg, step, run_dir, decoder))
+                png = run_dir / "samples" / f"{step:07d}.png"
+                metrics.write({"event": "sample", "step": step, **preview_grid(ema, 16, texture_stats, decoder, png)})
             if step > start_step and ((cfg.ckpt_every and step % cfg.ckpt_every == 0) or last or stop):
                 if d.is_main:
-                    state = {
-                        "step": step, "images_seen": step * cfg.global_batch,
-                        "optimizer": optimizer.state_dict(), "reader": reader_state,
-                        "rng": rng_state(d.device), "world_size": d.world_size,
-                        "nan_skips_total": nan_total, "nan_skips_consecutive": nan_run,
-                    }
-                    path = save_training_checkpoint(
-                        run_dir, step, model=model, ema=ema, state=state, kind="lightningdit",
-                        model_config=m, run_config=run_config_dict(cfg), latent_stats=latent_stats,
-                        keep_last=cfg.keep_last,
-                    )
-                    write_manifest(path)  # last: sizes and SHA-256 of the files above
-                    pbar.write(f"step {step}: checkpoint {path}")
+                    pbar.write(f"step {step}: checkpoint {save(step, reader_state)}")
                 d.barrier()
             if last or stop:
                 break
@@ -417,7 +402,7 @@ class TrainStep:
 
     Forward/backward of each micro-batch (gradients synchronised by DDP on the last one), one
     all-reduce carrying the losses, a stop request and a non-finite flag so all ranks take the
-    same decision, then AdamW and the EMA update — or neither, if any rank saw a NaN/inf.
+    same decision, then :meth:`_update` (AdamW and the EMA) — or nothing, if any rank saw a NaN/inf.
     """
 
     def __init__(
@@ -496,6 +481,15 @@ class TrainStep:
                 (terms.total / accum).backward()
             sums += torch.stack([terms.total, terms.mse, terms.cos, terms.repa]).detach() / accum
 
+        grad_norm, shared = self._update(sums, stop_requested)
+        losses = {k: v / d.world_size for k, v in zip(LOSS_KEYS, shared)}
+        return StepResult(losses, float(grad_norm), shared[-1] > 0, shared[-2] > 0)
+
+    def _update(self, sums: Tensor, stop_requested: bool) -> tuple[Tensor, list[float]]:
+        """Gradient norm (and clip), the one all-reduce, then AdamW and the EMA unless some rank
+        saw a NaN/inf; gradients zeroed. One block, so a fused optimizer + EMA + clip pass can
+        replace it. Returns the gradient norm and the all-reduced [loss sums..., stop, non-finite]."""
+        cfg, d = self.cfg, self.d
         if cfg.grad_clip > 0:
             grad_norm = nn.utils.clip_grad_norm_(self.params, cfg.grad_clip, foreach=True)
         else:
@@ -504,14 +498,157 @@ class TrainStep:
         flags = torch.stack([torch.tensor(float(stop_requested), device=d.device), bad.float()])
         # One collective per step: the mean losses, and every rank's stop request and NaN flag.
         shared = d.sum(torch.cat([sums, flags])).tolist()
-        losses = {k: v / d.world_size for k, v in zip(LOSS_KEYS, shared)}
-        skipped = shared[-1] > 0
-        if not skipped:
+        if not shared[-1] > 0:
             self.optimizer.step()
             # EMA every step (docs/method.md §6): ema ← ema + (1 − decay)·(θ − ema), one foreach kernel.
             torch._foreach_lerp_(self.ema_params, self.params, 1.0 - cfg.ema_decay)
         self.optimizer.zero_grad(set_to_none=True)
-        return StepResult(losses, float(grad_norm), skipped, shared[-2] > 0)
+        return grad_norm, shared
+
+
+# ---------------------------------------------------------------------------------------------
+# The trainer's checks (every mismatch found before the first step) and bookkeeping
+
+
+def uses_repa(cfg: TrainConfig) -> bool:
+    """REPA is on when it has a weight and a target source (``repa_targets=none`` turns it off)."""
+    return cfg.repa_weight > 0 and cfg.repa_targets != "none"
+
+
+def check_run_config(cfg: TrainConfig) -> None:
+    m = cfg.model
+    problems = []
+    try:
+        AsyncClock(cfg.delta_t, m.semantic_chans, m.semfirst_schedule)
+    except ValueError as e:
+        problems.append(str(e))
+    if not cfg.use_semantic and (m.semantic_chans != 0 or cfg.delta_t != 0):
+        problems.append(
+            f"use_semantic=false trains on the texture channels only: set model.semantic_chans=0 (now "
+            f"{m.semantic_chans}) and delta_t=0 (now {cfg.delta_t})"
+        )
+    if uses_repa(cfg) and not m.use_repa:
+        problems.append(f"repa_weight={cfg.repa_weight} but model.use_repa=false: set repa_weight=0 or model.use_repa=true")
+    if cfg.max_steps < 0 or cfg.log_every <= 0 or cfg.ckpt_every < 0 or cfg.sample_every < 0:
+        problems.append("max_steps, ckpt_every and sample_every must be >= 0 and log_every > 0")
+    if cfg.verify not in VERIFY_MODES:
+        problems.append(f"verify must be one of {', '.join(VERIFY_MODES)}, got {cfg.verify!r}")
+    if cfg.init_from and not Path(cfg.init_from).is_file():
+        problems.append(f"init_from: no weight file at '{cfg.init_from}'")
+    if problems:
+        raise TrainError("invalid run config:\n  " + "\n  ".join(problems))
+
+
+def batch_split(cfg: TrainConfig, world_size: int) -> tuple[int, int, int]:
+    """(per-rank batch, micro-batch, gradient-accumulation steps) of the global batch."""
+    if cfg.global_batch % world_size:
+        raise TrainError(
+            f"global_batch={cfg.global_batch} is not divisible by the world size {world_size}; "
+            f"pick a multiple of {world_size}"
+        )
+    per_rank = cfg.global_batch // world_size
+    micro = cfg.micro_batch or per_rank
+    if per_rank % micro:
+        raise TrainError(
+            f"the per-rank batch {per_rank} (global_batch {cfg.global_batch} / {world_size} ranks) is not "
+            f"divisible by micro_batch={micro}; choose micro_batch dividing {per_rank} (0 = no accumulation)"
+        )
+    return per_rank, micro, per_rank // micro
+
+
+def open_cache(cfg: TrainConfig) -> LatentCache:
+    try:
+        cache = LatentCache.open(cfg.cache)
+    except CacheError as e:
+        raise TrainError(f"{e}. Build the cache first (`just encode ...`) or pass --cache PATH") from e
+    if not cache.is_complete():
+        raise TrainError(f"cache {cache.path} is incomplete (pending shards {cache.pending_shards()[:10]}); resume the encode job")
+    try:
+        cache.stats()
+    except CacheError as e:
+        raise TrainError(str(e)) from e
+    return cache
+
+
+def check_cache(cfg: TrainConfig, cache: LatentCache, world_size: int, per_rank: int, targets: RepaTargets) -> None:
+    """The cache must fit the model (channels, latent size, classes, REPA targets) and the batch."""
+    m = cfg.model
+    problems = cache.model_problems(m, cfg.use_semantic, stored_targets=targets.needs_stored)
+    tokens = (m.input_size // m.patch_size) ** 2
+    if targets.needs_stored and not cache.has_dino:
+        problems.append(
+            f"repa_weight={cfg.repa_weight} needs REPA targets, but the cache at {cache.path} has none "
+            "(encoded without DINO targets): set repa_weight=0 (-o repa_weight=0), decode them from the "
+            "semantic latents (-o repa_targets=semvae) or re-encode with targets"
+        )
+    elif targets.source == "semvae" and targets.target_shape(cache) != (tokens, m.repa_target_dim):
+        problems.append(f"repa_targets=semvae decodes {targets.target_shape(cache)} (tokens, dim) targets, "
+                        f"the model needs ({tokens}, {m.repa_target_dim})")
+    items_per_rank = int(cache.valid().sum()) // world_size
+    if per_rank > items_per_rank:
+        problems.append(f"per-rank batch {per_rank} exceeds the {items_per_rank} valid rows each of {world_size} ranks gets per epoch")
+    if problems:
+        raise TrainError(
+            f"cache {cache.path} does not fit the run config:\n  " + "\n  ".join(problems)
+            + "\nFix: leave the model's data-shaped fields (" + ", ".join(f"model.{k}" for k in DATA_SHAPED)
+            + ") unset so they come from the cache, change the other settings named above, or use a matching cache"
+        )
+
+
+def check_same_checkpoint(d: runtime.Dist, ckpts: Sequence[tuple[int, Path]], run_dir: Path) -> None:
+    """Every rank must resume from the same step: the run dir has to be on a shared filesystem."""
+    if not (d.initialized and d.world_size > 1):
+        return
+    found = torch.tensor([ckpts[-1][0] if ckpts else -1] * 2, device=d.device)
+    found[1].neg_()
+    torch.distributed.all_reduce(found, op=torch.distributed.ReduceOp.MAX)
+    if int(found[0]) != -int(found[1]):
+        raise TrainError(
+            f"ranks see different checkpoints in {run_dir} (latest steps from {-int(found[1])} to "
+            f"{int(found[0])}); put --out-dir on a filesystem shared by all nodes"
+        )
+
+
+def check_resume(cfg: TrainConfig, ckpt: Checkpoint) -> list[str]:
+    """Refuse a checkpoint of another model; return notes on other fields that changed."""
+    saved_model, now_model = to_dict(ckpt.model_config), to_dict(cfg.model)
+    if saved_model != now_model:
+        diffs = [f"model.{k}: checkpoint {saved_model.get(k)!r}, now {v!r}" for k, v in now_model.items() if saved_model.get(k) != v]
+        raise TrainError(
+            f"{ckpt.path.parent} was trained with another model config:\n  " + "\n  ".join(diffs)
+            + "\nUse the same model settings to resume, or another --out-dir to start a new run"
+        )
+    saved, now = ckpt.run_config or {}, run_config_dict(cfg)
+    return [f"{k}: {saved.get(k)!r} -> {v!r}" for k, v in now.items() if saved.get(k) != v]
+
+
+def run_config_dict(cfg: TrainConfig) -> dict[str, Any]:
+    """The run config as stored in checkpoints: everything but the model (stored beside it)."""
+    return {k: v for k, v in to_dict(cfg).items() if k != "model"}
+
+
+def lr_at(cfg: TrainConfig, step: int) -> float:
+    """The learning rate of optimisation step ``step`` (0-based): ``cfg.lr``, falling linearly to 0 at
+    ``max_steps`` from ``lr_decay_start · max_steps`` on (``lr_decay_start = 1``: constant, the authors')."""
+    start = cfg.lr_decay_start * cfg.max_steps
+    if cfg.lr_decay_start >= 1.0 or step < start:
+        return cfg.lr
+    return cfg.lr * max(cfg.max_steps - step, 0) / max(cfg.max_steps - start, 1e-9)
+
+
+def log_record(window: Sequence[StepResult], step: int, global_batch: int, seconds: float) -> dict[str, Any]:
+    """A log line: mean losses and gradient norm over the window's non-skipped steps, throughput."""
+    good = [r for r in window if not r.skipped]
+    record: dict[str, Any] = {"event": "train", "step": step, "images": step * global_batch}
+    for k in LOSS_KEYS:
+        record[k] = sum(r.losses[k] for r in good) / len(good) if good else None
+    record["grad_norm"] = sum(r.grad_norm for r in good) / len(good) if good else None
+    return record | {"images_per_s": len(window) * global_batch / seconds, "skipped": len(window) - len(good)}
+
+
+def progress_postfix(record: dict[str, Any]) -> dict[str, str]:
+    shown = {k: f"{record[k]:.4f}" for k in (*LOSS_KEYS, "grad_norm") if record[k] is not None}
+    return shown | {"img/s": f"{record['images_per_s']:.1f}", "lr": f"{record['lr']:.1e}"}
 
 
 def cli() -> None:

@@ -71,7 +71,7 @@ import shutil
 import time
 import uuid
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -98,6 +98,8 @@ FIX_HINT = (
     "re-run the same encode command: it checks every shard's files first and re-encodes exactly the "
     "damaged ones (add --verify to also decode every file); `just verify-cache CACHE` lists the damage"
 )
+# Model fields fixed by the data, not by the architecture: a trainer takes them from the cache.
+DATA_SHAPED = ("in_channels", "semantic_chans", "input_size", "num_classes", "repa_target_dim")
 NUM_FLIPS = 2  # index 0 = plain image, 1 = horizontally flipped (docs/method.md §2.5)
 DEFAULT_DINO_SHAPE = (256, 768)  # DINOv2-B/14 patch tokens of a 224² input (docs/method.md §11)
 
@@ -702,6 +704,75 @@ class LatentCache:
         for k in STATS_KEYS:
             if k in self.group:
                 del self.group[k]
+
+    # ---- the model this cache trains ------------------------------------------------------------
+
+    def data_shaped_fields(self, use_semantic: bool = True) -> dict[str, int]:
+        """The model fields the data fixes (:data:`DATA_SHAPED`), as this cache has them: latent
+        channels (texture only when ``use_semantic`` is False) and size, classes, REPA width."""
+        (ct, h, _), (cs, _, _) = self.layout.texture_shape, self.layout.semantic_shape
+        want: dict[str, int] = {"in_channels": ct + cs if use_semantic else ct, "input_size": h}
+        if use_semantic:
+            want["semantic_chans"] = cs
+        if "class_names" in self.attrs:
+            want["num_classes"] = len(self.attrs["class_names"])
+        elif "num_classes" in self.attrs:
+            want["num_classes"] = int(self.attrs["num_classes"])
+        if self.has_dino:
+            want["repa_target_dim"] = int(self.layout.dino_shape[1])
+        return want
+
+    def fit_model(self, model: Any, use_semantic: bool = True, given: Sequence[str] = ()) -> tuple[Any, list[str]]:
+        """``model`` (a ModelConfig) with its data-shaped fields taken from this cache, except
+        those set explicitly (``given``, e.g. ``model.num_classes``), and a note per change. The
+        architecture (depth, width, patch size) is untouched: one preset trains on any cache."""
+        want = self.data_shaped_fields(use_semantic)
+        changes = {k: v for k, v in want.items() if f"model.{k}" not in given and getattr(model, k) != v}
+        notes = [f"model.{k}: {getattr(model, k)} -> {v} (from the cache)" for k, v in changes.items()]
+        return (replace(model, **changes) if changes else model), notes
+
+    def model_problems(self, model: Any, use_semantic: bool = True, stored_targets: bool = False) -> list[str]:
+        """Every way ``model`` (a ModelConfig) does not fit this cache's latents, classes and
+        (``stored_targets``: the model reads the stored DINO tokens as REPA targets) targets."""
+        m = model
+        (ct, h, w), (cs, hs, ws) = self.layout.texture_shape, self.layout.semantic_shape
+        problems = []
+        if not use_semantic:
+            # The texture channels come first in every cache row; the semantic ones are left unread.
+            if ct != m.in_channels:
+                problems.append(f"use_semantic=false: cache latents have {ct} texture channels, model.in_channels={m.in_channels}")
+        elif ct + cs != m.in_channels:
+            problems.append(f"cache latents have {ct} texture + {cs} semantic = {ct + cs} channels, model.in_channels={m.in_channels}")
+        if use_semantic and cs != m.semantic_chans:
+            problems.append(f"cache has {cs} semantic channels, model.semantic_chans={m.semantic_chans}")
+        if (h, w) != (hs, ws) or (h, w) != (m.input_size, m.input_size):
+            problems.append(f"cache latents are {h}x{w} (texture) / {hs}x{ws} (semantic), model.input_size={m.input_size}")
+        labels, valid = self.labels(), self.valid()
+        top = int(labels[valid].max()) if valid.any() else -1
+        if top >= m.num_classes:
+            problems.append(f"cache labels reach {top}, but model.num_classes={m.num_classes}")
+        for key in ("class_names", "num_classes"):
+            if key in self.attrs:
+                n = len(self.attrs[key]) if key == "class_names" else int(self.attrs[key])
+                if n != m.num_classes:
+                    problems.append(f"cache has {n} classes ({key}), model.num_classes={m.num_classes}")
+        tokens = (m.input_size // m.patch_size) ** 2
+        if stored_targets and self.has_dino and tuple(self.layout.dino_shape) != (tokens, m.repa_target_dim):
+            problems.append(
+                f"cache REPA targets are {tuple(self.layout.dino_shape)} (tokens, dim), the model needs "
+                f"({tokens}, {m.repa_target_dim}) (tokens = (input_size/patch_size)², model.repa_target_dim)"
+            )
+        return problems
+
+    def checkpoint_stats(self) -> dict[str, Any]:
+        """What a sampler needs from this cache, stored with every checkpoint (``latent_stats``)."""
+        from sfd.checkpoint import latent_stats_metadata
+
+        encoder = self.attrs.get("texture_encoder")
+        return latent_stats_metadata(
+            self.stats(), source=f"cache {self.layout.index_sha256[:16]}",
+            texture_encoder=encoder if isinstance(encoder, dict) else None,
+        )
 
     # ---- integrity -------------------------------------------------------------------------------
 

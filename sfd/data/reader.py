@@ -62,17 +62,20 @@ fewer than ``world_size`` rows, differs every epoch), and ranks never share a ro
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import mmap
 import os
+import time
 from collections import OrderedDict
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Literal, NamedTuple
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from sfd.data.cache import FIX_HINT, NUM_FLIPS, CacheError, LatentCache
 
@@ -304,6 +307,16 @@ class _ChunkedItems:
             os.close(self._fds.popitem(last=False)[1][0])
         return hit
 
+    def check(self, c: int) -> None:
+        """Read chunk file ``c`` once and check its checksums (the check a first read does):
+        raw layouts through :meth:`_verify`, others by decoding through zarr. Raises
+        :class:`CacheError` naming the file."""
+        if not self.raw:
+            self._load(c)
+        elif c not in self._verified:
+            self._handle(c)
+            os.close(self._fds.pop(c)[0])  # checked, not read from: no descriptor kept
+
     def chunk(self, c: int) -> tuple[np.ndarray, np.ndarray]:
         hit = self._open.get(c)
         if hit is not None:
@@ -488,6 +501,71 @@ class LatentCacheReader:
                 + ", ".join(f"{k}={state[k]!r} (now {mine[k]!r})" for k in diffs)
             )
         self.epoch, self.index = int(state["epoch"]), int(state["index"])
+
+    def verify(
+        self,
+        reduce: Callable[[torch.Tensor], torch.Tensor] = lambda flags: flags,
+        progress: bool = False,
+    ) -> float:
+        """Check the checksums of every chunk file this reader will read, before the first batch.
+
+        Memory mode's parts were checked when they were copied in; the rest (all of pagecache
+        mode, the REPA targets) is read here once, each of the ``world_size`` ranks taking every
+        W-th file. ``reduce`` sums a flag per file over the ranks (one all-reduce), so every rank
+        raises the same :class:`CacheError` naming the first damaged file. Returns the seconds taken.
+        """
+        t0 = time.perf_counter()
+        files = [(p, c) for p, src in self._items.items() if p not in self._ram for c in range(self.cache.layout.num_chunks)]
+        mine = list(range(self.rank, len(files), self.world_size))
+        # The raw layouts know their file names; asking zarr costs more than the stat itself.
+        where = {p: src._file if src.raw else (lambda c, p=p: self.cache.chunk_file(p, c * self._rpc)) for p, src in self._items.items()}
+        sizes = [os.stat(where[p](c)).st_size for p, c in files]
+        total, own = sum(sizes), sum(sizes[i] for i in mine)
+        flags = torch.zeros(len(files))
+        bar = tqdm(total=own, unit="B", unit_scale=True, desc="verify cache", disable=not progress, mininterval=1.0)
+        done, announced = 0, False
+        for i in mine:
+            part, c = files[i]
+            try:
+                self._items[part].check(c)
+            except CacheError:
+                flags[i] = 1
+            done += sizes[i]
+            bar.update(sizes[i])
+            seconds = time.perf_counter() - t0
+            if progress and own and not announced and (done >= 0.05 * own or seconds > 5):
+                rate = done / max(seconds, 1e-9)
+                size = functools.partial(tqdm.format_sizeof, suffix="B", divisor=1000)
+                bar.write(f"verify: {size(total)} in {len(files)} files over {self.world_size} rank(s); "
+                          f"{size(rate)}/s measured here: about {own / rate:.0f} s")
+                announced = True
+        bar.close()
+        damaged = np.flatnonzero(reduce(flags).numpy() > 0)
+        if len(damaged):
+            part, c = files[int(damaged[0])]
+            self._items[part]._verified.discard(c)
+            try:  # every rank re-reads the first damaged file, so all raise the same error
+                self._items[part].check(c)
+                why = f"cache {self.cache.path}: array '{part}' chunk file {self._items[part]._file(c)} failed its check on another rank"
+            except CacheError as e:
+                why = str(e)
+            more = f" ({len(damaged)} damaged files in all; `just verify-cache {self.cache.path}` lists them)" if len(damaged) > 1 else ""
+            raise CacheError(f"{why}{more}")
+        return time.perf_counter() - t0
+
+    @staticmethod
+    def state_for_world_size(saved: Mapping[str, Any], world_size: int) -> dict[str, Any]:
+        """A saved position re-expressed for ``world_size`` ranks: the order is world-size
+        independent, so the consumed count carries over when ``world_size`` divides it."""
+        if saved["world_size"] == world_size:
+            return dict(saved)
+        consumed = saved["index"] * saved["world_size"]  # global positions of this epoch already used
+        if "order" not in saved or consumed % world_size:
+            raise ValueError(
+                f"the checkpoint's data position was saved with {saved['world_size']} ranks; resuming on {world_size} "
+                f"ranks needs a position divisible by {world_size} (and a checkpoint of the world-size-independent reader)"
+            )
+        return {**saved, "world_size": world_size, "index": consumed // world_size}
 
     # ---- data ----------------------------------------------------------------------------------
 

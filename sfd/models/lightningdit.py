@@ -32,7 +32,6 @@ from sfd.checkpoint import (
     Checkpoint,
     WeightsError,
     load_state_dict_strict,
-    read_checkpoint,
     save_checkpoint,
 )
 from sfd.config import ModelConfig
@@ -542,24 +541,21 @@ def _check_timestep_layout(state_dict: Mapping[str, Tensor], cfg: ModelConfig, s
 
 def build_lightningdit(ckpt: Checkpoint) -> LightningDiT:
     """A LightningDiT from what :func:`sfd.checkpoint.read_checkpoint` found, loaded strict, in eval
-    mode. The RoPE tables are recomputed and may be absent from the file."""
-    source = f"'{ckpt.path}'"
-    _check_timestep_layout(ckpt.state_dict, ckpt.model_config, source)
+    mode (:func:`sfd.loading.load_model` reads and builds in one call)."""
     # Build without random init (instant for XL), then fill the constant tables and load.
     with torch.device("meta"):
         model = LightningDiT(ckpt.model_config)
     model = model.to_empty(device="cpu")
     model.reset_constant_buffers()
-    load_state_dict_strict(model, ckpt.state_dict, optional=ROPE_BUFFERS, source=source)
+    load_weights(model, ckpt.state_dict, source=f"'{ckpt.path}'")
     return model.eval()
 
 
-def load_lightningdit(
-    path: str | os.PathLike[str], cfg: ModelConfig | None = None, *, prefer_ema: bool = True
-) -> LightningDiT:
-    """``build_lightningdit(read_checkpoint(path, ...))``: any file, run or checkpoint directory
-    the one reader takes; ``cfg`` overrides a stored config and is required when there is none."""
-    return build_lightningdit(read_checkpoint(path, prefer_ema=prefer_ema, model_config=cfg))
+def load_weights(model: LightningDiT, state_dict: Mapping[str, Tensor], source: str = "state dict") -> None:
+    """Load strict, naming every missing, unexpected and mis-shaped key (and the other timestep
+    layout, if that is the cause); the RoPE tables are recomputed and may be absent."""
+    _check_timestep_layout(state_dict, model.cfg, source)
+    load_state_dict_strict(model, state_dict, optional=ROPE_BUFFERS, source=source)
 
 
 def save_lightningdit(model: LightningDiT, path: str | os.PathLike[str]) -> None:
@@ -570,9 +566,9 @@ def save_lightningdit(model: LightningDiT, path: str | os.PathLike[str]) -> None
 __all__ = [
     "LightningDiT",
     "count_params",
-    "load_lightningdit",
     "save_lightningdit",
     "build_lightningdit",
+    "load_weights",
     "sincos_pos_embed_2d",
     "rope_tables_2d",
     "ROPE_BUFFERS",
