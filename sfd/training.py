@@ -28,6 +28,7 @@ from sfd.data.cache import CacheError, LatentCache
 from sfd.diffusion import AsyncClock
 from sfd.models.lightningdit import LightningDiT
 from sfd.pixels import latents_to_images, load_texture_stats, make_grid
+from sfd.repa_targets import REPA_TARGET_SOURCES
 from sfd.samplers import generate_latents
 
 LOSS_KEYS = ("total", "mse", "cos", "repa")
@@ -134,23 +135,9 @@ def check_cache(cfg: TrainConfig, cache: LatentCache, world_size: int, per_rank:
             n = len(cache.attrs[key]) if key == "class_names" else int(cache.attrs[key])
             if n != m.num_classes:
                 problems.append(f"cache has {n} classes ({key}), model.num_classes={m.num_classes}")
-    if uses_repa(cfg) and m.use_repa and cfg.repa_targets == "semvae":
-        from sfd.repa_targets import check_repa_targets
-
-        problems += check_repa_targets(cfg.repa_targets, cache, (m.input_size // m.patch_size) ** 2, m.repa_target_dim)
-    elif uses_repa(cfg) and m.use_repa:
+    if uses_repa(cfg) and m.use_repa:  # the source checks its own needs (sfd/repa_targets.py)
         tokens = (m.input_size // m.patch_size) ** 2
-        if not cache.has_dino:
-            problems.append(
-                f"repa_weight={cfg.repa_weight} needs REPA targets, but the cache at {cache.path} has none "
-                "(encoded without DINO targets): set repa_weight=0 (-o repa_weight=0), decode them from the "
-                "semantic latents (-o repa_targets=semvae) or re-encode with targets"
-            )
-        elif tuple(layout.dino_shape) != (tokens, m.repa_target_dim):
-            problems.append(
-                f"cache REPA targets are {tuple(layout.dino_shape)} (tokens, dim), the model needs "
-                f"({tokens}, {m.repa_target_dim}) (tokens = (input_size/patch_size)², model.repa_target_dim)"
-            )
+        problems += REPA_TARGET_SOURCES[cfg.repa_targets].check(cache, tokens, m.repa_target_dim)
     items_per_rank = int(valid.sum()) // world_size
     if per_rank > items_per_rank:
         problems.append(
@@ -387,4 +374,4 @@ class MetricsLog:
 
 def uses_repa(cfg: TrainConfig) -> bool:
     """REPA is on when it has a weight and a target source (``repa_targets=none`` turns it off)."""
-    return cfg.repa_weight > 0 and cfg.repa_targets != "none"
+    return cfg.repa_weight > 0 and REPA_TARGET_SOURCES[cfg.repa_targets].gives_targets

@@ -73,7 +73,8 @@ from sfd.diffusion import LossTerms, noise_composite, sample_training_times, sfd
 from sfd.kernels import resolve as resolve_kernels
 from sfd.manifest import CheckpointError, usable_checkpoints, write_manifest
 from sfd.models.lightningdit import ROPE_BUFFERS, LightningDiT, count_params, load_lightningdit
-from sfd.repa_targets import RepaTargets
+from sfd.registry import load_plugins
+from sfd.repa_targets import REPA_TARGET_SOURCES, RepaTargetSource
 from sfd.runlock import LockError, die_with_parent, hold_for_ranks, release_held_locks
 from sfd.training import (
     LOSS_KEYS,
@@ -139,6 +140,7 @@ def main(argv: list[str] | None = None) -> None:
     # -- config ---------------------------------------------------------------------------------
     args = parse_args(argv)
     try:
+        load_plugins()  # SFD_PLUGINS: modules that add choices (sfd/registry.py), before the config is read
         cfg = resolve_config(args)
     except ConfigError as e:
         raise TrainError(str(e)) from e
@@ -222,11 +224,12 @@ def main(argv: list[str] | None = None) -> None:
     # -- data -------------------------------------------------------------------------------------
     use_repa = uses_repa(cfg)
     latent_stats = checkpoint_latent_stats(cache)  # stored with every checkpoint for the samplers
+    repa_source = REPA_TARGET_SOURCES[cfg.repa_targets if use_repa else "none"]
     reader = LatentCacheReader(
         cache, seed=cfg.seed, rank=d.rank, world_size=d.world_size, mode=cfg.data_mode,
-        load_dino=use_repa and cfg.repa_targets == "stored",
+        load_dino=repa_source.needs_dino_in_reader,
     )
-    repa_targets = RepaTargets(cfg.repa_targets if use_repa else "none", cache, d.device, autocast_dtype)
+    repa_targets = repa_source(cache, d.device, autocast_dtype)
 
     # -- model ------------------------------------------------------------------------------------
     model = LightningDiT(m)
@@ -431,7 +434,7 @@ class TrainStep:
         d: runtime.Dist,
         micro_batch: int,
         autocast_dtype: torch.dtype | None,
-        repa_targets: RepaTargets | None = None,
+        repa_targets: RepaTargetSource | None = None,
     ) -> None:
         self.cfg, self.net, self.optimizer, self.loss_fn, self.d = cfg, net, optimizer, loss_fn, d
         self.micro_batch = micro_batch
