@@ -54,6 +54,7 @@ from sfd.checkpoint import (
 from sfd.config import SemVAEConfig, from_dict, to_dict
 from sfd.data.cache import CacheError, LatentCache, attr_diffs
 from sfd.registry import Registry
+
 DECODER_FILE = "semvae_decoder.safetensors"
 _PREFIX = "decoder."
 
@@ -266,7 +267,7 @@ def check_repa_targets(source: str, cache: LatentCache, tokens: int, dim: int) -
     return REPA_TARGET_SOURCES[source].check(cache, tokens, dim)
 
 
-def RepaTargets(  # noqa: N802 - the per-run callable under its former class name
+def RepaTargets(  # the former class name, kept for its callers (tests, bench/cache_reader.py)
     source: str, cache: LatentCache, device: torch.device | str = "cpu", autocast_dtype: torch.dtype | None = None
 ) -> RepaTargetSource:
     """The per-run targets of the source named ``source``: ``targets(batch) -> [B, tokens, dim] float32 | None``."""

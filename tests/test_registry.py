@@ -16,7 +16,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from sfd.config import MODEL_PRESETS, SAMPLING_PRESETS, TRAIN_PRESETS, ConfigError, SamplingConfig, train_preset
+from sfd.config import (
+    MODEL_PRESETS,
+    SAMPLING_PRESETS,
+    TRAIN_PRESETS,
+    ConfigError,
+    SamplingConfig,
+    train_preset,
+)
 from sfd.data.reader import MODES
 from sfd.diffusion import REPA_MODES, SCHEDULES, AsyncClock
 from sfd.guidance import INTERVAL_MODES
