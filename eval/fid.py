@@ -81,6 +81,7 @@ from sfd.models.inception import (
     random_inception,
 )
 from sfd.pixels import latents_to_images
+from sfd.registry import load_plugins
 from sfd.samplers import clock_for, generate_latents
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
@@ -646,6 +647,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
+    load_plugins()  # SFD_PLUGINS: modules that add choices (sfd/registry.py), before the flags are read
     args = build_parser().parse_args(argv)
     args.func(args)
 

@@ -94,6 +94,7 @@ from sfd.encoding import (
     spec_latent_shapes,
     texture_spec,
 )
+from sfd.registry import load_plugins
 from sfd.runlock import LockError, run_lock
 
 STAGES = ENCODE_STAGES
@@ -658,6 +659,7 @@ def parse_args(argv: Sequence[str] | None = None) -> EncodeConfig:
 
 
 def main(argv: Sequence[str] | None = None) -> list[StageResult]:
+    load_plugins()  # SFD_PLUGINS: modules that add choices (sfd/registry.py), before the config is read
     cfg = parse_args(argv)
     log("config: " + json.dumps(asdict(cfg)))
     check_inputs(input_files(cfg), WeightsError)  # every missing input named at once, before any work

@@ -43,6 +43,7 @@ from sfd.config import ConfigError
 from sfd.data.cache import CacheError
 from sfd.loading import load_pipeline
 from sfd.pixels import latents_to_images, make_grid
+from sfd.registry import load_plugins
 from sfd.samplers import clock_for, generate_latents
 
 
@@ -124,6 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> None:
+    load_plugins()  # SFD_PLUGINS: modules that add choices (sfd/registry.py), before the flags are read
     args = build_parser().parse_args(argv)
     check_inputs({"--ckpt": args.ckpt, "--guide": args.guide, "--stats": args.stats, "--vae": args.vae,
                   "--class-names": args.class_names, "--real-images": args.real_images})

@@ -22,7 +22,7 @@ import sys
 from collections.abc import Callable
 from typing import Any, NoReturn, TypeVar
 
-from sfd.config import SAMPLER_METHODS, SAMPLING_PRESETS, SamplingConfig, override
+from sfd.config import SAMPLING_PRESETS, SamplingConfig, override
 
 __all__ = [
     "add_override_arg", "apply_overrides", "add_model_args", "add_sampling_args",
@@ -31,8 +31,6 @@ __all__ = [
 ]
 
 T = TypeVar("T")
-
-METHODS = SAMPLER_METHODS
 
 
 def add_model_args(parser: Any) -> None:
@@ -75,20 +73,24 @@ def apply_overrides(cfg: T, assignments: list[str]) -> T:
 def add_sampling_args(parser: Any) -> None:
     """``--preset`` (a :data:`SAMPLING_PRESETS` name), a flag for every :class:`SamplingConfig`
     field that users type often, and ``-o`` for all of them."""
+    # The choices are the registries' names when the parser is built: after load_plugins().
+    from sfd.guidance import INTERVAL_MODES
+    from sfd.samplers import GRIDS, SAMPLERS
+
     S = argparse.SUPPRESS  # an absent flag keeps the preset's value
     g = parser.add_argument_group("sampling (docs/method.md §7): --preset, then flags, then -o overrides")
     g.add_argument("--preset", default="authors", choices=sorted(SAMPLING_PRESETS), help="sampling preset (default: %(default)s = dopri5, atol 1e-6, rtol 1e-3, no guidance)")
-    g.add_argument("--sampler", default=S, choices=METHODS, help="ODE solver (preset default: dopri5, the authors')")
+    g.add_argument("--sampler", default=S, choices=SAMPLERS.names(), help="ODE solver (preset default: dopri5, the authors')")
     g.add_argument("--steps", type=int, default=S, help="euler/heun grid size (default: sampler's, euler 250 points, heun 50 steps)")
     g.add_argument("--atol", type=float, default=S, help="dopri5 absolute tolerance (default 1e-6)")
     g.add_argument("--rtol", type=float, default=S, help="dopri5 relative tolerance (default 1e-3)")
-    g.add_argument("--grid", default=S, choices=("exact", "authors"), help="phase boundaries exact, or the authors' single masked run (default: euler authors, others exact)")
+    g.add_argument("--grid", default=S, choices=GRIDS.names(), help="phase boundaries exact, or the authors' single masked run (default: euler authors, others exact)")
     g.add_argument("--shift", type=float, default=S, help="timestep shift for euler/heun (default: off)")
     g.add_argument("--cfg-scale", type=float, default=S, help="classifier-free guidance scale; 1 = off (default)")
     g.add_argument("--cfg-scale-tex", type=float, default=S, help="texture-channel scale of the active guidance (default: the main scale)")
     g.add_argument("--cfg-scale-sem", type=float, default=S, help="semantic-channel scale of the active guidance (default: the main scale)")
     g.add_argument("--cfg-interval-start", type=float, default=S, help="no guidance while a part's time is below this (default 0 = off)")
-    g.add_argument("--interval-mode", default=S, choices=("both", "tex", "sem"), help="parts the interval applies to (default both)")
+    g.add_argument("--interval-mode", default=S, choices=INTERVAL_MODES.names(), help="parts the interval applies to (default both)")
     g.add_argument("--ag-scale", type=float, default=S, help="AutoGuidance scale w with --guide (the paper: 1.5)")
     g.add_argument("--delta-t", type=float, default=S, help="semantic lead Δt (default: the model's own)")
     g.add_argument("--seed", type=int, default=S, help="base seed; sample i uses a seed derived from (seed, i) (default 0)")

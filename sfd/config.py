@@ -14,6 +14,7 @@ stored with their checkpoints (and with the golden vectors in ``tests/data/golde
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import json
 import types
 import typing
@@ -26,6 +27,27 @@ T = TypeVar("T")
 
 class ConfigError(ValueError):
     """A config that cannot be built: unknown key, bad type, unknown preset."""
+
+
+# Fields that name a choice are checked against the choice's registry (sfd/registry.py), which
+# lives beside the implementation in a module that imports this one: it is imported when a value
+# is checked. The presets below are built while this module is still loading, before such an
+# import can work, so their choices are not checked then (tests/test_registry.py checks them).
+_loaded = False
+
+
+def _choice(field: str, value: str, registry: str) -> list[str]:
+    """[] if ``value`` is a name in the registry ``registry`` ("module:NAME"), else the problem."""
+    if not _loaded:
+        return []
+    module, attr = registry.split(":")
+    names = getattr(importlib.import_module(module), attr)
+    return [] if value in names else [f"{field} must be one of {' | '.join(names)}, got {value!r}"]
+
+
+def _raise(problems: list[str]) -> None:
+    if problems:
+        raise ConfigError("; ".join(problems))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -230,10 +252,11 @@ class ModelConfig:
             raise ConfigError(
                 f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}"
             )
-        if self.semfirst_schedule not in ("offset", "power"):
-            raise ConfigError(f"semfirst_schedule must be 'offset' or 'power', got {self.semfirst_schedule!r}")
-        if self.semfirst_schedule == "power" and not 0 <= self.semfirst_delta_t < 1:
-            raise ConfigError(f"the power schedule needs semfirst_delta_t in [0, 1), got {self.semfirst_delta_t}")
+        _raise(_choice("semfirst_schedule", self.semfirst_schedule, "sfd.diffusion:SCHEDULES"))
+        if _loaded:
+            from sfd.diffusion import SCHEDULES
+
+            _raise([f"semfirst_delta_t: {p}" for p in SCHEDULES[self.semfirst_schedule].check(self.semfirst_delta_t)])
         if self.timestep_embedding not in ("dual", "single"):
             raise ConfigError(f"timestep_embedding must be 'dual' or 'single', got {self.timestep_embedding!r}")
         if self.timestep_embedding == "dual" and self.hidden_size % 2:
@@ -561,8 +584,8 @@ class TrainConfig:
     semantic_weight: float = 2.0  # β on the semantic channels of the velocity MSE
     use_cosine_loss: bool = True
     repa_weight: float = 1.0  # λ; 0 = REPA off
-    repa_mode: str = "cos"  # cos | mse | cos_mse
-    repa_targets: str = "stored"  # stored (cache's DINO tokens) | semvae (decoded from the semantic latent) | none (sfd/repa_targets.py)
+    repa_mode: str = "cos"  # cos | mse | cos_mse (sfd.diffusion.REPA_MODES)
+    repa_targets: str = "stored"  # stored (cache's DINO tokens) | semvae (decoded from the semantic latent) | none (sfd.repa_targets.REPA_TARGET_SOURCES)
     mask_clamped: bool = False  # ours, off = faithful: drop the clamped parts from the loss (docs/method.md §12.3 item 7)
     # Performance policy, decided once in main().
     precision: str = "bf16"  # bf16 autocast on GPU | fp32
@@ -580,7 +603,7 @@ class TrainConfig:
     texture_vae: str = ""  # texture VAE weights for sample-grid PNGs; "" = weights/ldm-imagenet256-f16d32-50ep.ckpt if it exists
     tensorboard: bool = False  # also log to <out_dir>/tb (tensorboard --logdir runs) beside metrics.jsonl
     # Ours (the authors have none of these).
-    data_mode: str = "pagecache"  # pagecache | memory: cache reader mode (sfd/data/reader.py)
+    data_mode: str = "pagecache"  # pagecache | memory: cache reader mode (sfd.data.reader.MODES)
     # full: every cache file the run reads has its checksums checked before step 1 (all ranks
     # share the reading); lazy: each file when first read (docs/reliability.md).
     verify: str = "full"  # full | lazy
@@ -588,10 +611,8 @@ class TrainConfig:
     init_from: str = ""  # weights to start from (authors' .pt or ours); ignored when resuming
 
     def __post_init__(self) -> None:
-        if self.repa_mode not in ("cos", "mse", "cos_mse"):
-            raise ConfigError(f"repa_mode must be cos, mse or cos_mse, got {self.repa_mode!r}")
-        if self.repa_targets not in ("stored", "semvae", "none"):
-            raise ConfigError(f"repa_targets must be stored, semvae or none, got {self.repa_targets!r}")
+        _raise(_choice("repa_mode", self.repa_mode, "sfd.diffusion:REPA_MODES"))
+        _raise(_choice("repa_targets", self.repa_targets, "sfd.repa_targets:REPA_TARGET_SOURCES"))
         if self.precision not in ("bf16", "fp32"):
             raise ConfigError(f"precision must be bf16 or fp32, got {self.precision!r}")
         if not 0.0 <= self.lr_decay_start <= 1.0:
@@ -600,10 +621,8 @@ class TrainConfig:
             raise ConfigError(f"delta_t must be >= 0, got {self.delta_t}")
         if self.global_batch <= 0 or self.micro_batch < 0:
             raise ConfigError("global_batch must be > 0 and micro_batch >= 0")
-        if self.kernels not in ("eager", "compile", "triton"):
-            raise ConfigError(f"kernels must be eager, compile or triton, got {self.kernels!r}")
-        if self.data_mode not in ("pagecache", "memory"):
-            raise ConfigError(f"data_mode must be pagecache or memory, got {self.data_mode!r}")
+        _raise(_choice("kernels", self.kernels, "sfd.kernels:KERNELS"))
+        _raise(_choice("data_mode", self.data_mode, "sfd.data.reader:MODES"))
 
     # Short names accepted by `override` (and so by `-o`): the one stored Δt is the model's.
     ALIASES: ClassVar[dict[str, str]] = {"delta_t": "model.semfirst_delta_t", "schedule": "model.semfirst_schedule"}
@@ -651,9 +670,6 @@ def preset(table: dict[str, T], name: str, kind: str, *overrides: str) -> T:
 # ---------------------------------------------------------------------------------------------
 # Sampling
 
-SAMPLER_METHODS = ("euler", "heun", "dopri5")
-
-
 @dataclass(frozen=True)
 class SamplingConfig:
     """Every setting that decides a sample besides the weights and the index (docs/method.md §7).
@@ -665,7 +681,7 @@ class SamplingConfig:
     per part (the authors' ``cfg_scale_tex``/``cfg_scale_sem`` flags act on both kinds).
     """
 
-    method: str = "dopri5"  # euler | heun | dopri5
+    method: str = "dopri5"  # euler | heun | dopri5 (sfd.samplers.SAMPLERS)
     num_steps: int | None = None  # fixed-step solvers; None = sampler default (euler 250 points, heun 50)
     atol: float = 1e-6  # dopri5
     rtol: float = 1e-3  # dopri5
@@ -683,12 +699,10 @@ class SamplingConfig:
     bf16: bool = False  # bf16 autocast for the DiT (the authors sample in fp32/TF32, §7.1)
 
     def __post_init__(self) -> None:
-        if self.method not in SAMPLER_METHODS:
-            raise ConfigError(f"sampler must be one of {SAMPLER_METHODS}, got {self.method!r}")
-        if self.grid not in (None, "exact", "authors"):
-            raise ConfigError(f"grid must be exact or authors, got {self.grid!r}")
-        if self.interval_mode not in ("both", "tex", "sem"):
-            raise ConfigError(f"interval_mode must be both, tex or sem, got {self.interval_mode!r}")
+        _raise(_choice("method", self.method, "sfd.samplers:SAMPLERS"))
+        if self.grid is not None:
+            _raise(_choice("grid", self.grid, "sfd.samplers:GRIDS"))
+        _raise(_choice("interval_mode", self.interval_mode, "sfd.guidance:INTERVAL_MODES"))
         if self.num_steps is not None and self.num_steps < 1:
             raise ConfigError(f"num_steps must be >= 1, got {self.num_steps}")
         if self.method == "dopri5" and (self.num_steps is not None or self.shift is not None):
@@ -765,7 +779,6 @@ __all__ = [
     "ENCODE_STAGES",
     "EncodeConfig",
     "TrainSemVAEConfig",
-    "SAMPLER_METHODS",
     "SamplingConfig",
     "SAMPLING_PRESETS",
     "from_dict",
@@ -773,3 +786,5 @@ __all__ = [
     "to_json",
     "override",
 ]
+
+_loaded = True  # from here on, choices are checked against their registries (see _choice)

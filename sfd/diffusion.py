@@ -29,14 +29,16 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from sfd.registry import Registry
+
 __all__ = [
     "AsyncClock",
+    "Schedule",
     "SCHEDULES",
     "power_gamma",
     "schedule_times",
@@ -45,13 +47,14 @@ __all__ = [
     "sample_training_times",
     "noise_composite",
     "LossTerms",
+    "REPA_MODES",
     "repa_loss",
     "sfd_loss",
     "VelocityFn",
 ]
 
 VelocityFn = Callable[[Tensor, Tensor, Tensor, Tensor], Tensor]  # fn(x, t_tex, t_sem, y) -> v
-RepaMode = Literal["cos", "mse", "cos_mse"]
+RepaMode = str  # a name in REPA_MODES: cos | mse | cos_mse
 
 
 # ---------------------------------------------------------------------------------------------
@@ -68,7 +71,70 @@ class Phase:
     semantic_moves: bool
 
 
-SCHEDULES = ("offset", "power")
+class Schedule:
+    """A monotone map from the global clock τ ∈ [0, ``tau_end``] to (t_tex, t_sem) with t_sem ≥ t_tex,
+    whose largest lead is Δt; Δt = 0 must give t_tex = t_sem = τ. Register an instance in
+    :data:`SCHEDULES` to make it a ``model.semfirst_schedule`` choice."""
+
+    # True: each part moves with the clock (rate 1) in phases and is frozen outside them (the
+    # samplers then restart at the phase boundaries); False: both parts move all the way, each at
+    # its own rate (:meth:`rates`).
+    phased: bool = False
+
+    def check(self, delta_t: float) -> list[str]:
+        """Problems (empty if none) with this schedule at lead ``delta_t``."""
+        return []
+
+    def tau_end(self, delta_t: float) -> float:
+        return 1.0
+
+    def times(self, delta_t: float, tau: Tensor) -> tuple[Tensor, Tensor]:
+        raise NotImplementedError
+
+    def rates(self, delta_t: float, tau: Tensor) -> tuple[Tensor, Tensor] | None:
+        """(dt_tex/dτ, dt_sem/dτ), or None where every moving part has rate 1."""
+        raise NotImplementedError
+
+
+SCHEDULES: Registry[Schedule] = Registry("schedule")
+
+
+class OffsetSchedule(Schedule):
+    """The paper's: t_sem = min(τ, 1), t_tex = max(τ − Δt, 0), τ ∈ [0, 1 + Δt]."""
+
+    phased = True
+
+    def tau_end(self, delta_t: float) -> float:
+        return 1.0 + delta_t
+
+    def times(self, delta_t: float, tau: Tensor) -> tuple[Tensor, Tensor]:
+        return (tau - delta_t).clamp(min=0.0), tau.clamp(max=1.0)
+
+    def rates(self, delta_t: float, tau: Tensor) -> None:
+        return None  # the phases say which parts move; a moving part moves with the clock
+
+
+class PowerSchedule(Schedule):
+    """Ours, smooth: t_tex = τ^γ, t_sem = 1 − (1 − τ)^γ, τ ∈ [0, 1], γ from :func:`power_gamma`."""
+
+    def check(self, delta_t: float) -> list[str]:
+        return [] if 0.0 <= delta_t < 1.0 else [f"the power schedule needs delta_t in [0, 1), got {delta_t}"]
+
+    def times(self, delta_t: float, tau: Tensor) -> tuple[Tensor, Tensor]:
+        g = power_gamma(delta_t)
+        tau = tau.clamp(0.0, 1.0)
+        if g == 1.0:  # Δt = 0: exactly the synchronous clock (1 − (1 − τ) is not τ in floats)
+            return tau, tau
+        return tau.pow(g), 1.0 - (1.0 - tau).pow(g)
+
+    def rates(self, delta_t: float, tau: Tensor) -> tuple[Tensor, Tensor]:
+        g = power_gamma(delta_t)
+        tau = tau.clamp(0.0, 1.0)
+        return g * tau.pow(g - 1.0), g * (1.0 - tau).pow(g - 1.0)
+
+
+SCHEDULES.register("offset", OffsetSchedule())
+SCHEDULES.register("power", PowerSchedule())
 
 
 def power_gamma(delta_t: float) -> float:
@@ -84,17 +150,9 @@ def schedule_times(schedule: str, delta_t: float, tau: Tensor) -> tuple[Tensor, 
     ``offset`` (the paper): t_sem = min(τ, 1), t_tex = max(τ − Δt, 0), τ ∈ [0, 1 + Δt].
     ``power`` (ours, smooth): t_tex = τ^γ, t_sem = 1 − (1 − τ)^γ, τ ∈ [0, 1], with γ from
     :func:`power_gamma` so that the largest lead is Δt. Both maps are monotone, t_sem ≥ t_tex,
-    and Δt = 0 gives t_tex = t_sem = τ in both.
+    and Δt = 0 gives t_tex = t_sem = τ in both. Others: :data:`SCHEDULES`.
     """
-    if schedule == "offset":
-        return (tau - delta_t).clamp(min=0.0), tau.clamp(max=1.0)
-    if schedule == "power":
-        g = power_gamma(delta_t)
-        tau = tau.clamp(0.0, 1.0)
-        if g == 1.0:  # Δt = 0: exactly the synchronous clock (1 − (1 − τ) is not τ in floats)
-            return tau, tau
-        return tau.pow(g), 1.0 - (1.0 - tau).pow(g)
-    raise ValueError(f"unknown schedule {schedule!r}; known: {SCHEDULES}")
+    return SCHEDULES[schedule].times(delta_t, tau)
 
 
 @dataclass(frozen=True)
@@ -120,14 +178,12 @@ class AsyncClock:
             raise ValueError(f"semantic_chans must be >= 0, got {self.semantic_chans}")
         if self.delta_t > 0 and self.semantic_chans == 0:
             raise ValueError("delta_t > 0 needs semantic channels (semantic_chans > 0)")
-        if self.schedule not in SCHEDULES:
-            raise ValueError(f"unknown schedule {self.schedule!r}; known: {SCHEDULES}")
-        if self.schedule == "power":
-            power_gamma(self.delta_t)  # raises for Δt = 1
+        for problem in SCHEDULES[self.schedule].check(self.delta_t):
+            raise ValueError(problem)
 
     @property
     def tau_end(self) -> float:
-        return 1.0 + self.delta_t if self.schedule == "offset" else 1.0
+        return SCHEDULES[self.schedule].tau_end(self.delta_t)
 
     def times(self, tau: Tensor) -> tuple[Tensor, Tensor]:
         """(t_tex, t_sem) at clock value ``tau`` (§4.2 step 3, §7.1); texture first."""
@@ -136,16 +192,12 @@ class AsyncClock:
     def rates(self, tau: Tensor) -> tuple[Tensor, Tensor] | None:
         """(dt_tex/dτ, dt_sem/dτ), or None where every moving part has rate 1 (the offset
         schedule: its phases say which parts move, and a moving part moves with the clock)."""
-        if self.schedule == "offset":
-            return None
-        g = power_gamma(self.delta_t)
-        tau = tau.clamp(0.0, 1.0)
-        return g * tau.pow(g - 1.0), g * (1.0 - tau).pow(g - 1.0)
+        return SCHEDULES[self.schedule].rates(self.delta_t, tau)
 
     def phases(self) -> list[Phase]:
         """The non-empty phases I, II, III in order (a single phase [0, 1] when Δt = 0 or the
         schedule is smooth: both parts move all the way, at their own rates)."""
-        if self.delta_t == 0 or self.schedule != "offset":
+        if self.delta_t == 0 or not SCHEDULES[self.schedule].phased:
             return [Phase(0.0, 1.0, True, True)]
         dt = self.delta_t
         phases = [
@@ -196,7 +248,7 @@ def sample_training_times(
     rng_device = generator.device if generator is not None else device
     n = torch.randn(batch_size, generator=generator, device=rng_device)
     u = torch.sigmoid(n * std + mean)
-    tau = u * (1.0 + delta_t) if schedule == "offset" else u  # over the clock's length
+    tau = u * SCHEDULES[schedule].tau_end(delta_t)  # over the clock's length (× 1.0 is exact)
     t_tex, t_sem = schedule_times(schedule, delta_t, tau)
     return t_tex.to(device), t_sem.to(device)
 
@@ -239,26 +291,39 @@ class LossTerms:
     per_sample: dict[str, Tensor] = field(default_factory=dict)
 
 
+# REPA alignment per sample (B,) of projected tokens vs encoder tokens, both (B, N, D) float32:
+# the authors' three modes (transport.py); ``repa_mode`` names one.
+REPA_MODES: Registry[Callable[[Tensor, Tensor], Tensor]] = Registry("REPA loss mode")
+
+
+@REPA_MODES.register("cos")
+def repa_cos(projection: Tensor, target: Tensor) -> Tensor:
+    """Mean over tokens of 1 − cos."""
+    return (1 - F.cosine_similarity(projection, target, dim=-1)).mean(dim=1)
+
+
+@REPA_MODES.register("mse")
+def repa_mse(projection: Tensor, target: Tensor) -> Tensor:
+    """Mean over tokens and features of the squared error."""
+    return (projection - target).square().mean(dim=(1, 2))
+
+
+@REPA_MODES.register("cos_mse")
+def repa_cos_mse(projection: Tensor, target: Tensor) -> Tensor:
+    """The average of ``cos`` and ``mse``."""
+    return (repa_cos(projection, target) + repa_mse(projection, target)) / 2
+
+
 def repa_loss(projection: Tensor, target: Tensor, mode: RepaMode = "cos") -> Tensor:
     """Per-sample REPA alignment (B,) of projected tokens vs encoder tokens (docs/method.md §4.6).
 
-    Both (B, N, D). cos: mean over tokens of 1 − cos; mse: mean over tokens and features;
-    cos_mse: their average (the authors' three modes, transport.py).
+    Both (B, N, D), compared in float32 under ``mode`` (a name in :data:`REPA_MODES`).
     """
     if projection.shape != target.shape:
         raise ValueError(
             f"REPA projection {tuple(projection.shape)} != target {tuple(target.shape)}"
         )
-    projection, target = projection.float(), target.float()
-    cos = (1 - F.cosine_similarity(projection, target, dim=-1)).mean(dim=1)
-    if mode == "cos":
-        return cos
-    mse = (projection - target).square().mean(dim=(1, 2))
-    if mode == "mse":
-        return mse
-    if mode == "cos_mse":
-        return (cos + mse) / 2
-    raise ValueError(f"repa_mode must be cos, mse or cos_mse, got {mode!r}")
+    return REPA_MODES[mode](projection.float(), target.float())
 
 
 def sfd_loss(

@@ -15,11 +15,17 @@ from torch import Tensor, nn
 
 from sfd.config import ConfigError, ModelConfig, SamplingConfig
 from sfd.diffusion import VelocityFn, per_channel
+from sfd.registry import Registry
 from sfd.runtime import autocast
 
-__all__ = ["model_velocity", "guide", "classifier_free_guidance", "autoguidance", "build_velocity_fn"]
+__all__ = ["INTERVAL_MODES", "model_velocity", "guide", "classifier_free_guidance", "autoguidance", "build_velocity_fn"]
 
 IntervalMode = Literal["both", "tex", "sem"]
+# ``SamplingConfig.interval_mode``: name → (the interval applies to the texture part, to the semantic part).
+INTERVAL_MODES: Registry[tuple[bool, bool]] = Registry("interval mode")
+INTERVAL_MODES.register("both", (True, True))
+INTERVAL_MODES.register("tex", (True, False))
+INTERVAL_MODES.register("sem", (False, True))
 
 
 def model_velocity(model: nn.Module) -> VelocityFn:
@@ -51,12 +57,11 @@ def guide(
     to. They test the first sample's time only; we test each sample's with ``torch.where`` (the
     same result for a shared clock, and no branch for the compiler).
     """
-    if interval_mode not in ("both", "tex", "sem"):
-        raise ValueError(f"interval_mode must be both, tex or sem, got {interval_mode!r}")
+    tex_in, sem_in = INTERVAL_MODES[interval_mode]
     C, C_tex = v_main.shape[1], v_main.shape[1] - semantic_chans
     always = torch.ones_like(t_tex, dtype=torch.bool)
-    tex_on = t_tex >= interval_start if interval_mode in ("both", "tex") else always
-    sem_on = t_sem >= interval_start if interval_mode in ("both", "sem") else always
+    tex_on = t_tex >= interval_start if tex_in else always
+    sem_on = t_sem >= interval_start if sem_in else always
     on = per_channel(tex_on, sem_on, C, semantic_chans, v_main.ndim)
     # Same arithmetic as the authors: uncond + scale·(cond − uncond), per part.
     guided = torch.cat(

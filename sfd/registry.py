@@ -27,13 +27,16 @@ import os
 from collections.abc import Callable, Iterator
 from typing import Generic, TypeVar, overload
 
+from sfd.config import ConfigError
+
 T = TypeVar("T")
 
 PLUGINS_ENV = "SFD_PLUGINS"
 
 
-class UnknownChoice(ValueError):
-    """A name that no registry entry has; the message lists the valid ones."""
+class UnknownChoice(ConfigError):
+    """A name that no registry entry has; the message lists the valid ones. A :class:`ConfigError`
+    (so a ``ValueError``): the entry points report it as one ``error:`` line, like any bad setting."""
 
 
 class Registry(Generic[T]):
@@ -65,9 +68,8 @@ class Registry(Generic[T]):
     def check(self, name: str, where: str | None = None) -> str:
         """``name`` if it is registered, else :class:`UnknownChoice` naming the valid choices."""
         if name not in self._items:
-            raise UnknownChoice(
-                f"{where or self.what}: unknown {self.what} {name!r}; choose one of {' | '.join(self._items)}"
-            )
+            prefix = f"{where}: " if where else ""  # the setting that holds the name, e.g. "kernels"
+            raise UnknownChoice(f"{prefix}unknown {self.what} {name!r}; choose one of {' | '.join(self._items)}")
         return name
 
     def __getitem__(self, name: str) -> T:

@@ -1,5 +1,10 @@
 """Where the REPA targets of a training step come from: ``stored``, ``semvae`` or ``none``.
 
+Each source is one :class:`RepaTargetSource` subclass registered in :data:`REPA_TARGET_SOURCES`
+under its ``repa_targets`` name: what the reader must load, its checks against the cache, and the
+per-run callable ``targets(batch)``. The trainer asks the class; a plugin (``SFD_PLUGINS``,
+sfd/registry.py) adds a source with :func:`repa_target_source`.
+
 REPA aligns a projection of an early DiT block with DINOv2 patch tokens (docs/method.md §4.6).
 The authors store those tokens in the cache (docs/method.md §11: ~0.8 MB per image, >1 TB for
 ImageNet-1k). This module offers the choice:
@@ -31,9 +36,9 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -48,8 +53,8 @@ from sfd.checkpoint import (
 )
 from sfd.config import SemVAEConfig, from_dict, to_dict
 from sfd.data.cache import CacheError, LatentCache, attr_diffs
+from sfd.registry import Registry
 
-SOURCES = ("stored", "semvae", "none")
 DECODER_FILE = "semvae_decoder.safetensors"
 _PREFIX = "decoder."
 
@@ -119,78 +124,130 @@ def load_semvae_decoder(cache: LatentCache) -> tuple[nn.Module, SemVAEConfig, st
     return model.decoder.eval().requires_grad_(False), cfg, how
 
 
-def check_repa_targets(source: str, cache: LatentCache, tokens: int, dim: int) -> list[str]:
-    """Problems (empty if none) with producing ``(tokens, dim)`` REPA targets from ``source`` for ``cache``."""
-    if source == "none":
+class RepaTargetSource:
+    """One way to get a step's REPA targets. The class answers before the run (``needs_dino_in_reader``,
+    ``gives_targets``, :meth:`check`); an instance, built once per run, answers ``targets(batch) ->
+    [B, tokens, dim] float32`` on the device (None when the source gives none)."""
+
+    name: ClassVar[str] = ""  # its ``repa_targets`` value (set by :func:`repa_target_source`)
+    needs_dino_in_reader: ClassVar[bool] = False  # the reader must load the cache's stored DINO tokens
+    gives_targets: ClassVar[bool] = True  # False: REPA is off whatever ``repa_weight`` says
+
+    def __init__(self, cache: LatentCache, device: torch.device | str = "cpu", autocast_dtype: torch.dtype | None = None) -> None:
+        self.device, self.autocast_dtype = torch.device(device), autocast_dtype
+        self.how = self.name  # one line for the run log
+
+    @classmethod
+    def check(cls, cache: LatentCache, tokens: int, dim: int) -> list[str]:
+        """Problems (empty if none) with producing ``(tokens, dim)`` targets for ``cache``."""
         return []
-    if source == "stored":
+
+    def problems(self, cache: LatentCache, tokens: int, dim: int) -> list[str]:
+        """:meth:`check` for this run's instance (a source that loaded a model checks the one it loaded)."""
+        return type(self).check(cache, tokens, dim)
+
+    def __call__(self, batch: Any) -> Tensor | None:
+        """Targets of a :class:`sfd.data.reader.LatentBatch`, on the device, float32."""
+        raise NotImplementedError
+
+
+REPA_TARGET_SOURCES: Registry[type[RepaTargetSource]] = Registry("REPA target source")
+
+
+def repa_target_source(name: str) -> Callable[[type[RepaTargetSource]], type[RepaTargetSource]]:
+    """Class decorator: register a :class:`RepaTargetSource` as ``repa_targets=name``."""
+
+    def add(cls: type[RepaTargetSource]) -> type[RepaTargetSource]:
+        cls.name = name
+        return REPA_TARGET_SOURCES.register(name, cls)
+
+    return add
+
+
+@repa_target_source("stored")
+class StoredTargets(RepaTargetSource):
+    """The cache's ``dino`` array (the authors' targets), read by the reader as float16."""
+
+    needs_dino_in_reader = True
+
+    def __init__(self, cache: LatentCache, device: torch.device | str = "cpu", autocast_dtype: torch.dtype | None = None) -> None:
+        super().__init__(cache, device, autocast_dtype)
+        self.how = "the cache's stored DINO tokens"
+
+    @classmethod
+    def check(cls, cache: LatentCache, tokens: int, dim: int) -> list[str]:
         if cache.layout.dino_shape is None:
-            return [f"repa_targets=stored, but the cache at {cache.path} stores no DINO targets: use repa_targets=semvae or none"]
+            return [
+                f"REPA needs targets, but the cache at {cache.path} has none (encoded without DINO targets): "
+                "set repa_weight=0 (-o repa_weight=0), decode them from the semantic latents "
+                "(-o repa_targets=semvae) or re-encode with targets"
+            ]
         have = tuple(cache.layout.dino_shape)
-        return [] if have == (tokens, dim) else [f"cache REPA targets are {have} (tokens, dim), the model needs ({tokens}, {dim})"]
-    try:
-        _, cfg, _ = load_semvae_decoder(cache)
-    except (CacheError, WeightsError) as e:
-        return [str(e)]
-    cs, h, w = cache.layout.semantic_shape
-    problems = []
-    if cs != cfg.bottleneck_dim:
-        problems.append(f"cache has {cs} semantic channels, its SemVAE decoder takes {cfg.bottleneck_dim}")
-    if (h * w, cfg.input_dim) != (tokens, dim):
-        problems.append(
-            f"repa_targets=semvae decodes ({h * w}, {cfg.input_dim}) (tokens, dim) targets, the model needs ({tokens}, {dim})"
-        )
-    return problems
+        if have == (tokens, dim):
+            return []
+        return [
+            f"cache REPA targets are {have} (tokens, dim), the model needs ({tokens}, {dim}) "
+            "(tokens = (input_size/patch_size)², model.repa_target_dim)"
+        ]
+
+    def __call__(self, batch: Any) -> Tensor:
+        if batch.repa is None:
+            raise CacheError(f"repa_targets={self.name} but the reader delivers no targets (load_dino=False)")
+        return batch.repa.to(self.device, non_blocking=True).float()
 
 
-class RepaTargets:
-    """Per-step REPA targets for ``train/main.py``: ``targets(batch) -> [B, tokens, dim] float32 | None``."""
+@repa_target_source("semvae")
+class SemVAETargets(RepaTargetSource):
+    """Decoded from the batch's own semantic latent by the cache's SemVAE decoder (module docstring)."""
 
     def __init__(
         self,
-        source: str,
         cache: LatentCache,
         device: torch.device | str = "cpu",
         autocast_dtype: torch.dtype | None = None,
         chunk: int = 256,
     ) -> None:
-        if source not in SOURCES:
-            raise ValueError(f"repa_targets must be one of {SOURCES}, got {source!r}")
-        self.source, self.device, self.autocast_dtype, self.chunk = source, torch.device(device), autocast_dtype, chunk
-        self.decoder: nn.Module | None = None
-        self.how = {"stored": "the cache's stored DINO tokens", "none": "none (REPA off)"}.get(source, "")
-        if source == "semvae":
-            decoder, cfg, self.how = load_semvae_decoder(cache)
-            self.decoder = decoder.to(self.device)
-            self.cfg = cfg
-            stats = cache.stats()
-            ct = cache.layout.texture_shape[0]
-            self.ct = ct
-            self.mean = torch.from_numpy(stats["semantic_mean"]).to(self.device).view(1, -1, 1, 1)
-            self.std = torch.from_numpy(stats["semantic_std"]).to(self.device).view(1, -1, 1, 1)
-            cs = cache.layout.semantic_shape[0]
-            if cs != cfg.bottleneck_dim:
-                raise CacheError(f"cache {cache.path} has {cs} semantic channels, its SemVAE decoder expects {cfg.bottleneck_dim}")
+        super().__init__(cache, device, autocast_dtype)
+        self.chunk = chunk
+        decoder, cfg, self.how = load_semvae_decoder(cache)
+        self.decoder = decoder.to(self.device)
+        self.cfg = cfg
+        stats = cache.stats()
+        self.ct = cache.layout.texture_shape[0]
+        self.mean = torch.from_numpy(stats["semantic_mean"]).to(self.device).view(1, -1, 1, 1)
+        self.std = torch.from_numpy(stats["semantic_std"]).to(self.device).view(1, -1, 1, 1)
+        cs = cache.layout.semantic_shape[0]
+        if cs != cfg.bottleneck_dim:
+            raise CacheError(f"cache {cache.path} has {cs} semantic channels, its SemVAE decoder expects {cfg.bottleneck_dim}")
 
-    @property
-    def needs_stored(self) -> bool:
-        return self.source == "stored"
+    @classmethod
+    def check(cls, cache: LatentCache, tokens: int, dim: int) -> list[str]:
+        try:
+            _, cfg, _ = load_semvae_decoder(cache)
+        except (CacheError, WeightsError) as e:
+            return [str(e)]
+        return cls._fit(cfg, cache, tokens, dim)
 
-    def target_shape(self, cache: LatentCache) -> tuple[int, int] | None:
-        """(tokens, dim) of the targets this source produces."""
-        if self.source == "none":
-            return None
-        if self.source == "stored":
-            return None if cache.layout.dino_shape is None else tuple(cache.layout.dino_shape)  # type: ignore[return-value]
-        _, h, w = cache.layout.semantic_shape
-        return (h * w, self.cfg.input_dim)
+    def problems(self, cache: LatentCache, tokens: int, dim: int) -> list[str]:
+        return self._fit(self.cfg, cache, tokens, dim)  # the decoder this run loaded, not a second read
+
+    @staticmethod
+    def _fit(cfg: SemVAEConfig, cache: LatentCache, tokens: int, dim: int) -> list[str]:
+        cs, h, w = cache.layout.semantic_shape
+        problems = []
+        if cs != cfg.bottleneck_dim:
+            problems.append(f"cache has {cs} semantic channels, its SemVAE decoder takes {cfg.bottleneck_dim}")
+        if (h * w, cfg.input_dim) != (tokens, dim):
+            problems.append(
+                f"repa_targets=semvae decodes ({h * w}, {cfg.input_dim}) (tokens, dim) targets, the model needs ({tokens}, {dim})"
+            )
+        return problems
 
     @torch.no_grad()
     def decode(self, semantic: Tensor) -> Tensor:
         """Normalised semantic latents ``[B, Cs, h, w]`` (on the device) → targets ``[B, h·w, dim]`` float32."""
         from sfd.models.semvae import latent_to_tokens
 
-        assert self.decoder is not None
         z = latent_to_tokens(semantic.float() * self.std + self.mean)  # raw posterior sample, (B, h·w, Cs)
         out = []
         for i in range(0, len(z), self.chunk):  # bounds the activations of a large per-rank batch
@@ -198,15 +255,34 @@ class RepaTargets:
                 out.append(self.decoder(z[i : i + self.chunk]).float())
         return torch.cat(out)
 
-    def __call__(self, batch: Any) -> Tensor | None:
-        """Targets of a :class:`sfd.data.reader.LatentBatch`, on the device, float32."""
-        if self.source == "none":
-            return None
-        if self.source == "stored":
-            if batch.repa is None:
-                raise CacheError("repa_targets=stored but the reader delivers no targets (load_dino=False)")
-            return batch.repa.to(self.device, non_blocking=True).float()
+    def __call__(self, batch: Any) -> Tensor:
         return self.decode(batch.x[:, self.ct :].to(self.device, non_blocking=True))
+
+
+@repa_target_source("none")
+class NoTargets(RepaTargetSource):
+    """No targets: REPA is off whatever ``repa_weight`` says."""
+
+    gives_targets = False
+
+    def __init__(self, cache: LatentCache, device: torch.device | str = "cpu", autocast_dtype: torch.dtype | None = None) -> None:
+        super().__init__(cache, device, autocast_dtype)
+        self.how = "none (REPA off)"
+
+    def __call__(self, batch: Any) -> None:
+        return None
+
+
+def check_repa_targets(source: str, cache: LatentCache, tokens: int, dim: int) -> list[str]:
+    """Problems (empty if none) with producing ``(tokens, dim)`` REPA targets from ``source`` for ``cache``."""
+    return REPA_TARGET_SOURCES[source].check(cache, tokens, dim)
+
+
+def RepaTargets(  # the former class name, kept for its callers (tests, bench/cache_reader.py)
+    source: str, cache: LatentCache, device: torch.device | str = "cpu", autocast_dtype: torch.dtype | None = None
+) -> RepaTargetSource:
+    """The per-run targets of the source named ``source``: ``targets(batch) -> [B, tokens, dim] float32 | None``."""
+    return REPA_TARGET_SOURCES[source](cache, device, autocast_dtype)
 
 
 def main(argv: list[str] | None = None) -> int:

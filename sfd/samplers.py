@@ -28,6 +28,7 @@ from torch import Tensor, nn
 from sfd.config import ModelConfig, SamplingConfig
 from sfd.diffusion import AsyncClock, Phase, VelocityFn, per_channel
 from sfd.guidance import build_velocity_fn
+from sfd.registry import Registry
 from sfd.runtime import derive_seed
 
 __all__ = [
@@ -38,6 +39,7 @@ __all__ = [
     "sample_euler",
     "sample_heun",
     "sample_dopri5",
+    "GRIDS",
     "SAMPLERS",
     "sample",
     "initial_noise",
@@ -46,6 +48,13 @@ __all__ = [
 ]
 
 Grid = Literal["exact", "authors"]
+
+# ``SamplingConfig.method``: name → ``sample_<method>(fn, x0, y, clock, *, grid, callback, **options)``.
+SAMPLERS: Registry[Callable[..., SampleResult]] = Registry("sampler")
+# ``SamplingConfig.grid`` (what each name means: :func:`fixed_grid`, :func:`sample_dopri5`).
+GRIDS: Registry[str] = Registry("sampling grid")
+GRIDS.register("exact", "phase by phase, the boundaries τ = Δt and τ = 1 exact")
+GRIDS.register("authors", "one run over the whole clock with a channel-masked drift (torchdiffeq)")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -117,8 +126,7 @@ class _Drift:
 
 
 def _check_grid(grid: str) -> None:
-    if grid not in ("exact", "authors"):
-        raise ValueError(f"grid must be 'exact' or 'authors', got {grid!r}")
+    GRIDS.check(grid, "grid")
 
 
 def _shift_warp(u: Tensor, shift: float) -> Tensor:
@@ -197,6 +205,7 @@ def _tau_dtype(device: torch.device) -> torch.dtype:
     return torch.float32 if device.type == "mps" else torch.float64  # MPS has no float64
 
 
+@SAMPLERS.register("euler")
 def sample_euler(
     fn: VelocityFn,
     x0: Tensor,
@@ -219,6 +228,7 @@ def sample_euler(
     return _fixed_step(fn, x0, y, clock, num_steps, grid, shift, callback, heun=False)
 
 
+@SAMPLERS.register("heun")
 def sample_heun(
     fn: VelocityFn,
     x0: Tensor,
@@ -318,6 +328,7 @@ def _bcast(v: Tensor, x: Tensor) -> Tensor:
     return v.to(x.dtype).reshape(-1, *([1] * (x.ndim - 1)))
 
 
+@SAMPLERS.register("dopri5")
 def sample_dopri5(
     fn: VelocityFn,
     x0: Tensor,
@@ -547,19 +558,10 @@ def _dense_output(
     return x0 + s * (f0 + s * (c + s * (b + s * a)))
 
 
-SAMPLERS: dict[str, Callable[..., SampleResult]] = {
-    "euler": sample_euler,
-    "heun": sample_heun,
-    "dopri5": sample_dopri5,
-}
-
-
 def sample(
     fn: VelocityFn, x0: Tensor, y: Tensor, clock: AsyncClock, *, method: str = "dopri5", **options
 ) -> SampleResult:
-    """Run the sampler named ``method`` (a key of :data:`SAMPLERS`) with its ``options``."""
-    if method not in SAMPLERS:
-        raise ValueError(f"unknown sampler {method!r}; choose from {sorted(SAMPLERS)}")
+    """Run the sampler named ``method`` (a name in :data:`SAMPLERS`) with its ``options``."""
     return SAMPLERS[method](fn, x0, y, clock, **options)
 
 

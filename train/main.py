@@ -80,7 +80,8 @@ from sfd.loading import texture_decoder_for
 from sfd.manifest import CheckpointError, usable_checkpoints, write_manifest
 from sfd.models.lightningdit import LightningDiT, count_params, load_weights
 from sfd.pixels import load_texture_stats, preview_grid
-from sfd.repa_targets import RepaTargets
+from sfd.registry import load_plugins
+from sfd.repa_targets import REPA_TARGET_SOURCES, RepaTargetSource
 from sfd.runlock import LockError, die_with_parent, hold_for_ranks, release_held_locks
 from sfd.runlog import MetricsLog
 
@@ -132,6 +133,7 @@ def main(argv: list[str] | None = None) -> None:
     # -- config ---------------------------------------------------------------------------------
     args = parse_args(argv)
     try:
+        load_plugins()  # SFD_PLUGINS: modules that add choices (sfd/registry.py), before the config is read
         cfg = resolve_config(args)
     except ConfigError as e:
         raise TrainError(str(e)) from e
@@ -157,7 +159,7 @@ def main(argv: list[str] | None = None) -> None:
         for note in notes:
             say(note)
         # Stored tokens, decoded by the SemVAE on the device, or none (its decoder loads once, here).
-        repa_targets = RepaTargets(cfg.repa_targets if use_repa else "none", cache, d.device, autocast_dtype)
+        repa_targets = REPA_TARGET_SOURCES[cfg.repa_targets if use_repa else "none"](cache, d.device, autocast_dtype)
         check_cache(cfg, cache, d.world_size, per_rank, repa_targets)
     m = cfg.model
     # One writer per run directory (rank 0 holds <out_dir>/run.lock), then only intact checkpoints.
@@ -204,7 +206,7 @@ def main(argv: list[str] | None = None) -> None:
     latent_stats = cache.checkpoint_stats()  # stored with every checkpoint for the samplers
     reader = LatentCacheReader(
         cache, seed=cfg.seed, rank=d.rank, world_size=d.world_size, mode=cfg.data_mode,
-        load_dino=repa_targets.needs_stored,
+        load_dino=repa_targets.needs_dino_in_reader,
     )
 
     # -- model ------------------------------------------------------------------------------------
@@ -416,7 +418,7 @@ class TrainStep:
         d: runtime.Dist,
         micro_batch: int,
         autocast_dtype: torch.dtype | None,
-        repa_targets: RepaTargets | None = None,
+        repa_targets: RepaTargetSource | None = None,
     ) -> None:
         self.cfg, self.net, self.optimizer, self.loss_fn, self.d = cfg, net, optimizer, loss_fn, d
         self.micro_batch = micro_batch
@@ -512,7 +514,7 @@ class TrainStep:
 
 def uses_repa(cfg: TrainConfig) -> bool:
     """REPA is on when it has a weight and a target source (``repa_targets=none`` turns it off)."""
-    return cfg.repa_weight > 0 and cfg.repa_targets != "none"
+    return cfg.repa_weight > 0 and REPA_TARGET_SOURCES[cfg.repa_targets].gives_targets
 
 
 def check_run_config(cfg: TrainConfig) -> None:
@@ -570,20 +572,12 @@ def open_cache(cfg: TrainConfig) -> LatentCache:
     return cache
 
 
-def check_cache(cfg: TrainConfig, cache: LatentCache, world_size: int, per_rank: int, targets: RepaTargets) -> None:
+def check_cache(cfg: TrainConfig, cache: LatentCache, world_size: int, per_rank: int, targets: RepaTargetSource) -> None:
     """The cache must fit the model (channels, latent size, classes, REPA targets) and the batch."""
     m = cfg.model
-    problems = cache.model_problems(m, cfg.use_semantic, stored_targets=targets.needs_stored)
-    tokens = (m.input_size // m.patch_size) ** 2
-    if targets.needs_stored and not cache.has_dino:
-        problems.append(
-            f"repa_weight={cfg.repa_weight} needs REPA targets, but the cache at {cache.path} has none "
-            "(encoded without DINO targets): set repa_weight=0 (-o repa_weight=0), decode them from the "
-            "semantic latents (-o repa_targets=semvae) or re-encode with targets"
-        )
-    elif targets.source == "semvae" and targets.target_shape(cache) != (tokens, m.repa_target_dim):
-        problems.append(f"repa_targets=semvae decodes {targets.target_shape(cache)} (tokens, dim) targets, "
-                        f"the model needs ({tokens}, {m.repa_target_dim})")
+    problems = cache.model_problems(m, cfg.use_semantic)
+    if uses_repa(cfg) and m.use_repa:  # the source checks what it gives (sfd/repa_targets.py)
+        problems += targets.problems(cache, (m.input_size // m.patch_size) ** 2, m.repa_target_dim)
     items_per_rank = int(cache.valid().sum()) // world_size
     if per_rank > items_per_rank:
         problems.append(f"per-rank batch {per_rank} exceeds the {items_per_rank} valid rows each of {world_size} ranks gets per epoch")

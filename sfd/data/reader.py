@@ -78,6 +78,7 @@ import torch
 from tqdm import tqdm
 
 from sfd.data.cache import FIX_HINT, NUM_FLIPS, CacheError, LatentCache
+from sfd.registry import Registry
 
 
 def valid_rows_per_chunk(valid: np.ndarray, rows_per_chunk: int) -> np.ndarray:
@@ -98,7 +99,10 @@ def chunk_windows(
     return [[mine[i : i + window_chunks] for i in range(0, len(mine), window_chunks)] for mine in per_rank]
 
 
-MODES = ("memory", "pagecache")
+# ``mode`` (``TrainConfig.data_mode``): the names :class:`LatentCacheReader` dispatches on (module docstring).
+MODES: Registry[str] = Registry("reader mode")
+MODES.register("memory", "texture and semantic latents copied into RAM at start")
+MODES.register("pagecache", "everything read from the page cache, a few batches of private memory")
 DEFAULT_WINDOW_CHUNKS = 64  # 4,096 rows of 64 (a random 0.3 % of ImageNet in permuted row order)
 
 
@@ -414,7 +418,7 @@ class LatentCacheReader:
             raise ValueError(f"rank {rank} not in [0, {world_size})")
         if mode not in MODES:
             hint = " (stream mode was replaced by pagecache: bounded memory, and the same order on any world size)" if mode == "stream" else ""
-            raise ValueError(f"mode must be one of {MODES}, got {mode!r}{hint}")
+            raise ValueError(f"mode must be one of {' | '.join(MODES)}, got {mode!r}{hint}")
         if load_dino and not self.cache.has_dino:
             raise CacheError(f"cache {self.cache.path} has no DINO targets (created with store_dino=False)")
         self.seed, self.rank, self.world_size = int(seed), int(rank), int(world_size)

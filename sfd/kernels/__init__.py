@@ -15,13 +15,13 @@ docs/performance.md has the byte budget that chose the kernels and the GPU comma
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
 from sfd.kernels._triton import HAVE_TRITON, INTERPRET
-
-KERNEL_CHOICES = ("eager", "compile", "triton")
+from sfd.registry import Registry
 
 
 @dataclass(frozen=True)
@@ -35,14 +35,22 @@ class KernelPolicy:
         return f"{self.requested} -> {self.note}"
 
 
-def resolve(kernels: str, device: torch.device) -> KernelPolicy:
-    """What ``kernels`` means on ``device``: compile or not, fused ops or not, and why."""
-    if kernels not in KERNEL_CHOICES:
-        raise ValueError(f"kernels must be one of {' | '.join(KERNEL_CHOICES)}, got {kernels!r}")
-    if kernels == "eager":
-        return KernelPolicy(kernels, False, False, "eager ops, not compiled")
-    if kernels == "compile":
-        return KernelPolicy(kernels, True, False, "torch.compile (inductor) over eager ops")
+# ``kernels``: name → the policy it resolves to on a device (``policy(name, device)``).
+KERNELS: Registry[Callable[[str, torch.device], KernelPolicy]] = Registry("kernel setting")
+
+
+@KERNELS.register("eager")
+def _eager(kernels: str, device: torch.device) -> KernelPolicy:
+    return KernelPolicy(kernels, False, False, "eager ops, not compiled")
+
+
+@KERNELS.register("compile")
+def _compile(kernels: str, device: torch.device) -> KernelPolicy:
+    return KernelPolicy(kernels, True, False, "torch.compile (inductor) over eager ops")
+
+
+@KERNELS.register("triton")
+def _triton(kernels: str, device: torch.device) -> KernelPolicy:
     if device.type == "cuda" and HAVE_TRITON:
         return KernelPolicy(kernels, True, True, "torch.compile + sfd.kernels Triton ops (adaln_norm)")
     if INTERPRET and HAVE_TRITON:
@@ -51,4 +59,9 @@ def resolve(kernels: str, device: torch.device) -> KernelPolicy:
     return KernelPolicy(kernels, True, False, f"{why}: torch.compile over the eager references")
 
 
-__all__ = ["KERNEL_CHOICES", "KernelPolicy", "resolve"]
+def resolve(kernels: str, device: torch.device) -> KernelPolicy:
+    """What ``kernels`` means on ``device``: compile or not, fused ops or not, and why."""
+    return KERNELS[kernels](kernels, device)
+
+
+__all__ = ["KERNELS", "KernelPolicy", "resolve"]
