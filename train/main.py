@@ -66,6 +66,7 @@ from sfd.checkpoint import (
     read_checkpoint,
     save_training_checkpoint,
 )
+from sfd.cli import Parser, cli_status
 from sfd.config import TRAIN_PRESETS, ConfigError, TrainConfig, to_json, train_preset
 from sfd.data.cache import CacheError
 from sfd.data.reader import LatentBatch, LatentCacheReader
@@ -104,7 +105,7 @@ from sfd.training import (
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(
+    ap = Parser(
         prog="train/main.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     ap.add_argument("--preset", default="sfd-xl", choices=sorted(TRAIN_PRESETS), help="run preset (sfd/config.py)")
@@ -515,17 +516,11 @@ class TrainStep:
 
 
 def cli() -> None:
-    """Entry point: run, report a configuration error in one message, exit cleanly."""
+    """Entry point: the shared runner (a user error is one ``error:`` line on rank 0, exit status 2;
+    a bug keeps its traceback, 1), then a clean shutdown."""
     try:
-        main()
-        code = 0
-    except (TrainError, CacheError, WeightsError, LockError, CheckpointError) as e:
-        if int(os.environ.get("RANK", 0)) == 0:
-            print(f"error: {e}", file=sys.stderr, flush=True)
-        code = 2
-    except SystemExit as e:  # --help, argparse errors
-        code = e.code if isinstance(e.code, int) else 1
-    except BaseException:
+        code = cli_status(main, (TrainError, CacheError, WeightsError, LockError, CheckpointError))
+    except BaseException:  # an interrupt outside the loop's own handling
         traceback.print_exc()
         code = 1
     release_held_locks()  # before os._exit below, which skips atexit
