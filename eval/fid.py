@@ -180,7 +180,14 @@ def npz_member_header(zf: zipfile.ZipFile, key: str) -> tuple[tuple[int, ...], n
     return shape, dtype, stream
 
 
+def check_npz(path: Path) -> None:
+    """A damaged or foreign .npz is one user error naming the file, not a zipfile traceback."""
+    if not zipfile.is_zipfile(path):
+        raise SystemExit(f"{path} is not a readable .npz (damaged, or not made by np.savez); check the file")
+
+
 def npz_num_images(path: Path, key: str = "arr_0") -> tuple[int, tuple[int, ...]]:
+    check_npz(path)
     with zipfile.ZipFile(path) as zf:
         if f"{key}.npy" not in zf.namelist():
             raise SystemExit(f"{path} has no '{key}' (keys: {[n[:-4] for n in zf.namelist()]})")
@@ -239,6 +246,7 @@ def write_npz_streamed(
 
 
 def read_npz_settings(path: Path) -> dict[str, Any] | None:
+    check_npz(path)
     with np.load(path) as data:
         return json.loads(str(data[SETTINGS_KEY])) if SETTINGS_KEY in data.files else None
 
@@ -466,6 +474,7 @@ def load_reference(
     path: Path, detector: torch.nn.Module, device: torch.device, batch_size: int
 ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     """mu, sigma, mu_s, sigma_s and pool features of the reference, plus how they were obtained."""
+    check_npz(path)
     with np.load(path) as data:
         keys = set(data.files)
         stored = {k: data[k] for k in ("mu", "sigma", "mu_s", "sigma_s", "pool") if k in keys}
