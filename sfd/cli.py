@@ -1,14 +1,18 @@
 """The command-line front-end shared by the entry points (definitions only; scripts parse).
 
-- :func:`add_override_arg` / :func:`apply_overrides` — the one way to set any field of a typed
-  config: a named preset, the frequently typed flags, then strict ``-o key=value`` (unknown keys
-  and bad values are errors listing the valid keys). Every entry point prints and saves the
-  resolved config (train: config.json; encode: <out>.encode.json; SemVAE: its run dir; grid and
-  gen: their settings JSON).
-- :func:`add_model_args` / :func:`add_sampling_args` — the model/decoder and sampling flags that
-  ``sample/grid.py`` and ``eval/fid.py`` share (so they cannot drift apart), mapped to
-  :class:`sfd.config.SamplingConfig` by :func:`sampling_config_from_args` and to
-  :func:`sfd.loading.load_pipeline` by :func:`pipeline_kwargs`.
+- :func:`config_parser` / :func:`parse_config` — the one flag style: an entry point's typed config
+  (a named ``--preset`` or the defaults), a few frequently typed flags generated from its fields
+  (help = the field's comment, :func:`field_help`), strict ``-o key=value`` for every field
+  (unknown keys and bad values are errors listing the valid keys), ``--dry-run`` (the resolved
+  config as JSON, :func:`print_config`), and old spellings that still work for one release with a
+  one-line note. :data:`SOURCE_ARGS` / :data:`SOURCE_DEPRECATED` are the flags ``sample/grid.py``
+  and ``eval/fid.py gen`` share (so they cannot drift apart).
+- :func:`cli_status` / :func:`run_cli` — the one error voice: a user error (the project's error
+  classes, a missing user-given file, a ``SystemExit`` with a message) is one ``error: …`` line
+  and exit status 2; a bug keeps its traceback (1). :class:`Parser` is argparse in that voice.
+- :func:`add_model_args` / :func:`add_sampling_args` / :func:`sampling_config_from_args` — the
+  former grid/gen flags, kept for library callers and their tests (the entry points no longer
+  use them).
 """
 
 from __future__ import annotations
@@ -37,7 +41,9 @@ from sfd.config import (
 __all__ = [
     "add_override_arg", "apply_overrides", "add_model_args", "add_sampling_args",
     "sampling_config_from_args", "pipeline_kwargs", "SAMPLING_FLAGS", "field_help", "fill_help", "run_cli",
-    "check_inputs",
+    "check_inputs", "Parser", "Arg", "config_parser", "parse_config", "resolve_config", "print_config",
+    "valid_keys", "cli_status", "user_error_message", "SOURCE_ARGS", "SOURCE_DEPRECATED", "source_kwargs",
+    "source_inputs",
 ]
 
 T = TypeVar("T")
@@ -276,6 +282,8 @@ def config_parser(
     quick"`` for a preset) work for one release with a note. :func:`resolve_config` turns the
     parsed namespace into the config. ``parser`` fills an existing (sub)parser.
     """
+    if description and epilog is None and (m := re.search(r"^Examples?:", description, flags=re.M)):
+        description, epilog = description[: m.start()].rstrip() + "\n", description[m.start():]  # examples last
     p = parser if parser is not None else Parser(
         prog=prog, description=description, epilog=epilog, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -372,7 +380,7 @@ USER_ERRORS = frozenset({
     "sfd.data.images.DatasetError", "sfd.training.TrainError",
 })
 # Files a user named that are not there (or not the right kind): the message names the path.
-USER_OS_ERRORS = (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError)
+USER_OS_ERRORS = (FileNotFoundError, FileExistsError, IsADirectoryError, NotADirectoryError, PermissionError)
 
 
 def user_error_message(e: BaseException, extra: tuple[type[BaseException], ...] = ()) -> str | None:

@@ -105,8 +105,9 @@ from sfd.training import (
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = Parser(
-        prog="train/main.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    ap = Parser(  # the shared shape: description, options, then the examples (sfd.cli)
+        prog="train/main.py", description=__doc__[: __doc__.index("Examples:")], epilog=__doc__[__doc__.index("Examples:"):],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     ap.add_argument("--preset", default="sfd-xl", choices=sorted(TRAIN_PRESETS), help="run preset (sfd/config.py)")
     ap.add_argument("--cache", help="latent cache directory (overrides the preset's `cache`)")
