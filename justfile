@@ -31,7 +31,7 @@ smoke out="runs/smoke":
 # Every stage is skipped when done, so the same command resumes. `imagenet` uses the released
 # encoders under weights/ (and the released SemVAE if weights/semantic_vae/…/semantic_ae_final.pt exists); any
 # other name is an image folder (<root>/<class>/<image>) cached at data/cache/<folder name>.
-# Extra flags go to pipeline/encode.py, e.g. `just encode imagenet --repa-targets none`.
+# Extra flags go to pipeline/encode.py, e.g. `just encode imagenet -o repa_targets=none`.
 # Build the latent cache (Ray job): encode → train SemVAE (unless given) → semantic latents → stats.
 encode dataset="imagenet" *args:
     #!/usr/bin/env bash

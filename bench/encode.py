@@ -71,8 +71,8 @@ def main() -> None:
         args.images = str(tmp / "images")
     common = [
         "--images", args.images, "--image-size", str(args.image_size), "--random-encoders", "0",
-        "--rows-per-shard", str(args.rows_per_shard), "--rows-per-chunk", str(args.rows_per_shard),
-        "--batch-size", str(args.batch_size), "--repa-targets", args.repa_targets, "--stages", "encode",
+        "-o", f"rows_per_shard={args.rows_per_shard}", "-o", f"rows_per_chunk={args.rows_per_shard}",
+        "-o", f"batch_size={args.batch_size}", "-o", f"repa_targets={args.repa_targets}", "--stages", "encode",
     ]
     result: dict[str, object] = {
         "cpus": os.cpu_count(), "image_size": args.image_size, "workers": args.workers,
@@ -101,7 +101,7 @@ def main() -> None:
 
         # ---- Ray job (its own local Ray instance, like a user's run)
         out = tmp / "ray"
-        res = encode.main([*common, "--out", str(out), "--num-workers", str(args.workers), "--threads-per-worker", "1",
+        res = encode.main([*common, "--out", str(out), "-o", f"num_workers={args.workers}", "-o", "threads_per_worker=1",
                            "--ray-num-cpus", str(args.workers)])[0]
         result["ray_overall_img_s"] = res.images_per_s
         result["ray_steady_img_s"] = res.work_images_per_s

@@ -50,21 +50,24 @@ from tqdm import tqdm
 from sfd import runtime
 from sfd.checkpoint import (
     KNOWN_WEIGHTS,
-    WeightsError,
     file_sha256,
     resolve_checkpoint,
     resolve_weights,
 )
 from sfd.cli import (
-    add_model_args,
-    add_sampling_args,
+    SOURCE_ARGS,
+    SOURCE_DEPRECATED,
+    Arg,
+    Parser,
     check_inputs,
-    pipeline_kwargs,
+    config_parser,
+    parse_config,
+    print_config,
     run_cli,
-    sampling_config_from_args,
+    source_inputs,
+    source_kwargs,
 )
-from sfd.config import ConfigError
-from sfd.data.cache import CacheError
+from sfd.config import GEN_PRESETS, CalcConfig, GenConfig, RefConfig
 from sfd.loading import load_pipeline
 from sfd.metrics import (
     IS_SPLIT_SIZE,
@@ -81,7 +84,6 @@ from sfd.models.inception import (
     random_inception,
 )
 from sfd.pixels import latents_to_images
-from sfd.registry import load_plugins
 from sfd.samplers import clock_for, generate_latents
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
@@ -178,7 +180,14 @@ def npz_member_header(zf: zipfile.ZipFile, key: str) -> tuple[tuple[int, ...], n
     return shape, dtype, stream
 
 
+def check_npz(path: Path) -> None:
+    """A damaged or foreign .npz is one user error naming the file, not a zipfile traceback."""
+    if not zipfile.is_zipfile(path):
+        raise SystemExit(f"{path} is not a readable .npz (damaged, or not made by np.savez); check the file")
+
+
 def npz_num_images(path: Path, key: str = "arr_0") -> tuple[int, tuple[int, ...]]:
+    check_npz(path)
     with zipfile.ZipFile(path) as zf:
         if f"{key}.npy" not in zf.namelist():
             raise SystemExit(f"{path} has no '{key}' (keys: {[n[:-4] for n in zf.namelist()]})")
@@ -237,6 +246,7 @@ def write_npz_streamed(
 
 
 def read_npz_settings(path: Path) -> dict[str, Any] | None:
+    check_npz(path)
     with np.load(path) as data:
         return json.loads(str(data[SETTINGS_KEY])) if SETTINGS_KEY in data.files else None
 
@@ -246,19 +256,19 @@ def read_npz_settings(path: Path) -> dict[str, Any] | None:
 
 
 def generation_settings(
-    args: argparse.Namespace, model: Any, ckpt_file: Path, stats: Any, num_classes: int, decoder: Any
+    cfg: GenConfig, model: Any, ckpt_file: Path, stats: Any, num_classes: int, decoder: Any
 ) -> dict[str, Any]:
     """Everything that decides the images (compared on resume) — not batch size or GPU count."""
-    sampling = sampling_config_from_args(args)
+    sampling = cfg.sampling
     return {
         "checkpoint": str(ckpt_file),
         "checkpoint_sha256": file_sha256(ckpt_file, 16),
-        "ema": not args.no_ema,
+        "ema": cfg.ema,
         "model": json.loads(json.dumps(model.cfg.__dict__)),
-        "guide_sha256": file_sha256(resolve_guide_file(args), 16) if args.guide else None,
+        "guide_sha256": file_sha256(resolve_guide_file(cfg), 16) if cfg.sampling.guide_ckpt else None,
         "sampling": sampling.describe(),
         "delta_t": clock_for(model.cfg, sampling).delta_t,
-        "num_samples": args.num_samples,
+        "num_samples": cfg.num_samples,
         "num_classes": num_classes,
         "labels": "balanced: label(i) = i // (num_samples / num_classes)",
         "texture_stats": stats.source,
@@ -267,8 +277,8 @@ def generation_settings(
     }
 
 
-def resolve_guide_file(args: argparse.Namespace) -> Path:
-    return resolve_checkpoint(args.guide, prefer_ema=not args.no_ema)
+def resolve_guide_file(cfg: GenConfig) -> Path:
+    return resolve_checkpoint(cfg.sampling.guide_ckpt, prefer_ema=cfg.ema)
 
 
 def check_or_write_settings(out: Path, settings: dict[str, Any]) -> None:
@@ -305,23 +315,23 @@ def read_nfe(out: Path) -> dict[str, float] | None:
     return {"mean": float(values.mean()), "min": float(values.min()), "max": float(values.max()), "batches": len(values)}
 
 
-def cmd_gen(args: argparse.Namespace) -> None:
-    check_inputs({"--ckpt": args.ckpt, "--guide": args.guide, "--stats": args.stats, "--vae": args.vae})
-    d = runtime.init_distributed(args.device)
+def cmd_gen(cfg: GenConfig) -> None:
+    check_inputs(source_inputs(cfg))
+    d = runtime.init_distributed(cfg.device)
     rank, world, device = d.rank, d.world_size, d.device
     # Policy, decided once: TF32 matmuls as in the authors' inference (docs/method.md §7.1).
-    runtime.set_precision(device, tf32=not args.no_tf32)
-    sampling = sampling_config_from_args(args)
-    model, ckpt_file, guide, stats, vae = load_pipeline(args.ckpt, device=device, **pipeline_kwargs(args))
-    num_classes = args.num_classes or model.cfg.num_classes
-    if args.num_samples % num_classes:  # exactly N/K per class (docs/method.md §7.3)
-        raise SystemExit(f"--num-samples {args.num_samples} is not a multiple of the {num_classes} classes")
-    out = Path(args.out)
+    runtime.set_precision(device, tf32=cfg.tf32)
+    sampling = cfg.sampling
+    model, ckpt_file, guide, stats, vae = load_pipeline(cfg.ckpt, device=device, **source_kwargs(cfg))
+    num_classes = cfg.num_classes or model.cfg.num_classes
+    if cfg.num_samples % num_classes:  # exactly N/K per class (docs/method.md §7.3)
+        raise SystemExit(f"--num-samples {cfg.num_samples} is not a multiple of the {num_classes} classes")
+    out = Path(cfg.out)
     error: list[str | None] = [None]
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         try:
-            check_or_write_settings(out, generation_settings(args, model, ckpt_file, stats, num_classes, vae))
+            check_or_write_settings(out, generation_settings(cfg, model, ckpt_file, stats, num_classes, vae))
         except SystemExit as e:
             error[0] = str(e)
     if dist.is_initialized():  # every rank stops on rank 0's refusal instead of hanging in a barrier
@@ -332,24 +342,24 @@ def cmd_gen(args: argparse.Namespace) -> None:
 
     # Fixed batches over this rank's indices: a resumed run recomputes exactly the batches that
     # are missing a file, with the same members, so its images match an uninterrupted run bit for bit.
-    mine = rank_indices(args.num_samples, rank, world)
-    batches = [mine[i : i + args.batch_size] for i in range(0, len(mine), args.batch_size)]
+    mine = rank_indices(cfg.num_samples, rank, world)
+    batches = [mine[i : i + cfg.batch_size] for i in range(0, len(mine), cfg.batch_size)]
     todo = [b for b in batches if not all(png_path(out, i).is_file() for i in b)]
     done_images = sum(len(b) for b in batches) - sum(len(b) for b in todo)
     if rank == 0:
         print(
-            f"gen: {args.num_samples} samples ({args.num_samples // num_classes}/class) -> {out} | "
+            f"gen: {cfg.num_samples} samples ({cfg.num_samples // num_classes}/class) -> {out} | "
             f"world {world} | {sampling.method} {sampling.solver_options()} | guidance {sampling.guidance} | "
             f"rank 0: {done_images} done, {len(todo)} batches to go"
         )
-    if args.max_batches is not None:
-        todo = todo[: args.max_batches]
+    if cfg.max_batches is not None:
+        todo = todo[: cfg.max_batches]
     bar = tqdm(total=len(mine), initial=done_images, unit="img", desc="gen", disable=rank != 0, dynamic_ncols=True)
     for batch in todo:
         indices = list(batch)
         for i in indices:  # leftovers of a run killed mid-write
             png_path(out, i).with_name(f".{i:06d}.png.tmp").unlink(missing_ok=True)
-        labels = balanced_labels(indices, args.num_samples, num_classes)
+        labels = balanced_labels(indices, cfg.num_samples, num_classes)
         latents, nfe = generate_latents(model, labels, indices, sampling, guide)
         images = latents_to_images(latents, stats, vae, model.cfg.texture_chans).numpy()
         for i, image in zip(indices, images):
@@ -363,19 +373,19 @@ def cmd_gen(args: argparse.Namespace) -> None:
     d.barrier()
 
     if rank == 0:
-        missing = [i for i in range(args.num_samples) if not png_path(out, i).is_file()]
+        missing = [i for i in range(cfg.num_samples) if not png_path(out, i).is_file()]
         if missing:
-            print(f"gen: {len(missing)} of {args.num_samples} samples still missing; re-run the same command to continue")
+            print(f"gen: {len(missing)} of {cfg.num_samples} samples still missing; re-run the same command to continue")
         else:
-            print(f"gen: all {args.num_samples} samples in {out}")
-            if args.npz:
+            print(f"gen: all {cfg.num_samples} samples in {out}")
+            if cfg.npz:
                 settings["nfe_per_batch"] = read_nfe(out)
-                settings["npz_order"] = f"shuffled, numpy default_rng({args.shuffle_seed}).permutation"
-                order = shuffled_order(args.num_samples, args.shuffle_seed)
+                settings["npz_order"] = f"shuffled, numpy default_rng({cfg.shuffle_seed}).permutation"
+                order = shuffled_order(cfg.num_samples, cfg.shuffle_seed)
                 with Image.open(png_path(out, 0)) as im:
                     first = np.asarray(im.convert("RGB"))
-                write_npz_streamed(Path(args.npz), [png_path(out, int(i)) for i in order], first.shape, settings)
-                print(f"gen: wrote {args.npz} (arr_0 {args.num_samples}x{'x'.join(map(str, first.shape))} uint8, shuffled)")
+                write_npz_streamed(Path(cfg.npz), [png_path(out, int(i)) for i in order], first.shape, settings)
+                print(f"gen: wrote {cfg.npz} (arr_0 {cfg.num_samples}x{'x'.join(map(str, first.shape))} uint8, shuffled)")
     runtime.shutdown()
 
 
@@ -383,10 +393,10 @@ def cmd_gen(args: argparse.Namespace) -> None:
 # Features and reference statistics
 
 
-def build_detector(args: argparse.Namespace, device: torch.device) -> torch.nn.Module:
-    if args.detector == "random":
+def build_detector(cfg: RefConfig | CalcConfig, device: torch.device) -> torch.nn.Module:
+    if cfg.detector == "random":
         return random_inception(seed=0).to(device)
-    return load_inception(args.inception, device=device)
+    return load_inception(cfg.inception, device=device)
 
 
 def detector_slug(detector: torch.nn.Module) -> str:
@@ -431,24 +441,24 @@ def no_tf32(device: torch.device) -> None:
     runtime.set_precision(device, tf32=False)
 
 
-def cmd_ref(args: argparse.Namespace) -> None:
-    check_inputs({"source": args.source, "--inception": args.inception if args.detector == "inception" else None})
-    device = runtime.pick_device(args.device)
+def cmd_ref(cfg: RefConfig) -> None:
+    check_inputs({"source": cfg.source, "--inception": cfg.inception if cfg.detector == "inception" else None})
+    device = runtime.pick_device(cfg.device)
     no_tf32(device)
-    detector = build_detector(args, device)
-    source = Path(args.source)
-    batches, count, kind = source_batches(source, args.batch_size, args.center_crop)
+    detector = build_detector(cfg, device)
+    source = Path(cfg.source)
+    batches, count, kind = source_batches(source, cfg.batch_size, cfg.center_crop)
     feats = compute_features(batches, count, detector, device, desc="ref")
     mu, sigma = feature_stats(feats["pool"])
     mu_s, sigma_s = feature_stats(feats["spatial"])
     stats_source = "computed"
-    if kind == "npz arr_0" and is_fid_detector(detector) and not args.recompute_stats:
+    if kind == "npz arr_0" and is_fid_detector(detector) and not cfg.recompute_stats:
         with np.load(source) as data:
             if all(k in data.files for k in ("mu", "sigma", "mu_s", "sigma_s")):
                 # The ADM batch's stored statistics come from the TF graph itself: keep them.
                 mu, sigma, mu_s, sigma_s = (data[k] for k in ("mu", "sigma", "mu_s", "sigma_s"))
                 stats_source = "stored in the source npz (ADM)"
-    out = Path(args.out)
+    out = Path(cfg.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.stem}.tmp.npz")
     np.savez(
@@ -464,6 +474,7 @@ def load_reference(
     path: Path, detector: torch.nn.Module, device: torch.device, batch_size: int
 ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     """mu, sigma, mu_s, sigma_s and pool features of the reference, plus how they were obtained."""
+    check_npz(path)
     with np.load(path) as data:
         keys = set(data.files)
         stored = {k: data[k] for k in ("mu", "sigma", "mu_s", "sigma_s", "pool") if k in keys}
@@ -500,14 +511,14 @@ def metric_names(detector: torch.nn.Module) -> dict[str, str]:
             "precision": f"Precision_{slug}", "recall": f"Recall_{slug}"}
 
 
-def cmd_calc(args: argparse.Namespace) -> None:
-    check_inputs({"samples": args.samples, "--ref": args.ref or f"weights/{KNOWN_WEIGHTS['adm_reference'].filename}",
-                  "--inception": (args.inception or f"weights/{KNOWN_WEIGHTS['inception'].filename}")
-                  if args.detector == "inception" else None})
-    device = runtime.pick_device(args.device)
+def cmd_calc(cfg: CalcConfig) -> None:
+    check_inputs({"samples": cfg.samples, "--ref": cfg.ref or f"weights/{KNOWN_WEIGHTS['adm_reference'].filename}",
+                  "--inception": (cfg.inception or f"weights/{KNOWN_WEIGHTS['inception'].filename}")
+                  if cfg.detector == "inception" else None})
+    device = runtime.pick_device(cfg.device)
     no_tf32(device)
-    detector = build_detector(args, device)
-    samples = Path(args.samples)
+    detector = build_detector(cfg, device)
+    samples = Path(cfg.samples)
     settings: dict[str, Any] | None = None
     order = None
     if samples.is_dir():
@@ -518,19 +529,19 @@ def cmd_calc(args: argparse.Namespace) -> None:
         if settings is not None and num != settings["num_samples"]:
             raise SystemExit(f"{samples} holds {num} of {settings['num_samples']} samples; finish `gen` first")
         # IS takes sequential splits: shuffle the class-sorted files as the authors do (§7.3).
-        order = shuffled_order(num, args.shuffle_seed)
-        sample_order = f"folder, shuffled with numpy default_rng({args.shuffle_seed})"
+        order = shuffled_order(num, cfg.shuffle_seed)
+        sample_order = f"folder, shuffled with numpy default_rng({cfg.shuffle_seed})"
     else:
         settings = read_npz_settings(samples) if samples.suffix == ".npz" else None
         sample_order = "npz arr_0 as stored"
-    batches, count, _ = source_batches(samples, args.batch_size, order=order)
-    if args.num_samples is not None and count != args.num_samples:
-        raise SystemExit(f"{samples} has {count} samples, --num-samples asks for {args.num_samples}")
+    batches, count, _ = source_batches(samples, cfg.batch_size, order=order)
+    if cfg.num_samples is not None and count != cfg.num_samples:
+        raise SystemExit(f"{samples} has {count} samples, --num-samples asks for {cfg.num_samples}")
 
     t0 = time.perf_counter()
     feats = compute_features(batches, count, detector, device, desc="sample features")
-    ref_path = resolve_weights("adm_reference", args.ref)
-    ref, ref_info = load_reference(ref_path, detector, device, args.batch_size)
+    ref_path = resolve_weights("adm_reference", cfg.ref)
+    ref, ref_info = load_reference(ref_path, detector, device, cfg.batch_size)
     mu, sigma = feature_stats(feats["pool"])
     mu_s, sigma_s = feature_stats(feats["spatial"])
     pr_device = device if device.type == "cuda" else None
@@ -562,7 +573,7 @@ def cmd_calc(args: argparse.Namespace) -> None:
         },
         "seconds": round(time.perf_counter() - t0, 1),
     }
-    out = Path(args.out) if args.out else default_results_path(samples)
+    out = Path(cfg.out) if cfg.out else default_results_path(samples)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2) + "\n")
     print(headline)
@@ -590,68 +601,56 @@ def headline_line(metrics: dict[str, float], detector: torch.nn.Module, count: i
 # CLI
 
 
-def add_detector_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("feature detector")
-    g.add_argument("--detector", default="inception", choices=("inception", "random"),
-                   help="inception = the FID weights from --inception; random = untrained (tests; never reported as FID)")
-    g.add_argument("--inception", default=None, help="pt_inception-2015-12-05-6726825d.pth (default: weights/)")
-    g.add_argument("--batch-size", type=int, default=250, help="images per detector call")
-    g.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+DETECTOR_ARGS = (Arg("--detector"), Arg("--inception", metavar="PATH"))
+DETECTOR_DEPRECATED = {"--batch-size": "batch_size", "--device": "device"}
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = Parser(prog="eval/fid.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="command", required=True)
     fmt = argparse.RawDescriptionHelpFormatter
 
     gen = sub.add_parser("gen", help="generate class-balanced samples (resumable, torchrun)", formatter_class=fmt,
-                         description="Generate N class-balanced samples as {index:06d}.png (resumable; torchrun).",
+                         description="Generate N class-balanced samples as {index:06d}.png (resumable; torchrun). "
+                         "Every setting is a key of sfd.config.GenConfig (the sampling ones directly: -o method=heun); "
+                         "--dry-run loads nothing (the checkpoint's own Δt shows as delta_t null).",
                          epilog=example_epilog(
-                             "torchrun --nproc_per_node=8 eval/fid.py gen --ckpt runs/sfd-xl --sampler dopri5 \\",
+                             "torchrun --nproc_per_node=8 eval/fid.py gen --ckpt runs/sfd-xl -o method=dopri5 \\",
                              "    --out runs/fid50k/samples --npz runs/fid50k/samples.npz"))
-    add_model_args(gen)
-    add_sampling_args(gen)
-    g = gen.add_argument_group("generation")
-    g.add_argument("--out", required=True, help="sample folder ({index:06d}.png, gen.json, nfe logs)")
-    g.add_argument("--num-samples", type=int, default=50_000, help="N (default: %(default)s, the paper's FID-50K)")
-    g.add_argument("--num-classes", type=int, default=None, help="classes to balance over (default: the model's)")
-    g.add_argument("--batch-size", type=int, default=32, help="samples per sampler call and rank")
-    g.add_argument("--npz", default=None, help="also pack the ADM sample batch here once all N exist")
-    g.add_argument("--shuffle-seed", type=int, default=AUTHORS_SHUFFLE_SEED, help="npz order permutation seed (default: the authors' 42)")
-    g.add_argument("--max-batches", type=int, default=None, help="stop after this many new batches per rank (chunked jobs); re-run to continue")
-    g.add_argument("--device", default="auto", help="auto | cpu | cuda (torchrun: cuda:LOCAL_RANK)")
-    g.add_argument("--no-tf32", action="store_true", help="disable TF32 on CUDA (the authors sample with it on)")
+    config_parser(GenConfig, parser=gen, presets=GEN_PRESETS, default_preset="authors",
+                  args=(*SOURCE_ARGS, Arg("--out", required=True), Arg("--num-samples"), Arg("--npz", metavar="PATH")),
+                  deprecated={**SOURCE_DEPRECATED, "--num-classes": "num_classes", "--shuffle-seed": "shuffle_seed",
+                              "--max-batches": "max_batches"})
     gen.set_defaults(func=cmd_gen)
 
     ref = sub.add_parser("ref", help="reference statistics of an image folder or npz", formatter_class=fmt,
-                         description="Reference statistics (mu, sigma, mu_s, sigma_s, pool features) with ADM key names.",
+                         description="Reference statistics (mu, sigma, mu_s, sigma_s, pool features) with ADM key names; "
+                         "every setting is a key of sfd.config.RefConfig.",
                          epilog=example_epilog("python eval/fid.py ref weights/VIRTUAL_imagenet256_labeled.npz --out runs/refs/adm256.npz"))
-    ref.add_argument("source", help="image folder or npz with arr_0")
-    ref.add_argument("--out", required=True, help="output .npz")
-    ref.add_argument("--center-crop", type=int, default=None, help="ADM centre crop of folder images to this size")
-    ref.add_argument("--recompute-stats", action="store_true", help="recompute mu/sigma even when the npz stores them")
-    add_detector_args(ref)
+    config_parser(RefConfig, parser=ref,
+                  args=(Arg("source"), Arg("--out", required=True), Arg("--center-crop"), *DETECTOR_ARGS),
+                  deprecated={**DETECTOR_DEPRECATED, "--recompute-stats": "recompute_stats=true"})
     ref.set_defaults(func=cmd_ref)
 
     calc = sub.add_parser("calc", help="FID, sFID, IS, precision, recall of a sample folder or npz", formatter_class=fmt,
-                          description="Metrics of samples against the ADM reference batch or a `ref` output.",
+                          description="Metrics of samples against the ADM reference batch or a `ref` output; every "
+                          "setting is a key of sfd.config.CalcConfig.",
                           epilog=example_epilog("python eval/fid.py calc runs/fid50k/samples.npz --ref weights/VIRTUAL_imagenet256_labeled.npz --out runs/fid50k/metrics.json"))
-    calc.add_argument("samples", help="sample folder (from gen) or npz with arr_0")
-    calc.add_argument("--ref", default=None, help="VIRTUAL_imagenet256_labeled.npz (default: weights/) or a `ref` output")
-    calc.add_argument("--out", default=None, help="results JSON (default: <folder>/metrics.json or <npz>.metrics.json)")
-    calc.add_argument("--num-samples", type=int, default=None, help="require exactly this many samples (e.g. 50000)")
-    calc.add_argument("--shuffle-seed", type=int, default=AUTHORS_SHUFFLE_SEED, help="order of a folder's samples for the IS splits")
-    add_detector_args(calc)
+    config_parser(CalcConfig, parser=calc,
+                  args=(Arg("samples"), Arg("--ref", metavar="PATH"), Arg("--out", metavar="PATH"), Arg("--num-samples"),
+                        *DETECTOR_ARGS),
+                  deprecated={**DETECTOR_DEPRECATED, "--shuffle-seed": "shuffle_seed"})
     calc.set_defaults(func=cmd_calc)
     return ap
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    load_plugins()  # SFD_PLUGINS: modules that add choices (sfd/registry.py), before the flags are read
-    args = build_parser().parse_args(argv)
-    args.func(args)
+def main(argv: Sequence[str] | None = None) -> int | None:
+    cfg, args = parse_config(build_parser(), argv)
+    if args.dry_run:
+        return print_config(cfg)
+    return args.func(cfg)
 
 
 if __name__ == "__main__":
     # A user error (also a SystemExit with a message from the checks above): one line, exit 2.
-    run_cli(lambda: main(sys.argv[1:]), (ConfigError, WeightsError, CacheError))
+    run_cli(lambda: main(sys.argv[1:]))

@@ -25,6 +25,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from sfd.cli import Parser, run_cli
 from sfd.weights import (
     DEFAULT_DIR,
     FILES,
@@ -51,12 +52,12 @@ def commands(row: PaperRow, weights: Path, out: Path, nproc: int, batch_size: in
         sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
         str(REPO / "eval" / "fid.py"), "gen",
         "--ckpt", f[row.ckpt], "--model", row.model, "--stats", f["latents_stats"], "--vae", f["texture_vae"],
-        "--sampler", "dopri5", "--atol", "1e-6", "--rtol", "1e-3", "--grid", "authors",
-        "--num-samples", str(num_samples), "--batch-size", str(batch_size), "--seed", "0",
-        "--out", str(out / "samples"), "--npz", str(out / "samples.npz"), "--shuffle-seed", "42",
+        "--preset", "authors", "-o", "method=dopri5", "-o", "atol=1e-6", "-o", "rtol=1e-3", "-o", "grid=authors",
+        "--num-samples", str(num_samples), "-o", f"batch_size={batch_size}", "-o", "seed=0",
+        "--out", str(out / "samples"), "--npz", str(out / "samples.npz"), "-o", "shuffle_seed=42",
     ]
     if row.guide:
-        gen += ["--guide", f[row.guide], "--guide-model", "B/1", "--ag-scale", str(row.ag_scale)]
+        gen += ["--guide", f[row.guide], "--guide-model", "B/1", "-o", f"ag_scale={row.ag_scale}"]
     calc = [
         sys.executable, str(REPO / "eval" / "fid.py"), "calc", str(out / "samples.npz"),
         "--ref", f["adm_reference"], "--inception", f["inception"], "--out", str(out / "metrics.json"),
@@ -65,7 +66,7 @@ def commands(row: PaperRow, weights: Path, out: Path, nproc: int, batch_size: in
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = Parser(
         prog="eval/paper_fid.py", description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=__doc__[__doc__.index("Rows:"):].format(rows=ROWS_HELP),
     )
@@ -111,4 +112,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_cli(main)

@@ -22,7 +22,7 @@ import matplotlib
 matplotlib.use("Agg")  # files only: no display on clusters or CI
 import matplotlib.pyplot as plt  # noqa: E402
 
-from sfd.cli import run_cli  # noqa: E402
+from sfd.cli import Parser, run_cli  # noqa: E402
 
 LOSS_TERMS = ("total", "mse", "cos", "repa")
 # Training signals beside the losses: (field, panel title, y-axis label, log scale?)
@@ -111,7 +111,7 @@ def plot_metrics(runs: list[Path], labels: list[str], out: Path) -> Path | None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="eval/plot.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = Parser(prog="eval/plot.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("runs", nargs="+", type=Path, help="run directories (holding metrics.jsonl / eval.jsonl)")
     ap.add_argument("--labels", default=None, help="comma-separated legend labels (default: folder names)")
     ap.add_argument("--out", type=Path, default=None, help="output folder (default: <first run>/plots)")

@@ -23,9 +23,12 @@ pixel-unshuffle "autoencoder" (the demo then diffuses in pixel space, 48×6×6),
 encoder is a small ViT trained here on labels, not DINOv2. Settings and their reasons:
 docs/decisions.md ("The CPU demo").
 
+Settings: DemoConfig below (presets ``full`` and ``quick``; ``-o key=value`` for any field,
+``--dry-run`` prints them resolved).
+
 Example:
     python pipeline/demo.py --out runs/demo
-    python pipeline/demo.py --out runs/demo-quick --quick   # smaller, for CI
+    python pipeline/demo.py --out runs/demo-quick --preset quick   # smaller, for CI
 """
 
 from __future__ import annotations
@@ -38,11 +41,14 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+from sfd.cli import Arg, config_parser, parse_config, print_config, run_cli  # noqa: E402
+from sfd.config import ConfigError  # noqa: E402
 from sfd.demo.judge import METRIC_ACCURACY, METRIC_FD  # noqa: E402
 from sfd.demo.shapes import CLASSES, write_split  # noqa: E402
 
@@ -62,7 +68,7 @@ TINY_MODEL = [
     "global_batch=64", "lr=4e-3", "lr_decay_start=0.5", "ema_decay=0.995", "grad_clip=1.0",
 ]
 SEMANTIC = ["model.in_channels=52", "model.semantic_chans=4"]
-SAMPLER = ["--sampler", "heun", "--steps", "16"]
+SAMPLER = ["-o", "method=heun", "-o", "num_steps=16"]
 # The demo's guidance: classifier-free guidance with its own scale per part (the samplers' per-part
 # CFG): 3 on the texture channels, 8 on the semantic ones, which carry the class. Measured against
 # one scale for both: docs/decisions.md ("The CPU demo").
@@ -85,10 +91,9 @@ def encode_command(train_dir: Path, cache: Path, dino: Path, semvae_steps: int, 
     """
     return [
         sys.executable, "pipeline/encode.py", "--images", str(train_dir), "--out", str(cache),
-        "--image-size", str(IMAGE_SIZE), "--texture", TEXTURE, "--dino", str(dino), "--semvae-preset", "tiny",
-        "--semvae-steps", str(semvae_steps),
-        "--semvae-args", f"--lr {semvae_lr:g} --warmup-steps 30", "--rows-per-shard", "256", "--rows-per-chunk", "64",
-        "--stats-samples", "2000",
+        "--image-size", str(IMAGE_SIZE), "--texture", TEXTURE, "--dino", str(dino), "-o", "semvae_preset=tiny",
+        "-o", f"semvae_steps={semvae_steps}", "-o", f"semvae_args=-o lr={semvae_lr:g} -o warmup_steps=30",
+        "-o", "rows_per_shard=256", "-o", "rows_per_chunk=64", "-o", "stats_samples=2000",
     ]
 
 
@@ -143,6 +148,36 @@ class Sizes:
 QUICK = Sizes(per_class=40, held_out=20, ceiling=4, semvae_steps=20, vit_steps=20, judge_steps=60)
 
 
+@dataclass(frozen=True)
+class DemoConfig:
+    """The demo's settings (presets: full, quick)."""
+
+    out: str = "runs/demo"  # run folder (everything goes here)
+    quick: bool = False  # the smaller data sizes (Sizes vs QUICK above): the CI smoke of the same path
+    steps: int = 1200  # training steps
+    samples: int = 240  # judged samples per guidance setting (a multiple of the 6 classes)
+    cfg_scale_tex: float = CFG_TEX  # CFG scale on the texture channels (grid and guided samples)
+    cfg_scale_sem: float = CFG_SEM  # CFG scale on the semantic channels (grid and guided samples)
+    nproc: int = 2  # training processes under torchrun
+    fresh: bool = False  # delete the run folder first (otherwise every stage resumes)
+
+    def __post_init__(self) -> None:
+        if self.samples <= 0 or self.samples % len(CLASSES):
+            raise ConfigError(f"samples must be a positive multiple of {len(CLASSES)} (class-balanced), got {self.samples}")
+
+
+DEMO_PRESETS = {"full": DemoConfig(), "quick": DemoConfig(quick=True, steps=40, samples=24)}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    return config_parser(
+        DemoConfig, prog="pipeline/demo.py", description=__doc__, presets=DEMO_PRESETS, default_preset="full",
+        args=(Arg("--out", metavar="PATH"), Arg("--fresh")),
+        deprecated={"--quick": "--preset quick", "--steps": "steps", "--samples": "samples",
+                    "--cfg-scale-tex": "cfg_scale_tex", "--cfg-scale-sem": "cfg_scale_sem", "--nproc": "nproc"},
+    )
+
+
 def prepare(out: Path, sizes: Sizes, log: Path, env: dict[str, str], timings: dict[str, float]) -> dict[str, Path]:
     """Data splits, judge, semantic ViT and latent cache under ``out`` (each skipped when done)."""
     py = sys.executable
@@ -182,25 +217,13 @@ def prepare(out: Path, sizes: Sizes, log: Path, env: dict[str, str], timings: di
     return {"train": train_dir, "heldout": ref_dir, "ceiling": ceiling_dir, "judge": judge_file, "vit": vit_file, "cache": cache}
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", type=Path, default=Path("runs/demo"), help="run folder (everything goes here)")
-    ap.add_argument("--quick", action="store_true", help="fewer images, steps and samples (CI smoke of the same path)")
-    ap.add_argument("--steps", type=int, default=None, help="training steps (default 1200, quick 40)")
-    ap.add_argument("--samples", type=int, default=None, help="judged samples per guidance setting (default 240, quick 24)")
-    ap.add_argument("--cfg-scale-tex", type=float, default=CFG_TEX, help="CFG scale on the texture channels (grid and guided samples)")
-    ap.add_argument("--cfg-scale-sem", type=float, default=CFG_SEM, help="CFG scale on the semantic channels (grid and guided samples)")
-    ap.add_argument("--nproc", type=int, default=2, help="training processes under torchrun")
-    ap.add_argument("--fresh", action="store_true", help="delete the run folder first (otherwise every stage resumes)")
-    args = ap.parse_args()
-
-    steps = args.steps or (40 if args.quick else 1200)
-    samples = args.samples or (24 if args.quick else 240)
-    if samples % len(CLASSES):
-        print(f"error: --samples must be a multiple of {len(CLASSES)} (class-balanced)", file=sys.stderr)
-        raise SystemExit(2)
+def main(argv: Sequence[str] | None = None) -> int:
+    args, ns = parse_config(build_parser(), argv)
+    if ns.dry_run:
+        return print_config(args)
+    steps, samples = args.steps, args.samples
     sizes = replace(QUICK if args.quick else Sizes(), ceiling=samples // len(CLASSES))
-    out = args.out.resolve()
+    out = Path(args.out).resolve()
     if args.fresh and out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -231,7 +254,7 @@ def main() -> None:
     # Sampling and scoring run alone: let them use both cores (training and encoding run one
     # thread per process).
     env_solo = {**env, "OMP_NUM_THREADS": str(os.cpu_count() or 1)}
-    cfg = ["--cfg-scale-tex", str(args.cfg_scale_tex), "--cfg-scale-sem", str(args.cfg_scale_sem)]
+    cfg = ["-o", f"cfg_scale_tex={args.cfg_scale_tex}", "-o", f"cfg_scale_sem={args.cfg_scale_sem}"]
     guided = f"samples (CFG texture {args.cfg_scale_tex:g}, semantic {args.cfg_scale_sem:g})"
 
     # 5. A labelled grid from the EMA weights: every class (full names), with the demo's guidance,
@@ -240,7 +263,7 @@ def main() -> None:
     timings["grid"] = run("grid", [
         py, "sample/grid.py", "--ckpt", str(train), "--stats", str(cache),
         "--classes", ",".join(str(i) for i in range(len(CLASSES))), "--per-class", "8",
-        *SAMPLER, *cfg, "--out", str(grid), "--device", "cpu", "--real-images", str(inputs["heldout"]),
+        *SAMPLER, *cfg, "--out", str(grid), "-o", "device=cpu", "--real-images", str(inputs["heldout"]),
     ], log, env_solo)
 
     # 6. Class-balanced samples with and without guidance, judged against held-out real images.
@@ -249,8 +272,8 @@ def main() -> None:
     for name, folder in folders.items():
         run(f"samples {name}", [
             py, "eval/fid.py", "gen", "--ckpt", str(train), "--stats", str(cache), "--out", str(folder),
-            "--num-samples", str(samples), "--num-classes", str(len(CLASSES)), *SAMPLER,
-            *(cfg if name == "guided" else []), "--batch-size", str(samples), "--device", "cpu",
+            "--num-samples", str(samples), "-o", f"num_classes={len(CLASSES)}", *SAMPLER,
+            *(cfg if name == "guided" else []), "-o", f"batch_size={samples}", "-o", "device=cpu",
         ], log, env_solo)
     scores_file = out / "judge_scores.json"
     run("judge scores", [
@@ -302,7 +325,8 @@ def main() -> None:
     print(f"  full log         {log}")
     print("  stand-ins        " + "; ".join(STANDINS.values()))
     print("=" * 78)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)  # a user error (bad setting, failed stage): one `error:` line, exit status 2

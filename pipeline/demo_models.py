@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from sfd.cli import Parser, run_cli
 from sfd.demo.judge import (
     METRIC_ACCURACY,
     METRIC_FD,
@@ -152,8 +153,8 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
         print(f"{run_dir.name} step {step}: {METRIC_ACCURACY} {line[METRIC_ACCURACY]:.3f}  {METRIC_FD} {line[METRIC_FD]:.3f}", flush=True)
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv: list[str] | None = None) -> None:
+    ap = Parser(prog="pipeline/demo_models.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
     s = sub.add_parser("semantic", help="train the semantic ViT (DINOv2 layout) and probe it")
     s.add_argument("--out", required=True)
@@ -184,12 +185,12 @@ def main() -> None:
     e.add_argument("--ref", required=True, help="held-out real split (the FD_judge reference)")
     e.add_argument("--samples", type=int, default=120, help="class-balanced samples per checkpoint")
     e.add_argument("--every", type=int, default=0, help="only checkpoints at multiples of this step")
-    e.add_argument("--flags", default="--sampler heun --steps 16", help="sampling flags, as for eval/fid.py gen")
-    args = ap.parse_args()
+    e.add_argument("--flags", default="-o method=heun -o num_steps=16", help="sampling flags, as for eval/fid.py gen")
+    args = ap.parse_args(argv)
     torch.set_num_threads(max(torch.get_num_threads(), 1))
     np.set_printoptions(precision=4)
     {"semantic": cmd_semantic, "judge": cmd_judge, "score": cmd_score, "evaluate": cmd_evaluate}[args.cmd](args)
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)  # a missing or damaged input file: one `error:` line, exit status 2

@@ -77,10 +77,10 @@ from pathlib import Path
 from typing import Any
 
 from sfd.checkpoint import KNOWN_WEIGHTS, WeightsError
-from sfd.cli import add_override_arg, apply_overrides, check_inputs, fill_help
+from sfd.cli import Arg, check_inputs, cli_status, config_parser, parse_config, print_config
 from sfd.config import ENCODE_STAGES, ConfigError, EncodeConfig
 from sfd.data.cache import CacheError, LatentCache, create_cache
-from sfd.data.images import DatasetError, discover
+from sfd.data.images import discover
 from sfd.encoding import (
     ShardWorker,
     WorkerSettings,
@@ -94,8 +94,7 @@ from sfd.encoding import (
     spec_latent_shapes,
     texture_spec,
 )
-from sfd.registry import load_plugins
-from sfd.runlock import LockError, run_lock
+from sfd.runlock import run_lock
 
 STAGES = ENCODE_STAGES
 SEMVAE_FILE = "semvae.safetensors"
@@ -150,13 +149,13 @@ def preflight(cfg: EncodeConfig) -> Plan:
     stages = [s.strip() for s in cfg.stages.split(",") if s.strip()]
     unknown = [s for s in stages if s not in STAGES]
     if unknown:
-        raise SystemExit(f"unknown stage(s) {unknown}; choose from {list(STAGES)}")
+        raise ConfigError(f"--stages: unknown stage(s) {unknown}; choose from {','.join(STAGES)}")
     if cfg.repa_targets not in ("store", "none"):
-        raise SystemExit("--repa-targets must be 'store' or 'none'")
+        raise ConfigError(f"repa_targets must be 'store' or 'none', got {cfg.repa_targets!r}")
     if cfg.precision not in ("fp32", "bf16"):
-        raise SystemExit("--precision must be 'fp32' or 'bf16'")
+        raise ConfigError(f"precision must be 'fp32' or 'bf16', got {cfg.precision!r}")
     if cfg.row_order not in ("permuted", "sorted"):
-        raise SystemExit("--row-order must be 'permuted' or 'sorted'")
+        raise ConfigError(f"row_order must be 'permuted' or 'sorted', got {cfg.row_order!r}")
 
     rs = cfg.random_encoders
     tex = texture_spec(cfg.texture, cfg.texture_vae, rs, cfg.image_size)
@@ -165,9 +164,9 @@ def preflight(cfg: EncodeConfig) -> Plan:
     if semantic_pass:
         sem = semvae_plan_spec("tiny" if rs is not None else cfg.semvae_preset)
         if cfg.repa_targets == "none":
-            raise SystemExit(
-                "--repa-targets none needs --semvae PATH: training the Semantic VAE here needs the "
-                "stored DINO features"
+            raise ConfigError(
+                "repa_targets=none needs --semvae PATH: training the Semantic VAE here needs the "
+                "stored DINO features (give the released SemVAE, or keep repa_targets=store)"
             )
     else:
         sem = semvae_spec(cfg.semvae, cfg.semvae_preset, rs)
@@ -311,7 +310,7 @@ def plan_workers(cfg: EncodeConfig, resources: dict[str, float], num_shards: int
     """(actors, Ray options, torch threads, decode threads, device) for the cluster's resources."""
     gpus, cpus = float(resources.get("GPU", 0)), float(resources.get("CPU", 1))
     if cfg.device == "cuda" and gpus < 1:
-        raise SystemExit("--device cuda but the Ray cluster has no GPUs")
+        raise ConfigError("device=cuda but the Ray cluster has no GPUs; use -o device=auto (or cpu)")
     if cfg.device != "cpu" and gpus >= 1:
         n = cfg.num_workers or int(gpus)
         cpus_per = cfg.cpus_per_worker if cfg.cpus_per_worker is not None else max(1.0, min(8.0, cpus // max(gpus, 1)))
@@ -453,10 +452,10 @@ def stage_semvae(plan: Plan) -> StageResult:
     cmd = [
         *launcher, str(script), "--cache", cfg.out, "--run-dir", str(plan.semvae_dir),
         "--preset", plan.sem["preset"], "--steps", str(cfg.semvae_steps), "--batch-size", str(cfg.semvae_batch_size),
-        "--seed", str(cfg.seed), *cfg.semvae_args.split(),
+        "-o", f"seed={cfg.seed}", *cfg.semvae_args.split(),
     ]
     if cfg.device == "cpu":
-        cmd += ["--device", "cpu"]
+        cmd += ["-o", "device=cpu"]
     log("training the Semantic VAE: " + " ".join(cmd))
     t0 = time.perf_counter()
     subprocess.run(cmd, check=True)
@@ -603,64 +602,37 @@ def print_summary(results: Sequence[StageResult]) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="pipeline/encode.py", description=__doc__.split("\n\n")[0], epilog=__doc__[__doc__.index("Examples:"):],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+    return config_parser(
+        EncodeConfig, prog="pipeline/encode.py", description=__doc__.split("\n\n")[0],
+        epilog=__doc__[__doc__.index("Examples:"):], base=EncodeConfig(images="", out=""),
+        args=(
+            Arg("--images", required=True, help="image folder: <root>/<class>/<image>"),
+            Arg("--out", required=True, help="cache directory (Zarr v3 group); reports/locks go beside it"),
+            Arg("--texture", metavar="PRESET"), Arg("--texture-vae", metavar="PATH"), Arg("--dino", metavar="PATH"),
+            Arg("--semvae", metavar="PATH"), Arg("--image-size", metavar="PX"), Arg("--random-encoders", metavar="SEED"),
+            Arg("--stages"),
+            Arg("--verify", help="decode every file of the finished shards (checksums) first and redo the damaged "
+                "ones; without it only file presence and sizes are checked"),
+        ),
+        deprecated={
+            **{f"--{k.replace('_', '-')}": k for k in (
+                "dino_preset", "semvae_preset", "repa_targets", "row_order", "order_seed", "seed", "rows_per_shard",
+                "rows_per_chunk", "batch_size", "precision", "device", "num_workers", "threads_per_worker",
+                "cpus_per_worker", "decode_threads", "max_retries", "ray_address", "ray_num_cpus", "semvae_dir",
+                "semvae_steps", "semvae_batch_size", "semvae_nproc", "semvae_args", "stats_samples", "stats_seed")},
+            "--no-tf32": "tf32=false",
+        },
     )
-    d = EncodeConfig(images="", out="")
-    p.add_argument("--images", required=True, help="image folder: <root>/<class>/<image>")
-    p.add_argument("--out", required=True, help="cache directory (Zarr v3 group); reports/locks go beside it")
-    p.add_argument("--image-size", type=int, default=d.image_size)
-    p.add_argument("--texture", default=d.texture, help="texture VAE preset (f16d32, f8c4) or standin-f4 (pixel stand-in, not a VAE)")
-    p.add_argument("--texture-vae", default=None, help="texture VAE weights (default weights/ldm-imagenet256-f16d32-50ep.ckpt)")
-    p.add_argument("--dino", default=None, help="DINOv2 weights (default weights/dinov2_vitb14_reg4_pretrain.pth)")
-    p.add_argument("--dino-preset", default=d.dino_preset)
-    p.add_argument("--semvae", default=None, help="SemVAE weights (authors' .pt or ours); omit to train one on this cache; 'random' for tests")
-    p.add_argument("--semvae-preset", default=d.semvae_preset, help="SemVAE architecture to train / of an authors' .pt")
-    p.add_argument("--random-encoders", type=int, default=None, metavar="SEED", help="random-init tiny encoders (tests/demos; recorded in the cache)")
-    p.add_argument("--repa-targets", choices=("store", "none"), default=d.repa_targets, help="store DINO features as REPA targets (~0.8 MB/image) or not")
-    p.add_argument("--row-order", choices=("permuted", "sorted"), default=d.row_order)
-    p.add_argument("--order-seed", type=int, default=d.order_seed)
-    p.add_argument("--seed", type=int, default=d.seed, help="posterior-noise seed (per row and flip)")
-    p.add_argument("--rows-per-shard", type=int, default=d.rows_per_shard)
-    p.add_argument("--rows-per-chunk", type=int, default=d.rows_per_chunk)
-    p.add_argument("--batch-size", type=int, default=d.batch_size)
-    p.add_argument("--precision", choices=("fp32", "bf16"), default=d.precision)
-    p.add_argument("--no-tf32", dest="tf32", action="store_false", help="strict fp32 matmuls on GPU")
-    p.add_argument("--device", choices=("auto", "cuda", "cpu"), default=d.device)
-    p.add_argument("--num-workers", type=int, default=None)
-    p.add_argument("--threads-per-worker", type=int, default=None)
-    p.add_argument("--cpus-per-worker", type=float, default=None)
-    p.add_argument("--decode-threads", type=int, default=None)
-    p.add_argument("--max-retries", type=int, default=d.max_retries)
-    p.add_argument("--ray-address", default=None)
-    p.add_argument("--ray-num-cpus", type=int, default=None)
-    p.add_argument("--stages", default=d.stages, help=f"comma-separated subset of {','.join(STAGES)}")
-    p.add_argument("--semvae-dir", default=None, help="SemVAE training run directory (default <out>.semvae)")
-    p.add_argument("--semvae-steps", type=int, default=d.semvae_steps)
-    p.add_argument("--semvae-batch-size", type=int, default=d.semvae_batch_size)
-    p.add_argument("--semvae-nproc", type=int, default=d.semvae_nproc)
-    p.add_argument("--semvae-args", default="", help="extra flags passed to pipeline/train_semvae.py")
-    p.add_argument("--stats-samples", type=int, default=d.stats_samples)
-    p.add_argument("--stats-seed", type=int, default=d.stats_seed)
-    p.add_argument(
-        "--verify", action="store_true",
-        help="decode every file of the finished shards (checksums) first and redo the damaged ones; without it "
-        "only file presence and sizes are checked",
-    )
-    add_override_arg(p, "EncodeConfig")
-    return fill_help(p, EncodeConfig)
 
 
 def parse_args(argv: Sequence[str] | None = None) -> EncodeConfig:
-    given = vars(build_parser().parse_args(argv))
-    overrides = given.pop("override")
-    return apply_overrides(EncodeConfig(**given), overrides)
+    return parse_config(build_parser(), argv)[0]
 
 
-def main(argv: Sequence[str] | None = None) -> list[StageResult]:
-    load_plugins()  # SFD_PLUGINS: modules that add choices (sfd/registry.py), before the config is read
-    cfg = parse_args(argv)
+def main(argv: Sequence[str] | None = None) -> list[StageResult] | int:
+    cfg, args = parse_config(build_parser(), argv)
+    if args.dry_run:
+        return print_config(cfg)
     log("config: " + json.dumps(asdict(cfg)))
     check_inputs(input_files(cfg), WeightsError)  # every missing input named at once, before any work
     return run(cfg)
@@ -679,20 +651,16 @@ def input_files(cfg: EncodeConfig) -> dict[str, str | None]:
 
 
 def cli(argv: Sequence[str] | None = None) -> int:
-    """Run; expected failures are one ``error:`` line (exit 2), a stop signal one line (128+sig)."""
+    """Run; user errors are one ``error:`` line (exit 2, sfd.cli.cli_status), a stop signal one line (128+sig)."""
     install_stop_handlers(first=True)
     try:
-        main(argv)
-    except (WeightsError, CacheError, DatasetError, ConfigError, LockError) as e:  # expected, explained
-        print(f"error: {e}", file=sys.stderr, flush=True)
-        return 2
+        return cli_status(lambda: main(argv))
     except Stopped as e:
         print(
             f"[encode] stopped by {e}: lock released, finished shards kept; run the same command to resume",
             file=sys.stderr, flush=True,
         )
         return 128 + e.signum
-    return 0
 
 
 if __name__ == "__main__":

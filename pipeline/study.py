@@ -20,10 +20,12 @@ Budget: the defaults are sized to ≈ 60 min on 2 idle cores (``--jobs 2``: two 
 side, one thread each); docs/study.md has the arithmetic. Everything resumes: run the same
 command again after an interruption.
 
+Settings: StudyConfig below (presets ``full`` and ``tiny``; ``-o key=value`` for any field,
+``--dry-run`` prints them resolved).
+
 Example:
     python pipeline/study.py --out runs/study                       # the real study
-    python pipeline/study.py --out runs/study-tiny --steps 4 --evals 2 --samples 12 --seeds 1 \\
-        --variants dt0,dt0.3,no-semantic --tiny                      # plumbing check (the test)
+    python pipeline/study.py --out runs/study-tiny --preset tiny     # plumbing check (4 steps, 1 seed)
 """
 
 from __future__ import annotations
@@ -33,8 +35,9 @@ import json
 import math
 import sys
 import time
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +45,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "pipeline"))  # demo.py sits beside this file (pipeline/ is no package)
 from demo import QUICK, SEMANTIC, STANDINS, TINY_MODEL, Sizes, demo_env, prepare, run  # noqa: E402
 
+from sfd.cli import Arg, config_parser, parse_config, print_config, run_cli  # noqa: E402
+from sfd.config import ConfigError  # noqa: E402
 from sfd.demo.judge import METRIC_ACCURACY, METRIC_FD  # noqa: E402
 
 METRICS = (METRIC_ACCURACY, METRIC_FD)
@@ -68,6 +73,47 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
 
 # The issue's design: the Δt grid and the no-semantic baseline (add power0.3 with --variants).
 DEFAULT_VARIANTS = [v for v in VARIANTS if not v.startswith("power")]
+
+
+@dataclass(frozen=True)
+class StudyConfig:
+    """The study's settings (presets: full, tiny)."""
+
+    out: str = "runs/study"  # study folder (everything goes here)
+    steps: int = 800  # training steps of every run (equal for all variants)
+    evals: int = 4  # evaluated checkpoints per run, evenly spaced
+    samples: int = 120  # unguided class-balanced samples per checkpoint
+    seeds: int = 3  # training seeds per variant (0..N-1)
+    jobs: int = 2  # runs side by side (one per free CPU core)
+    variants: str = ",".join(DEFAULT_VARIANTS)  # comma-separated subset of the VARIANTS above
+    tiny: bool = False  # the demo's --quick data sizes (tests)
+    report_only: bool = False  # rebuild the table, plot and summary from the runs' eval logs; train nothing
+
+    def __post_init__(self) -> None:
+        unknown = [v for v in self.variant_list if v not in VARIANTS]
+        if unknown:
+            raise ConfigError(f"variants: unknown {unknown}; choose from {','.join(VARIANTS)}")
+        if min(self.steps, self.evals, self.samples, self.seeds, self.jobs) < 1:
+            raise ConfigError("steps, evals, samples, seeds and jobs must be >= 1")
+
+    @property
+    def variant_list(self) -> list[str]:
+        return [v for v in self.variants.split(",") if v]
+
+
+STUDY_PRESETS = {
+    "full": StudyConfig(),
+    "tiny": StudyConfig(steps=4, evals=2, samples=12, seeds=1, variants="dt0,dt0.3,no-semantic", tiny=True),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    return config_parser(
+        StudyConfig, prog="pipeline/study.py", description=__doc__, presets=STUDY_PRESETS, default_preset="full",
+        args=(Arg("--out", metavar="PATH"), Arg("--variants"), Arg("--seeds"), Arg("--report-only")),
+        deprecated={"--steps": "steps", "--evals": "evals", "--samples": "samples", "--jobs": "jobs",
+                    "--tiny": "tiny=true"},
+    )
 
 
 def mean_std(xs: list[float]) -> tuple[float, float]:
@@ -191,7 +237,7 @@ def plot(path: Path, table: dict[str, Any], ceiling: dict[str, float]) -> None:
     plt.close(fig)
 
 
-def run_variants(args: argparse.Namespace, out: Path, variants: list[str], seeds: list[int], log: Path,
+def run_variants(args: StudyConfig, out: Path, variants: list[str], seeds: list[int], log: Path,
                  env: dict[str, str], timings: dict[str, float]) -> dict[str, float]:
     """Build the shared inputs, train and evaluate every (variant, seed); returns the real-image ceiling."""
     py = sys.executable
@@ -235,26 +281,13 @@ def run_variants(args: argparse.Namespace, out: Path, variants: list[str], seeds
     return ceiling
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", type=Path, default=Path("runs/study"), help="study folder (everything goes here)")
-    ap.add_argument("--steps", type=int, default=800, help="training steps of every run (equal for all variants)")
-    ap.add_argument("--evals", type=int, default=4, help="evaluated checkpoints per run, evenly spaced")
-    ap.add_argument("--samples", type=int, default=120, help="unguided class-balanced samples per checkpoint")
-    ap.add_argument("--seeds", type=int, default=3, help="training seeds per variant (0..N-1)")
-    ap.add_argument("--jobs", type=int, default=2, help="runs side by side (one per free CPU core)")
-    ap.add_argument("--variants", default=",".join(DEFAULT_VARIANTS), help="comma-separated subset of " + ", ".join(VARIANTS))
-    ap.add_argument("--tiny", action="store_true", help="the demo's --quick data sizes (tests)")
-    ap.add_argument("--report-only", action="store_true", help="rebuild the table, plot and summary from the runs' eval logs; train nothing")
-    args = ap.parse_args()
-
-    variants = [v for v in args.variants.split(",") if v]
-    unknown = [v for v in variants if v not in VARIANTS]
-    if unknown:
-        print(f"error: unknown variants {unknown}; choose from {list(VARIANTS)}", file=sys.stderr)
-        raise SystemExit(2)
+def main(argv: Sequence[str] | None = None) -> int:
+    args, ns = parse_config(build_parser(), argv)
+    if ns.dry_run:
+        return print_config(args)
+    variants = args.variant_list
     seeds = list(range(args.seeds))
-    out = args.out.resolve()
+    out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     log = out / "study.log"
     env = demo_env()
@@ -266,8 +299,7 @@ def main() -> None:
     if args.report_only:
         ceiling_file, summary_file = out / "ceiling.json", out / "summary.json"
         if not ceiling_file.is_file():
-            print(f"error: {out} holds no study (no ceiling.json); run it without --report-only first", file=sys.stderr)
-            raise SystemExit(2)
+            raise ConfigError(f"{out} holds no study (no ceiling.json); run it without --report-only first")
         ceiling = next(iter(json.loads(ceiling_file.read_text()).values()))
         previous = json.loads(summary_file.read_text()) if summary_file.is_file() else {}
         timings = previous.get("stage_seconds", {})
@@ -294,7 +326,8 @@ def main() -> None:
     if not args.report_only:
         print(f"study finished in {total / 60:.1f} min wall")
     print("=" * 78)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)  # a user error (bad setting, failed stage): one `error:` line, exit status 2

@@ -32,8 +32,14 @@ the same command resumes from the latest one and continues bit-for-bit. The fina
 ``<run-dir>/semvae.safetensors`` (config in the metadata), loadable with
 ``sfd.models.semvae.load_semvae(path, cfg=...)`` / ``sfd.encoding.semvae_spec``.
 
+One trainer per run directory: ``<run-dir>/run.lock`` (a stale lock of a dead process on this
+host is taken over). Any field of TrainSemVAEConfig can be set with ``-o key=value``.
+
 Examples:
   python pipeline/train_semvae.py --cache data/cache/imagenet256 --run-dir data/cache/imagenet256.semvae
+  # the evidently intended per-token cosine, a shorter warm-up
+  python pipeline/train_semvae.py --cache data/cache/imagenet256 --run-dir data/cache/imagenet256.semvae-feature \\
+      -o cos_axis=feature -o warmup_steps=100
   # 8 GPUs of this node (what `just semvae data/cache/imagenet256 8` runs), a shorter schedule:
   torchrun --nproc_per_node 8 pipeline/train_semvae.py --cache data/cache/imagenet256 \\
       --run-dir data/cache/imagenet256.semvae --steps 125000
@@ -44,7 +50,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import sys
 import time
 from collections.abc import Sequence
 from dataclasses import asdict
@@ -63,11 +68,12 @@ from sfd.checkpoint import (
     save_checkpoint,
     save_training_checkpoint,
 )
-from sfd.cli import add_override_arg, apply_overrides, fill_help
+from sfd.cli import Arg, config_parser, parse_config, print_config, run_cli
 from sfd.config import SEMVAE_PRESETS, ConfigError, TrainSemVAEConfig, to_json
-from sfd.data.cache import CacheError, LatentCache
+from sfd.data.cache import LatentCache
 from sfd.data.reader import DinoTokenReader
 from sfd.models.semvae import SemVAE, semvae_loss
+from sfd.runlock import hold_for_ranks
 
 FINAL_NAME = "semvae.safetensors"
 
@@ -92,10 +98,21 @@ def train(cfg: TrainSemVAEConfig) -> Path:
         print(f"[semvae] {final} exists: nothing to do", flush=True)
         return final
     if cfg.cos_axis not in ("token", "feature"):
-        raise SystemExit("--cos-axis must be 'token' or 'feature'")
+        raise ConfigError(f"cos_axis must be 'token' or 'feature', got {cfg.cos_axis!r}")
+    if cfg.preset not in SEMVAE_PRESETS:
+        raise ConfigError(f"unknown SemVAE preset {cfg.preset!r}; choose one of {' | '.join(SEMVAE_PRESETS)}")
 
-    # ---- distributed, device, precision
+    # ---- distributed, device, precision; one writer per run directory (rank 0 holds the lock)
     d = runtime.init_distributed(cfg.device)
+    lock = hold_for_ranks(run_dir / "run.lock", "SemVAE training", d.rank == 0)
+    try:
+        return _train(cfg, d, run_dir, final)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _train(cfg: TrainSemVAEConfig, d: Any, run_dir: Path, final: Path) -> Path:
     rank, world, device = d.rank, d.world_size, d.device
     use_bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
     master = rank == 0
@@ -103,10 +120,14 @@ def train(cfg: TrainSemVAEConfig) -> Path:
     # ---- data
     cache = LatentCache.open(cfg.cache)
     sem_cfg = SEMVAE_PRESETS[cfg.preset]
-    if cache.layout.dino_shape[1] != sem_cfg.input_dim:  # type: ignore[index]
-        raise SystemExit(f"cache DINO width {cache.layout.dino_shape[1]} != SemVAE preset {cfg.preset} input_dim {sem_cfg.input_dim}")  # type: ignore[index]
+    if cache.layout.dino_shape is None:
+        raise ConfigError(f"{cfg.cache} stores no DINO features (encoded with repa_targets=none): the SemVAE trains on them")
+    if cache.layout.dino_shape[1] != sem_cfg.input_dim:
+        raise ConfigError(f"cache DINO width {cache.layout.dino_shape[1]} != SemVAE preset {cfg.preset} input_dim "
+                          f"{sem_cfg.input_dim}; pick the matching --preset")
     if cache.layout.semantic_shape[0] != sem_cfg.bottleneck_dim:
-        raise SystemExit(f"cache semantic channels {cache.layout.semantic_shape[0]} != SemVAE bottleneck {sem_cfg.bottleneck_dim}")
+        raise ConfigError(f"cache semantic channels {cache.layout.semantic_shape[0]} != SemVAE bottleneck "
+                          f"{sem_cfg.bottleneck_dim}; pick the matching --preset")
     stream = DinoTokenReader(cache, cfg.batch_size, cfg.seed, rank, world, cfg.window_chunks)
 
     # ---- model, optimizer (init seeded: the same command gives the same run)
@@ -129,7 +150,8 @@ def train(cfg: TrainSemVAEConfig) -> Path:
         step, epoch, batch_in_epoch = int(state["step"]), int(state["epoch"]), int(state["batch_in_epoch"])
         gen.set_state(state["generators"][rank])
         if int(state["world_size"]) != world:
-            raise SystemExit(f"checkpoint {ckpt_dir} was written by {state['world_size']} processes, this run has {world}")
+            raise ConfigError(f"checkpoint {ckpt_dir} was written by {state['world_size']} processes, this run has "
+                              f"{world}: resume with as many")
         if master:
             print(f"[semvae] resumed from {ckpt_dir} (step {ckpt_step})", flush=True)
 
@@ -217,42 +239,31 @@ def train(cfg: TrainSemVAEConfig) -> Path:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="pipeline/train_semvae.py", description=__doc__.split("\n\n")[0], epilog=__doc__[__doc__.index("Examples:"):],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+    return config_parser(
+        TrainSemVAEConfig, prog="pipeline/train_semvae.py", description=__doc__.split("\n\n")[0],
+        epilog=__doc__[__doc__.index("Examples:"):], base=TrainSemVAEConfig(cache="", run_dir=""),
+        args=(
+            Arg("--cache", required=True, help="latent cache holding the DINO features (encoded with REPA targets stored)"),
+            Arg("--run-dir", required=True, help="run directory: checkpoints and the final semvae.safetensors (same command resumes)"),
+            Arg("--preset", metavar="|".join(SEMVAE_PRESETS)), Arg("--steps"), Arg("--batch-size"),
+        ),
+        deprecated={f"--{f.replace('_', '-')}": f for f in (
+            "lr", "weight_decay", "warmup_steps", "warmup_start", "decay_start", "final_lr", "kl_weight", "cos_axis",
+            "window_chunks", "seed", "ckpt_every", "keep_last", "log_every", "precision", "device", "stop_after")},
     )
-    d = TrainSemVAEConfig(cache="", run_dir="")
-    p.add_argument("--cache", required=True, help="latent cache holding the DINO features (encoded with REPA targets stored)")
-    p.add_argument("--run-dir", required=True, help="run directory: checkpoints and the final semvae.safetensors (same command resumes)")
-    for f, v in asdict(d).items():
-        if f in ("cache", "run_dir"):
-            continue
-        flag = "--" + f.replace("_", "-")
-        if f == "stop_after":
-            p.add_argument(flag, type=int, default=None)
-        elif f == "cos_axis":
-            p.add_argument(flag, choices=("token", "feature"), default=v)
-        elif f == "preset":
-            p.add_argument(flag, choices=sorted(SEMVAE_PRESETS), default=v)
-        else:
-            p.add_argument(flag, type=type(v), default=v)
-    add_override_arg(p, "TrainSemVAEConfig")
-    return fill_help(p, TrainSemVAEConfig)
 
 
 def parse_args(argv: Sequence[str] | None = None) -> TrainSemVAEConfig:
-    given = vars(build_parser().parse_args(argv))
-    overrides = given.pop("override")
-    return apply_overrides(TrainSemVAEConfig(**given), overrides)
+    return parse_config(build_parser(), argv)[0]
 
 
-def main(argv: Sequence[str] | None = None) -> Path:
-    return train(parse_args(argv))
+def main(argv: Sequence[str] | None = None) -> Path | int:
+    cfg, args = parse_config(build_parser(), argv)
+    if args.dry_run:
+        return print_config(cfg)
+    return train(cfg)
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (ConfigError, CacheError) as e:  # a user error or a damaged cache: one line, exit status 2
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    # User errors (a bad flag, a damaged cache or checkpoint, a held run lock): one `error:` line, exit 2.
+    run_cli(main)

@@ -14,11 +14,12 @@ import argparse
 import sys
 from collections.abc import Sequence
 
+from sfd.cli import Parser, run_cli
 from sfd.data.cache import FIX_HINT, CacheError, LatentCache
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(
+    ap = Parser(
         prog="pipeline/verify_cache.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     ap.add_argument("cache", help="latent cache directory")
@@ -52,4 +53,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_cli(main)  # exit 0 intact, 1 damaged, 2 a user error (one `error:` line)

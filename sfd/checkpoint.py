@@ -148,7 +148,8 @@ def load_tensors(path: str | os.PathLike[str], *, inert_objects: bool = False) -
     try:
         return torch.load(str(p), map_location="cpu", weights_only=True)
     except Exception as e:  # pickle refused or file broken: say which file and why
-        first = WeightsError(f"could not read '{p}' safely (torch.load with weights_only=True): {e}")
+        first = WeightsError(f"could not read '{p}' safely (torch.load with weights_only=True; damaged, or not a "
+                             f"PyTorch checkpoint): {_load_failure(e)}; check that this is the right file")
         first.__cause__ = e
     if not inert_objects:
         raise first
@@ -158,6 +159,16 @@ def load_tensors(path: str | os.PathLike[str], *, inert_objects: bool = False) -
             return torch.load(str(p), map_location="cpu", weights_only=True)
     except Exception as e:
         raise first from e
+
+
+def _load_failure(e: Exception) -> str:
+    """The telling part of a torch.load failure (its weights-only message is a page of advice)."""
+    text = str(e)
+    marker = "WeightsUnpickler error:"
+    if marker in text:
+        return "refused by the safe unpickler: " + text.split(marker, 1)[1].strip().splitlines()[0]
+    lines = text.strip().splitlines()
+    return lines[0] if lines else type(e).__name__
 
 
 def read_safetensors_metadata(path: str | os.PathLike[str]) -> dict[str, str]:
@@ -572,4 +583,5 @@ def load_training_state(ckpt_dir: str | os.PathLike[str]) -> dict[str, Any]:
     try:
         return torch.load(str(p), map_location="cpu", weights_only=True)
     except Exception as e:
-        raise WeightsError(f"could not read trainer state '{p}' (weights_only=True): {e}") from e
+        raise WeightsError(f"could not read trainer state '{p}' (weights_only=True): {_load_failure(e)}; move the "
+                           "damaged checkpoint folder aside to resume from the one before") from e

@@ -1,14 +1,18 @@
 """The command-line front-end shared by the entry points (definitions only; scripts parse).
 
-- :func:`add_override_arg` / :func:`apply_overrides` — the one way to set any field of a typed
-  config: a named preset, the frequently typed flags, then strict ``-o key=value`` (unknown keys
-  and bad values are errors listing the valid keys). Every entry point prints and saves the
-  resolved config (train: config.json; encode: <out>.encode.json; SemVAE: its run dir; grid and
-  gen: their settings JSON).
-- :func:`add_model_args` / :func:`add_sampling_args` — the model/decoder and sampling flags that
-  ``sample/grid.py`` and ``eval/fid.py`` share (so they cannot drift apart), mapped to
-  :class:`sfd.config.SamplingConfig` by :func:`sampling_config_from_args` and to
-  :func:`sfd.loading.load_pipeline` by :func:`pipeline_kwargs`.
+- :func:`config_parser` / :func:`parse_config` — the one flag style: an entry point's typed config
+  (a named ``--preset`` or the defaults), a few frequently typed flags generated from its fields
+  (help = the field's comment, :func:`field_help`), strict ``-o key=value`` for every field
+  (unknown keys and bad values are errors listing the valid keys), ``--dry-run`` (the resolved
+  config as JSON, :func:`print_config`), and old spellings that still work for one release with a
+  one-line note. :data:`SOURCE_ARGS` / :data:`SOURCE_DEPRECATED` are the flags ``sample/grid.py``
+  and ``eval/fid.py gen`` share (so they cannot drift apart).
+- :func:`cli_status` / :func:`run_cli` — the one error voice: a user error (the project's error
+  classes, a missing user-given file, a ``SystemExit`` with a message) is one ``error: …`` line
+  and exit status 2; a bug keeps its traceback (1). :class:`Parser` is argparse in that voice.
+- :func:`add_model_args` / :func:`add_sampling_args` / :func:`sampling_config_from_args` — the
+  former grid/gen flags, kept for library callers and their tests (the entry points no longer
+  use them).
 """
 
 from __future__ import annotations
@@ -17,17 +21,28 @@ import argparse
 import dataclasses
 import functools
 import inspect
+import os
 import re
 import sys
-from collections.abc import Callable
+import traceback
+import typing
+from collections.abc import Callable, Sequence
 from typing import Any, NoReturn, TypeVar
 
-from sfd.config import SAMPLING_PRESETS, SamplingConfig, override
+from sfd.config import (
+    SAMPLING_PRESETS,
+    ConfigError,
+    SamplingConfig,
+    override,
+    to_json,
+)
 
 __all__ = [
     "add_override_arg", "apply_overrides", "add_model_args", "add_sampling_args",
     "sampling_config_from_args", "pipeline_kwargs", "SAMPLING_FLAGS", "field_help", "fill_help", "run_cli",
-    "check_inputs",
+    "check_inputs", "Parser", "Arg", "config_parser", "parse_config", "resolve_config", "print_config",
+    "valid_keys", "cli_status", "user_error_message", "SOURCE_ARGS", "SOURCE_DEPRECATED", "source_kwargs",
+    "source_inputs",
 ]
 
 T = TypeVar("T")
@@ -118,13 +133,17 @@ def pipeline_kwargs(args: argparse.Namespace) -> dict[str, Any]:
 
 @functools.cache
 def field_help(cls: type) -> dict[str, str]:
-    """``{field: text}`` from the comment after each field of a config dataclass, so a flag made
-    from a field says what the field's comment says (one text, kept where the field is defined)."""
+    """``{field: text}`` from the comment after each field of a config dataclass (and of the
+    dataclasses it derives from), so a flag made from a field says what the field's comment says
+    (one text, kept where the field is defined)."""
     out: dict[str, str] = {}
-    for line in inspect.getsource(cls).splitlines():
-        m = re.match(r"\s+(\w+)\s*:[^=#]*=\s*[^#]*#\s*(.+)$", line)
-        if m and m.group(1) not in out:
-            out[m.group(1)] = m.group(2).strip()
+    for klass in cls.__mro__:
+        if not dataclasses.is_dataclass(klass):
+            continue
+        for line in inspect.getsource(klass).splitlines():
+            m = re.match(r"\s+(\w+)\s*:[^=#]*=\s*[^#]*#\s*(.+)$", line)
+            if m and m.group(1) not in out:
+                out[m.group(1)] = m.group(2).strip()
     return out
 
 
@@ -140,22 +159,307 @@ def fill_help(parser: argparse.ArgumentParser, cls: type) -> argparse.ArgumentPa
     return parser
 
 
-def run_cli(main: Callable[[], Any], user_errors: tuple[type[BaseException], ...]) -> NoReturn:
-    """Run an entry point's ``main`` so that a user error — one of ``user_errors``, or a
-    ``SystemExit`` carrying a message — prints one ``error: …`` line and exits with status 2,
-    never a traceback. argparse's own exits (status 0 for --help, 2 for bad flags) pass through;
-    an int returned by ``main`` is the exit status."""
+# ---------------------------------------------------------------------------------------------
+# One flag style: a typed config (a named preset or the defaults) + -o key=value + a few flags
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse in the project's error voice: a bad flag is one ``error:`` line, exit status 2
+    (argparse's own form is a usage block and ``prog: error:``). Every entry point builds one, so
+    this is where the ``SFD_PLUGINS`` modules are imported (sfd/registry.py): before any
+    ``choices=`` list is read from a registry and before a config is checked."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        from sfd.registry import load_plugins
+
+        load_plugins()
+        super().__init__(*args, **kwargs)
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+
+
+@dataclasses.dataclass(frozen=True)
+class Arg:
+    """One flag generated from a config field: ``flag`` "--images" (or a positional name),
+    ``key`` the config key it sets (default: the flag's name with underscores; dotted keys and
+    aliases work as in ``-o``), ``required``, ``help`` (default: the field's comment)."""
+
+    flag: str
+    key: str | None = None
+    required: bool = False
+    help: str | None = None
+    metavar: str | None = None
+
+    @property
+    def field(self) -> str:
+        return self.key or self.flag.lstrip("-").replace("-", "_")
+
+
+ASSIGN = "_assignments"  # namespace list of "key=value" from generated and deprecated flags, in order
+
+
+def _owner(cls: type, key: str) -> tuple[type, str]:
+    key = getattr(cls, "ALIASES", {}).get(key, key)
+    *parents, name = key.split(".")
+    for part in parents:
+        cls = typing.get_type_hints(cls)[part]
+    return cls, name
+
+
+def _value_of(cfg: Any, key: str) -> Any:
+    key = getattr(type(cfg), "ALIASES", {}).get(key, key)
+    for part in key.split("."):
+        cfg = getattr(cfg, part)
+    return cfg
+
+
+def valid_keys(cls: type) -> list[str]:
+    """Every key ``-o`` accepts for ``cls``: its fields (nested ones dotted) and its aliases."""
+    keys: list[str] = []
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            keys += [f"{f.name}.{k}" for k in valid_keys(tp)]
+        else:
+            keys.append(f.name)
+    return sorted(set(keys) | set(getattr(cls, "ALIASES", {})))
+
+
+def _note_once(parser: argparse.ArgumentParser, text: str) -> None:
+    seen = parser.__dict__.setdefault("_notes_given", set())
+    if text not in seen and os.environ.get("RANK", "0") == "0":  # torchrun: rank 0 speaks
+        print(f"note: {text}", file=sys.stderr, flush=True)
+    seen.add(text)
+
+
+def _record(ns: argparse.Namespace, assignment: str) -> None:
+    # A fresh list each time: a sub-command parses into its own namespace, then copies it over.
+    setattr(ns, ASSIGN, [*(getattr(ns, ASSIGN, None) or []), assignment])
+
+
+class _Assign(argparse.Action):
+    """A generated flag: records ``key=value`` (value as typed; the config coerces it strictly)."""
+
+    def __init__(self, *args: Any, key: str, const_value: str | None = None, **kw: Any) -> None:
+        self.key, self.const_value = key, const_value
+        super().__init__(*args, **kw)
+
+    def __call__(self, parser: Any, ns: argparse.Namespace, values: Any, option: str | None = None) -> None:
+        value = self.const_value if self.const_value is not None else values
+        _record(ns, f"{self.key}={value}")
+
+
+class _Deprecated(argparse.Action):
+    """An old spelling: still works for one release, with a one-line note naming the new one."""
+
+    def __init__(self, *args: Any, new: str, **kw: Any) -> None:
+        self.new = new  # "key" (takes a value), "key=value" (a switch) or "--preset NAME"
+        super().__init__(*args, **kw)
+
+    def __call__(self, parser: Any, ns: argparse.Namespace, values: Any, option: str | None = None) -> None:
+        if self.new.startswith("--preset "):
+            ns.preset = self.new.split()[1]
+            instead = self.new
+        else:
+            assignment = self.new if "=" in self.new else f"{self.new}={values}"
+            _record(ns, assignment)
+            instead = f"-o {assignment}"
+        _note_once(parser, f"{option} is deprecated; use {instead}")
+
+
+def config_parser(
+    cls: type,
+    *,
+    prog: str | None = None,
+    description: str | None = None,
+    epilog: str | None = None,
+    presets: dict[str, Any] | None = None,
+    default_preset: str | None = None,
+    base: Any = None,
+    args: Sequence[Arg] = (),
+    deprecated: dict[str, str] | None = None,
+    parser: argparse.ArgumentParser | None = None,
+) -> argparse.ArgumentParser:
+    """The one command-line shape of every entry point, built from its config dataclass ``cls``:
+
+    positional paths, then ``--preset`` (if ``presets``), the frequently typed flags ``args``
+    (each sets one config key; help from the field's comment), ``-o/--override KEY=VALUE`` for
+    every key, ``--dry-run`` (print the resolved config as JSON, exit 0); old spellings
+    (``deprecated``: ``{"--sampler": "method"}``; ``"ema=false"`` for a switch, ``"--preset
+    quick"`` for a preset) work for one release with a note. :func:`resolve_config` turns the
+    parsed namespace into the config. ``parser`` fills an existing (sub)parser.
+    """
+    if description and epilog is None and (m := re.search(r"^Examples?:", description, flags=re.M)):
+        description, epilog = description[: m.start()].rstrip() + "\n", description[m.start():]  # examples last
+    p = parser if parser is not None else Parser(
+        prog=prog, description=description, epilog=epilog, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    start = base if base is not None else (presets[default_preset] if presets else cls())
+    docs = {key: _doc(cls, key) for key in [a.field for a in args]}
+    p.set_defaults(_config=(cls, presets, start))
+    for a in args:
+        if not a.flag.startswith("-"):
+            p.add_argument(a.flag, action=_Assign, key=a.field, metavar=a.metavar or a.flag.upper(),
+                           help=a.help or docs[a.field])
+    if presets:
+        p.add_argument("--preset", default=default_preset, choices=sorted(presets),
+                       help=f"named {cls.__name__} (default: %(default)s); -o changes any field of it")
+    for a in args:
+        if not a.flag.startswith("-"):
+            continue
+        owner, name = _owner(cls, a.field)
+        is_bool = typing.get_type_hints(owner)[name] is bool
+        default = _value_of(start, a.field)
+        text = a.help or docs[a.field]
+        if not a.required and not is_bool and default not in (None, ""):
+            text += f" (default: {str(default).replace('%', '%%')})"
+        p.add_argument(a.flag, action=_Assign, key=a.field, required=a.required, default=argparse.SUPPRESS,
+                       nargs=0 if is_bool else None, const_value="true" if is_bool else None,
+                       metavar=a.metavar or ("PATH" if a.required else None), help=text)
+    p.add_argument("-o", "--override", action="append", default=[], metavar="KEY=VALUE",
+                   help=f"set any {cls.__name__} field, e.g. -o {_example(cls, start)} (repeatable); unknown keys "
+                   "and bad values are errors listing the valid keys")
+    p.add_argument("--dry-run", action="store_true", help="print the resolved config as JSON and exit")
+    if deprecated:
+        pairs = [f"{old} → {new if new.startswith('--') else '-o ' + (new if '=' in new else new + '=…')}"
+                 for old, new in deprecated.items()]
+        lines = [""]
+        for pair in pairs:  # whole pairs per line
+            if lines[-1] and len(lines[-1]) + len(pair) > 92:
+                lines.append("")
+            lines[-1] += ("; " if lines[-1] else "  ") + pair
+        g = p.add_argument_group("old spellings (work for one release, with a note)", "\n".join(lines))
+        for old, new in deprecated.items():
+            switch = "=" in new or new.startswith("--preset ")
+            g.add_argument(old, action=_Deprecated, new=new, nargs=0 if switch else None,
+                           default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    return p
+
+
+def _doc(cls: type, key: str) -> str:
+    owner, name = _owner(cls, key)
+    return field_help(owner).get(name, name.replace("_", " "))
+
+
+def _example(cls: type, start: Any) -> str:
+    keys = valid_keys(cls)
+    key = next((k for k in ("seed", "steps", "batch_size", "lr") if k in keys), keys[0])
+    return f"{key}={_value_of(start, key)}"
+
+
+def parse_config(parser: argparse.ArgumentParser, argv: Sequence[str] | None = None) -> tuple[Any, argparse.Namespace]:
+    """Parse ``argv`` and resolve the config: the preset (or the defaults), then the flags in the
+    order given, then ``-o`` overrides, all through :func:`sfd.config.override` (strict)."""
+    ns = parser.parse_args(argv)
+    return resolve_config(ns), ns
+
+
+def resolve_config(ns: argparse.Namespace) -> Any:
+    cls, presets, start = ns._config
+    cfg = presets[ns.preset] if presets and getattr(ns, "preset", None) else start
+    assignments = [*(getattr(ns, ASSIGN, None) or []), *ns.override]
+    keys = valid_keys(cls)
+    for a in assignments:
+        key = a.split("=", 1)[0].strip()
+        if "=" in a and key not in keys:
+            # Listed without the dotted twins of aliased keys (method, not also sampling.method).
+            aliased = set(getattr(cls, "ALIASES", {}).values())
+            shown = [k for k in keys if k not in aliased]
+            raise ConfigError(f"unknown key {key!r} for {cls.__name__}; valid keys are {', '.join(shown)}")
+    return override(cfg, assignments)
+
+
+def print_config(cfg: Any) -> int:
+    """``--dry-run``: the resolved config as JSON on stdout; exit status 0."""
+    print(to_json(cfg))
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# One error voice
+
+
+# The project's user-error classes, by qualified name (no import needed: a class that was never
+# imported cannot have been raised). Each message already names what to fix.
+USER_ERRORS = frozenset({
+    "sfd.config.ConfigError", "sfd.data.cache.CacheError", "sfd.checkpoint.WeightsError",
+    "sfd.runlock.LockError", "sfd.manifest.CheckpointError", "sfd.registry.UnknownChoice",
+    "sfd.data.images.DatasetError", "sfd.training.TrainError",
+})
+# Files a user named that are not there (or not the right kind): the message names the path.
+USER_OS_ERRORS = (FileNotFoundError, FileExistsError, IsADirectoryError, NotADirectoryError, PermissionError)
+
+
+def user_error_message(e: BaseException, extra: tuple[type[BaseException], ...] = ()) -> str | None:
+    """The one-line message of a user error, or None for anything else (a bug)."""
+    if isinstance(e, USER_OS_ERRORS) and e.filename is not None:
+        return f"{e.filename}: {e.strerror or type(e).__name__}; check the path"
+    names = {f"{c.__module__}.{c.__qualname__}" for c in type(e).__mro__}
+    if names & USER_ERRORS or isinstance(e, extra):
+        return str(e)
+    return None
+
+
+def cli_status(main: Callable[[], Any], user_errors: tuple[type[BaseException], ...] = ()) -> int:
+    """Run an entry point's ``main`` and return its exit status: a user error (the project's error
+    classes, a missing user-given file, ``user_errors``, or a ``SystemExit`` carrying a message)
+    prints one ``error: …`` line (rank 0 only under torchrun) and gives 2; argparse's own exits
+    pass through; an int returned by ``main`` is the status. A bug keeps its traceback (status 1)."""
     try:
         code = main()
-    except user_errors as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
     except SystemExit as e:
         if e.code is None or isinstance(e.code, int):
-            raise
-        print(f"error: {e.code}", file=sys.stderr)
-        sys.exit(2)
-    sys.exit(code if isinstance(code, int) else 0)
+            return e.code or 0
+        _say_error(str(e.code))
+        return 2
+    except Exception as e:  # noqa: BLE001 - sorted into user errors and bugs below
+        msg = user_error_message(e, user_errors)
+        if msg is None:
+            traceback.print_exc()
+            return 1
+        _say_error(msg)
+        return 2
+    return code if isinstance(code, int) else 0
+
+
+def _say_error(msg: str) -> None:
+    # One line, whatever the message: a multi-line one (a list of differences) is joined.
+    line = "; ".join(part.strip() for part in msg.strip().splitlines() if part.strip())
+    if os.environ.get("RANK", "0") == "0":
+        print(f"error: {line}", file=sys.stderr, flush=True)
+
+
+def run_cli(main: Callable[[], Any], user_errors: tuple[type[BaseException], ...] = ()) -> NoReturn:
+    """:func:`cli_status`, then exit with it (the ``if __name__ == "__main__"`` of every script)."""
+    sys.exit(cli_status(main, user_errors))
+
+
+# The flags grid and gen share (paths and architecture names); every sampling setting is a key.
+SOURCE_ARGS = (
+    Arg("--ckpt", required=True), Arg("--model", metavar="PRESET"), Arg("--guide", metavar="PATH"),
+    Arg("--guide-model", metavar="PRESET"), Arg("--stats", metavar="PATH"), Arg("--vae", metavar="PATH"),
+)
+# Their old spellings (until the release after next): the sampling flags and the switches.
+SOURCE_DEPRECATED = {
+    **{f"--{flag.replace('_', '-')}": field for flag, field in SAMPLING_FLAGS.items() if flag != "bf16"},
+    "--bf16": "bf16=true", "--no-ema": "ema=false", "--vae-preset": "vae_preset", "--device": "device",
+    "--no-tf32": "tf32=false", "--batch-size": "batch_size",
+}
+
+
+def source_kwargs(cfg: Any) -> dict[str, Any]:
+    """Keyword arguments of :func:`sfd.loading.load_pipeline` from a :class:`sfd.config.SampleSourceConfig`."""
+    return dict(
+        model=cfg.model, guide=cfg.sampling.guide_ckpt, guide_model=cfg.guide_model, ema=cfg.ema,
+        stats=cfg.stats, vae=cfg.vae, vae_preset=cfg.vae_preset,
+    )
+
+
+def source_inputs(cfg: Any) -> dict[str, Any]:
+    """The files a sampling command reads, for :func:`check_inputs`."""
+    return {"--ckpt": cfg.ckpt, "--guide": cfg.sampling.guide_ckpt, "--stats": cfg.stats, "--vae": cfg.vae}
 
 
 def check_inputs(inputs: dict[str, Any], error: type[Exception] | None = None) -> None:

@@ -758,6 +758,99 @@ SAMPLING_PRESETS: dict[str, SamplingConfig] = {
 }
 
 
+# ---------------------------------------------------------------------------------------------
+# Sampling and evaluation commands (sample/grid.py, eval/fid.py gen | ref | calc)
+
+
+@dataclass(frozen=True)
+class SampleSourceConfig:
+    """What a sampling command loads (sfd.loading.load_pipeline) and how it samples. Every
+    :class:`SamplingConfig` field is also a top-level key (``-o method=heun`` = ``-o sampling.method=heun``)."""
+
+    ckpt: str = ""  # run dir (latest checkpoint), checkpoint dir, our .safetensors or the authors' .pt
+    model: str | None = None  # architecture preset for files without a stored config, e.g. XL/1 for the authors' sfd_xl .pt
+    guide_model: str | None = None  # architecture preset of the guide, e.g. B/1 for the authors' guide .pt
+    ema: bool = True  # the EMA weights (false: the raw weights)
+    stats: str | None = None  # texture latent statistics: a latent-cache dir, the authors' latents_stats.pt, or 'identity'; default: those stored with the checkpoint
+    vae: str | None = None  # texture VAE weights (default weights/ldm-imagenet256-f16d32-50ep.ckpt)
+    vae_preset: str = "f16d32"  # texture VAE architecture preset (f16d32 | f8c4 | tiny)
+    sampling: SamplingConfig = SamplingConfig()  # solver, guidance, seed (docs/method.md §7)
+    device: str = "auto"  # auto | cpu | cuda | cuda:N | mps (torchrun: cuda:LOCAL_RANK)
+    tf32: bool = True  # TF32 matmuls on CUDA (the authors sample with TF32 on)
+
+    ALIASES: ClassVar[dict[str, str]] = {
+        **{f.name: f"sampling.{f.name}" for f in dataclasses.fields(SamplingConfig)},
+        "guide": "sampling.guide_ckpt",
+    }
+
+
+@dataclass(frozen=True)
+class GridConfig(SampleSourceConfig):
+    """sample/grid.py: one row per class, a PNG with captions and a settings JSON beside it."""
+
+    classes: str = "207,360,387,974,88,979,417,279"  # comma-separated labels (indices, or wnids/names with class_names or a cache); default: DiT's sample.py eight
+    class_names: str | None = None  # text file, one class name per line in label order (captions and classes)
+    per_class: int = 4  # samples per class (one row per class)
+    real_images: str | None = None  # image folder <class>/<image>: each row starts with one real image of its class
+    batch_size: int = 32  # samples per sampler call
+    out: str = "grid.png"  # output PNG (a JSON with the settings is written beside it)
+
+
+@dataclass(frozen=True)
+class GenConfig(SampleSourceConfig):
+    """eval/fid.py gen: N class-balanced samples as {index:06d}.png (resumable; torchrun)."""
+
+    out: str = ""  # sample folder ({index:06d}.png, gen.json, nfe logs)
+    num_samples: int = 50_000  # N (the paper's FID-50K)
+    num_classes: int | None = None  # classes to balance over; None = the model's
+    batch_size: int = 32  # samples per sampler call and rank
+    npz: str | None = None  # also pack the ADM sample batch here once all N exist
+    shuffle_seed: int = 42  # npz order permutation seed (the authors' 42)
+    max_batches: int | None = None  # stop after this many new batches per rank (chunked jobs); re-run to continue
+
+
+# Named sampling settings for grid and gen (--preset): the sampling presets, everything else default.
+GRID_PRESETS: dict[str, GridConfig] = {n: GridConfig(sampling=s) for n, s in SAMPLING_PRESETS.items()}
+GEN_PRESETS: dict[str, GenConfig] = {n: GenConfig(sampling=s) for n, s in SAMPLING_PRESETS.items()}
+
+DETECTORS = ("inception", "random")
+
+
+@dataclass(frozen=True)
+class DetectorConfig:
+    """The feature detector of eval/fid.py ref and calc."""
+
+    detector: str = "inception"  # inception = the FID weights (--inception); random = untrained (tests; never reported as FID)
+    inception: str | None = None  # pt_inception-2015-12-05-6726825d.pth (default: weights/)
+    batch_size: int = 250  # images per detector call
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+
+    def __post_init__(self) -> None:
+        if self.detector not in DETECTORS:
+            raise ConfigError(f"detector must be one of {' | '.join(DETECTORS)}, got {self.detector!r}")
+
+
+@dataclass(frozen=True)
+class RefConfig(DetectorConfig):
+    """eval/fid.py ref: reference statistics (mu, sigma, mu_s, sigma_s, pool features)."""
+
+    source: str = ""  # image folder or npz with arr_0
+    out: str = ""  # output .npz
+    center_crop: int | None = None  # ADM centre crop of folder images to this size
+    recompute_stats: bool = False  # recompute mu/sigma even when the npz stores them
+
+
+@dataclass(frozen=True)
+class CalcConfig(DetectorConfig):
+    """eval/fid.py calc: FID, sFID, IS, precision and recall of samples against a reference."""
+
+    samples: str = ""  # sample folder (from gen) or npz with arr_0
+    ref: str | None = None  # VIRTUAL_imagenet256_labeled.npz (default: weights/) or a `ref` output
+    out: str | None = None  # results JSON (default: <folder>/metrics.json or <npz>.metrics.json)
+    num_samples: int | None = None  # require exactly this many samples (e.g. 50000)
+    shuffle_seed: int = 42  # order of a folder's samples for the IS splits (the authors' 42)
+
+
 __all__ = [
     "ConfigError",
     "ModelConfig",
@@ -781,6 +874,14 @@ __all__ = [
     "TrainSemVAEConfig",
     "SamplingConfig",
     "SAMPLING_PRESETS",
+    "SampleSourceConfig",
+    "GridConfig",
+    "GRID_PRESETS",
+    "GenConfig",
+    "GEN_PRESETS",
+    "DetectorConfig",
+    "RefConfig",
+    "CalcConfig",
     "from_dict",
     "to_dict",
     "to_json",

@@ -14,7 +14,6 @@ every file is present, 1 otherwise.
 
 from __future__ import annotations
 
-import argparse
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -183,7 +182,9 @@ def report(root: str | Path = DEFAULT_DIR, hashes: bool = False) -> tuple[str, b
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m sfd.weights", description=(
+    from sfd.cli import Parser
+
+    p = Parser(prog="python -m sfd.weights", description=(
         "List the released files the project can use: present (with size) or missing (with the exact "
         "public command that fetches each). Nothing is downloaded."),
         epilog="Example: python -m sfd.weights weights --sha256")
@@ -193,6 +194,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="print only the path of this file (exit 1 if absent), e.g. --path semvae; "
                         f"keys: {', '.join(FILES)}")
     args = p.parse_args(argv)
+    if Path(args.dir).exists() and not Path(args.dir).is_dir():
+        raise NotADirectoryError(20, "not a directory (give the folder that holds the weights)", args.dir)
     if args.path:
         found = FILES[args.path].find(Path(args.dir))
         if found is None:
@@ -206,4 +209,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from sfd.cli import run_cli
+
+    run_cli(main)  # 0 all present, 1 some missing (listed with their commands), 2 a user error

@@ -26,6 +26,8 @@ SCRIPTS = {
     "eval/fid.py": "eval.fid",
     "eval/plot.py": "eval.plot",
     "eval/paper_fid.py": "eval.paper_fid",
+    "pipeline/demo.py": "pipeline.demo",
+    "pipeline/study.py": "pipeline.study",
 }
 # Paths an example may name: the README's defaults (and the paths a user names for their own data).
 DEFAULT_ROOTS = ("data/", "weights/", "runs/", "$(python -m sfd.weights")

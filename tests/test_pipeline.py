@@ -27,6 +27,7 @@ import torch
 from PIL import Image
 
 from sfd.checkpoint import WeightsError, load_tensors
+from sfd.config import ConfigError
 from sfd.data.cache import CacheMismatchError, LatentCache
 from sfd.data.images import discover, hflip, load_image, to_model_input
 from sfd.data.synthetic import QUIRKS, write_quirks
@@ -286,7 +287,7 @@ def test_clear_errors_before_any_work(full_cache: tuple[Path, list], subset: Pat
         encode_mod.main(["--images", str(subset), "--out", str(fresh), "--texture-vae", str(tmp_path / "nope-vae.ckpt")])
     with pytest.raises(WeightsError, match="nope-dino.pth"):
         encode_mod.main(["--images", str(subset), "--out", str(fresh), "--texture", "standin-f4", "--dino", str(tmp_path / "nope-dino.pth")])
-    with pytest.raises(SystemExit, match="repa-targets none needs --semvae"):
+    with pytest.raises(ConfigError, match="repa_targets=none needs --semvae"):  # a user error, not a bare exit
         encode_mod.main(["--images", str(subset), "--out", str(fresh), *COMMON, "--repa-targets", "none"])
     assert not fresh.exists()
 

@@ -72,8 +72,8 @@ def test_paper_fid_dry_run_runs_the_authors_protocol(tmp_path: Path) -> None:
     gen, calc = [line for line in res.stdout.splitlines() if line.strip().startswith("$")]
     for piece in ("--nproc_per_node=8", "eval/fid.py gen", "model_weights/sfd_xl/checkpoints/4000000.pt",
                   "--model XL/1", "model_weights/sfd_autoguidance_b/checkpoints/0070000.pt", "--guide-model B/1",
-                  "--ag-scale 1.5", "--sampler dopri5", "--atol 1e-6", "--rtol 1e-3", "--grid authors",
-                  "--num-samples 50000", "--shuffle-seed 42", "imagenet_train_256/latents_stats.pt"):
+                  "-o ag_scale=1.5", "-o method=dopri5", "-o atol=1e-6", "-o rtol=1e-3", "-o grid=authors",
+                  "--num-samples 50000", "-o shuffle_seed=42", "imagenet_train_256/latents_stats.pt"):
         assert piece in gen, piece
     assert "--bf16" not in gen  # the authors sample in fp32 (TF32 matmuls)
     for piece in ("eval/fid.py calc", "VIRTUAL_imagenet256_labeled.npz", "pt_inception-2015-12-05-6726825d.pth"):

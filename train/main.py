@@ -71,6 +71,7 @@ from sfd.checkpoint import (
     read_checkpoint,
     save_training_checkpoint,
 )
+from sfd.cli import Parser, cli_status
 from sfd.config import TRAIN_PRESETS, ConfigError, TrainConfig, to_dict, to_json, train_preset
 from sfd.data.cache import DATA_SHAPED, CacheError, LatentCache
 from sfd.data.reader import LatentBatch, LatentCacheReader
@@ -80,7 +81,6 @@ from sfd.loading import texture_decoder_for
 from sfd.manifest import CheckpointError, usable_checkpoints, write_manifest
 from sfd.models.lightningdit import LightningDiT, count_params, load_weights
 from sfd.pixels import load_texture_stats, preview_grid
-from sfd.registry import load_plugins
 from sfd.repa_targets import REPA_TARGET_SOURCES, RepaTargetSource
 from sfd.runlock import LockError, die_with_parent, hold_for_ranks, release_held_locks
 from sfd.runlog import MetricsLog
@@ -98,8 +98,9 @@ class TrainError(RuntimeError):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(
-        prog="train/main.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    ap = Parser(  # the shared shape: description, options, then the examples (sfd.cli)
+        prog="train/main.py", description=__doc__[: __doc__.index("Examples:")], epilog=__doc__[__doc__.index("Examples:"):],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     ap.add_argument("--preset", default="sfd-xl", choices=sorted(TRAIN_PRESETS), help="run preset (sfd/config.py)")
     ap.add_argument("--cache", help="latent cache directory (overrides the preset's `cache`)")
@@ -133,7 +134,6 @@ def main(argv: list[str] | None = None) -> None:
     # -- config ---------------------------------------------------------------------------------
     args = parse_args(argv)
     try:
-        load_plugins()  # SFD_PLUGINS: modules that add choices (sfd/registry.py), before the config is read
         cfg = resolve_config(args)
     except ConfigError as e:
         raise TrainError(str(e)) from e
@@ -646,17 +646,11 @@ def progress_postfix(record: dict[str, Any]) -> dict[str, str]:
 
 
 def cli() -> None:
-    """Entry point: run, report a configuration error in one message, exit cleanly."""
+    """Entry point: the shared runner (a user error is one ``error:`` line on rank 0, exit status 2;
+    a bug keeps its traceback, 1), then a clean shutdown."""
     try:
-        main()
-        code = 0
-    except (TrainError, CacheError, WeightsError, LockError, CheckpointError) as e:
-        if int(os.environ.get("RANK", 0)) == 0:
-            print(f"error: {e}", file=sys.stderr, flush=True)
-        code = 2
-    except SystemExit as e:  # --help, argparse errors
-        code = e.code if isinstance(e.code, int) else 1
-    except BaseException:
+        code = cli_status(main, (TrainError, CacheError, WeightsError, LockError, CheckpointError))
+    except BaseException:  # an interrupt outside the loop's own handling
         traceback.print_exc()
         code = 1
     release_held_locks()  # before os._exit below, which skips atexit

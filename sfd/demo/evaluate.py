@@ -3,7 +3,7 @@
 ``eval/fid.py gen`` writes PNGs and starts a fresh process per checkpoint, which on a CPU costs
 more than sampling the demo's small model (import and first-use compilation ≈ 10 CPU-s). The
 study evaluates dozens of checkpoints, so it samples here, in memory, through the *same* public
-functions as ``eval/fid.py gen`` and ``sample/grid.py`` (the flags of ``sfd.cli``,
+functions as ``eval/fid.py gen`` and ``sample/grid.py`` (their flags and keys, ``sfd.cli``,
 ``sfd.loading.load_pipeline``, ``sfd.samplers.generate_latents``, ``sfd.pixels.latents_to_images``,
 and the class-balanced labels of the 50K protocol): same checkpoint resolution, same per-index
 seeds, same decoder.
@@ -11,7 +11,6 @@ seeds, same decoder.
 
 from __future__ import annotations
 
-import argparse
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -22,13 +21,14 @@ import torch
 from sfd.demo.judge import Judge, judge_report
 
 
-def _pipeline_args(ckpt: str | Path, stats: str | Path, flags: Sequence[str]) -> argparse.Namespace:
-    from sfd.cli import add_model_args, add_sampling_args
+def _pipeline_config(ckpt: str | Path, stats: str | Path, flags: Sequence[str]) -> Any:
+    """The :class:`sfd.config.GenConfig` that ``eval/fid.py gen`` resolves from the same flags."""
+    from sfd.cli import SOURCE_ARGS, SOURCE_DEPRECATED, config_parser, parse_config
+    from sfd.config import GEN_PRESETS, GenConfig
 
-    p = argparse.ArgumentParser()
-    add_model_args(p)
-    add_sampling_args(p)
-    return p.parse_args(["--ckpt", str(ckpt), "--stats", str(stats), *flags])
+    p = config_parser(GenConfig, prog="sampling flags", presets=GEN_PRESETS, default_preset="authors",
+                      args=SOURCE_ARGS, deprecated=SOURCE_DEPRECATED)
+    return parse_config(p, ["--ckpt", str(ckpt), "--stats", str(stats), *flags])[0]
 
 
 @torch.no_grad()
@@ -37,17 +37,17 @@ def sample_images(
     batch_size: int = 120,
 ) -> tuple[np.ndarray, np.ndarray]:
     """uint8 images (N, H, W, 3) and labels: sample i has label ⌊i/(N/K)⌋ and noise seed (seed, i),
-    exactly as ``eval/fid.py gen`` with the same ``flags`` (e.g. ``--sampler heun --steps 16``)."""
-    from sfd.cli import pipeline_kwargs, sampling_config_from_args
+    exactly as ``eval/fid.py gen`` with the same ``flags`` (e.g. ``-o method=heun -o num_steps=16``)."""
+    from sfd.cli import source_kwargs
     from sfd.loading import load_pipeline
     from sfd.pixels import latents_to_images
     from sfd.samplers import generate_latents
 
-    args = _pipeline_args(ckpt, stats, flags)
+    cfg = _pipeline_config(ckpt, stats, flags)
     device = torch.device("cpu")
-    model, _, guide, tex_stats, decoder = load_pipeline(args.ckpt, device=device, **pipeline_kwargs(args))
+    model, _, guide, tex_stats, decoder = load_pipeline(cfg.ckpt, device=device, **source_kwargs(cfg))
     model.eval()
-    sampling = sampling_config_from_args(args)
+    sampling = cfg.sampling
     # Sample i has label ⌊i/(N/K)⌋: the class-balanced order of eval/fid.py's 50K protocol.
     labels = np.arange(num_samples) // (num_samples // num_classes)
     images = []
