@@ -544,6 +544,9 @@ class TrainConfig:
     beta2: float = 0.999
     weight_decay: float = 0.0
     grad_clip: float = 0.0  # max grad norm; 0 = off (the authors clip nothing)
+    # fused (sfd.optim.FusedAdamWEMA: clip scale + AdamW + EMA in one pass, compiled unless
+    # kernels=eager) | torch (torch.optim.AdamW, then a separate EMA lerp). Same maths and state dict.
+    optimizer: str = "fused"
     # Ours: from this fraction of max_steps on, lr falls linearly to 0 at max_steps; 1.0 = the
     # authors' constant lr. For short budgets (the CPU demo), where a constant lr plateaus.
     lr_decay_start: float = 1.0
@@ -599,6 +602,8 @@ class TrainConfig:
             raise ConfigError("global_batch must be > 0 and micro_batch >= 0")
         if self.kernels not in ("eager", "compile", "triton"):
             raise ConfigError(f"kernels must be eager, compile or triton, got {self.kernels!r}")
+        if self.optimizer not in ("fused", "torch"):
+            raise ConfigError(f"optimizer must be fused or torch, got {self.optimizer!r}")
         if self.data_mode not in ("pagecache", "memory"):
             raise ConfigError(f"data_mode must be pagecache or memory, got {self.data_mode!r}")
 

@@ -57,7 +57,7 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from sfd import runtime
+from sfd import optim, runtime
 from sfd.checkpoint import (
     WeightsError,
     list_checkpoints,
@@ -73,6 +73,7 @@ from sfd.diffusion import LossTerms, noise_composite, sample_training_times, sfd
 from sfd.kernels import resolve as resolve_kernels
 from sfd.manifest import CheckpointError, usable_checkpoints, write_manifest
 from sfd.models.lightningdit import ROPE_BUFFERS, LightningDiT, count_params, load_lightningdit
+from sfd.optim import build_optimizer
 from sfd.repa_targets import RepaTargets
 from sfd.runlock import LockError, die_with_parent, hold_for_ranks, release_held_locks
 from sfd.training import (
@@ -213,8 +214,10 @@ def main(argv: list[str] | None = None) -> None:
         "autocast": "bf16" if autocast_dtype else f"off (fp32{', CPU' if not on_cuda else ''})",
         "tf32": tf32,
         "kernels": kernel_policy.describe(),
-        "optimizer": f"AdamW ({'fused' if on_cuda else 'foreach'})",
-        "ema": "foreach lerp every step",
+        "optimizer": (
+            f"AdamW + EMA every step, one pass ({'compiled' if kernel_policy.compile else 'eager foreach reference'})"
+            if cfg.optimizer == "fused" else f"AdamW ({'fused' if on_cuda else 'foreach'}) + EMA foreach lerp every step"
+        ),
         "grad_checkpointing": cfg.grad_checkpointing,
         "ddp": f"{'nccl' if on_cuda else 'gloo'}, {d.world_size} ranks" if d.world_size > 1 else "off (1 process)",
     }
@@ -251,9 +254,12 @@ def main(argv: list[str] | None = None) -> None:
         ema.load_state_dict(ema_start)
 
     # -- optimizer --------------------------------------------------------------------------------
-    optimizer = torch.optim.AdamW(
-        [p for p in model.parameters() if p.requires_grad], lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
-        weight_decay=cfg.weight_decay, fused=True if on_cuda else None,
+    # fused: clip + AdamW + EMA as one pass (compiled with the model); torch: AdamW, then the EMA lerp.
+    trainable = [(p, e) for p, e in zip(model.parameters(), ema.parameters()) if p.requires_grad]
+    optimizer = build_optimizer(
+        cfg.optimizer, [p for p, _ in trainable], [e for _, e in trainable], lr=cfg.lr,
+        betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay, ema_decay=cfg.ema_decay,
+        grad_clip=cfg.grad_clip, compiled=kernel_policy.compile, device=d.device,
     )
 
     # -- compile ----------------------------------------------------------------------------------
@@ -496,10 +502,8 @@ class TrainStep:
                 (terms.total / accum).backward()
             sums += torch.stack([terms.total, terms.mse, terms.cos, terms.repa]).detach() / accum
 
-        if cfg.grad_clip > 0:
-            grad_norm = nn.utils.clip_grad_norm_(self.params, cfg.grad_clip, foreach=True)
-        else:
-            grad_norm = nn.utils.get_total_norm([p.grad for p in self.params if p.grad is not None], foreach=True)
+        # The optimizer block (sfd/optim.py): the norm (and, for `torch`, clipping) now, the update below.
+        grad_norm = optim.grad_norm(self.optimizer, self.params, cfg.grad_clip)
         bad = ~(torch.isfinite(sums).all() & torch.isfinite(grad_norm))
         flags = torch.stack([torch.tensor(float(stop_requested), device=d.device), bad.float()])
         # One collective per step: the mean losses, and every rank's stop request and NaN flag.
@@ -507,9 +511,8 @@ class TrainStep:
         losses = {k: v / d.world_size for k, v in zip(LOSS_KEYS, shared)}
         skipped = shared[-1] > 0
         if not skipped:
-            self.optimizer.step()
-            # EMA every step (docs/method.md §6): ema ← ema + (1 − decay)·(θ − ema), one foreach kernel.
-            torch._foreach_lerp_(self.ema_params, self.params, 1.0 - cfg.ema_decay)
+            # AdamW and the EMA every step (docs/method.md §6), as one pass for optimizer=fused.
+            optim.update(self.optimizer, self.params, self.ema_params, cfg.ema_decay, grad_norm)
         self.optimizer.zero_grad(set_to_none=True)
         return StepResult(losses, float(grad_norm), skipped, shared[-2] > 0)
 
