@@ -568,7 +568,7 @@ class TrainConfig:
     repa_targets: str = "stored"  # stored (cache's DINO tokens) | semvae (decoded from the semantic latent) | none (sfd/repa_targets.py)
     mask_clamped: bool = False  # ours, off = faithful: drop the clamped parts from the loss (docs/method.md §12.3 item 7)
     # Performance policy, decided once in main().
-    precision: str = "bf16"  # bf16 autocast on GPU | fp32
+    precision: str = "bf16"  # bf16 autocast (CUDA or CPU autocast) | fp32
     # eager | compile (torch.compile of model + loss, before DDP) | triton (compile + the fused
     # ops of sfd/kernels; falls back to compile off CUDA). docs/performance.md has the budget.
     kernels: str = "compile"

@@ -207,11 +207,11 @@ def main(argv: list[str] | None = None) -> None:
     torch.manual_seed(cfg.seed)  # same initial weights on every rank (the authors never seed, §12.3 bug 9)
     on_cuda = d.device.type == "cuda"
     tf32 = runtime.set_precision(d.device, cfg.tf32)
-    # bf16 autocast on GPUs only; fp32 master weights and optimizer state, loss in fp32.
+    # bf16 autocast when asked (CPU too); fp32 master weights, EMA, optimizer state, loss in fp32.
     autocast_dtype = runtime.autocast_dtype(cfg.precision, d.device)
     kernel_policy = resolve_kernels(cfg.kernels, d.device)  # compile? fused ops? decided here once
     policy = {
-        "autocast": "bf16" if autocast_dtype else f"off (fp32{', CPU' if not on_cuda else ''})",
+        "autocast": runtime.describe_autocast(autocast_dtype, d.device),
         "tf32": tf32,
         "kernels": kernel_policy.describe(),
         "optimizer": (
