@@ -573,6 +573,7 @@ class TrainConfig:
     # ops of sfd/kernels; falls back to compile off CUDA). docs/performance.md has the budget.
     kernels: str = "compile"
     tf32: bool = True  # TF32 matmuls/convs on CUDA
+    profile_steps: str = ""  # "A:B": torch.profiler trace of steps A..B-1 into <out_dir>/profile/ (sfd/profiling.py)
     grad_checkpointing: bool = False  # recompute block activations in backward (the authors' flag was never wired, §12.3 bug 12)
     # Bookkeeping.
     seed: int = 0
@@ -602,6 +603,8 @@ class TrainConfig:
             raise ConfigError("global_batch must be > 0 and micro_batch >= 0")
         if self.kernels not in ("eager", "compile", "triton"):
             raise ConfigError(f"kernels must be eager, compile or triton, got {self.kernels!r}")
+        if self.profile_steps and not _is_step_window(self.profile_steps):
+            raise ConfigError(f"profile_steps must be A:B with 0 <= A < B (e.g. 20:25), got {self.profile_steps!r}")
         if self.optimizer not in ("fused", "torch"):
             raise ConfigError(f"optimizer must be fused or torch, got {self.optimizer!r}")
         if self.data_mode not in ("pagecache", "memory"):
@@ -614,6 +617,11 @@ class TrainConfig:
     def delta_t(self) -> float:
         """Semantic lead Δt; 0 = synchronous baseline (the model config's ``semfirst_delta_t``)."""
         return self.model.semfirst_delta_t
+
+
+def _is_step_window(spec: str) -> bool:
+    parts = spec.split(":")
+    return len(parts) == 2 and all(p.strip().isdigit() for p in parts) and int(parts[0]) < int(parts[1])
 
 
 def _run(model_name: str, **kw: Any) -> TrainConfig:

@@ -74,6 +74,7 @@ from sfd.kernels import resolve as resolve_kernels
 from sfd.manifest import CheckpointError, usable_checkpoints, write_manifest
 from sfd.models.lightningdit import ROPE_BUFFERS, LightningDiT, count_params, load_lightningdit
 from sfd.optim import build_optimizer
+from sfd.profiling import StepProfiler
 from sfd.repa_targets import RepaTargets
 from sfd.runlock import LockError, die_with_parent, hold_for_ranks, release_held_locks
 from sfd.training import (
@@ -318,6 +319,7 @@ def main(argv: list[str] | None = None) -> None:
     # -- loop -------------------------------------------------------------------------------------
     signals = StopSignals(say)
     signals.install()
+    profiler = StepProfiler(cfg.profile_steps, run_dir, d.rank, d.device) if cfg.profile_steps else None
     metrics = MetricsLog(run_dir, cfg.tensorboard) if d.is_main else None
     pbar = tqdm(total=cfg.max_steps, initial=step, disable=not d.is_main, dynamic_ncols=True, mininterval=1.0)
     batches: Iterator[LatentBatch] = reader.batches(per_rank)
@@ -371,8 +373,12 @@ def main(argv: list[str] | None = None) -> None:
             reader_state = reader.state_dict()
             for group in optimizer.param_groups:  # a float, so compiled code never sees it change
                 group["lr"] = lr_at(cfg, step)
+            if profiler is not None:
+                profiler.before_step(step)
             result = train_step(batch, step, stop_requested=signals.received is not None)
             step += 1
+            if profiler is not None:
+                profiler.after_step(step)
             pbar.update(1)
             window.append(result)
             stop = result.stop
@@ -398,6 +404,10 @@ def main(argv: list[str] | None = None) -> None:
 
     # -- cleanup ----------------------------------------------------------------------------------
     finally:
+        if profiler is not None:
+            profiler.close()  # a run that stops inside the window still writes its trace
+            for path in profiler.written:
+                pbar.write(f"profile: {path}")
         pbar.close()
         signals.restore()
         reader.close()
