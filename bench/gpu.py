@@ -443,7 +443,9 @@ def main() -> None:
     plan += [("train", first, k) for k in args.kernels if k != "eager"]
     for method in ("dopri5", "euler"):
         for guide in (guide_name, None):
-            plan.append(("sample", sample_name, guide, method, True))
+            # --smoke: one compiled sampler (the code path), the other three eager (CPU compiles are slow)
+            compiled = not args.smoke or (method == "dopri5" and guide is not None)
+            plan.append(("sample", sample_name, guide, method, compiled))
     plan += [("encode",), ("inception",), ("optimizer", first)]
     plan += [("sample", sample_name, guide_name, "dopri5", False)]  # compiled vs eager
     plan += [("train", m, k) for m in rest for k in args.kernels if k != "eager"]

@@ -45,7 +45,7 @@ BYTES = {
 
 
 def bytes_per_param(variant: str, clip: bool) -> int:
-    parts = BYTES["fused" if variant.startswith("fused") else "torch"]
+    parts = BYTES["fused" if variant == "fused" else "torch"]  # fused-ref runs torch's passes
     return sum(v for k, v in parts.items() if clip or k != "clip")
 
 
