@@ -404,7 +404,7 @@ def main() -> None:
     ap.add_argument("--inception-batch", type=int, default=250)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--steps", type=int, default=10)
-    ap.add_argument("--budget-s", type=float, default=900, help="stop starting new runs after this many seconds")
+    ap.add_argument("--budget-s", type=float, default=600, help="stop starting new runs after this many seconds (480 fits a 15-min device allowance)")
     ap.add_argument("--smoke", action="store_true", help="every stage on the CPU at tiny sizes, wall-clock timers")
     args = ap.parse_args()
     if args.smoke:

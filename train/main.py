@@ -73,7 +73,6 @@ from sfd.diffusion import LossTerms, noise_composite, sample_training_times, sfd
 from sfd.kernels import resolve as resolve_kernels
 from sfd.manifest import CheckpointError, usable_checkpoints, write_manifest
 from sfd.models.lightningdit import ROPE_BUFFERS, LightningDiT, count_params, load_lightningdit
-from sfd.optim import build_optimizer
 from sfd.profiling import StepProfiler
 from sfd.repa_targets import RepaTargets
 from sfd.runlock import LockError, die_with_parent, hold_for_ranks, release_held_locks
@@ -257,7 +256,7 @@ def main(argv: list[str] | None = None) -> None:
     # -- optimizer --------------------------------------------------------------------------------
     # fused: clip + AdamW + EMA as one pass (compiled with the model); torch: AdamW, then the EMA lerp.
     trainable = [(p, e) for p, e in zip(model.parameters(), ema.parameters()) if p.requires_grad]
-    optimizer = build_optimizer(
+    optimizer = optim.build_optimizer(
         cfg.optimizer, [p for p, _ in trainable], [e for _, e in trainable], lr=cfg.lr,
         betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay, ema_decay=cfg.ema_decay,
         grad_clip=cfg.grad_clip, compiled=kernel_policy.compile, device=d.device,
