@@ -99,7 +99,7 @@ weights dir="weights" *args:
 paper-fid row nproc="1" weights="weights" *args:
     {{python}} eval/paper_fid.py {{row}} --nproc {{nproc}} --weights {{weights}} {{args}}
 
-# GPU training throughput per kernels setting (eager | compile | triton), MFU, memory, kernel bandwidth (~8 min on one H100/H200).
+# The first GPU hour: training (eager | compile | triton, MFU, memory), sampling, encode, Inception, optimizer, each beside its prediction (stops at --budget-s, default 600 s).
 bench-gpu out="runs/bench/gpu.json" *args:
     {{python}} bench/gpu.py --out {{out}} {{args}}
 

@@ -13,7 +13,7 @@ matmuls, under three settings —
 - triton: the `adaln_norm` op of sfd/kernels (one pass forward, one pass backward incl. column
   sums), as integrated now (within a block), and as it would be across blocks.
 
-Usage: python bench/budget.py [--batch 32] [--json out.json]
+Usage: python bench/budget.py [--batch 32] [--optimizer fused|torch] [--clip] [--json out.json]
 """
 
 from __future__ import annotations
@@ -88,8 +88,21 @@ TRITON_ACROSS = [
 ]
 SETTINGS = {"eager": EAGER, "compile": COMPILE, "triton": TRITON_IN_BLOCK, "triton, across blocks": TRITON_ACROSS}
 
+# Parameter traffic per optimizer step, bytes per fp32 parameter, by TrainConfig.optimizer
+# (sfd/optim.py has the table). autocast re-casts every fp32 weight to bf16 in forward (R4 W2)
+# and casts its bf16 gradient back to fp32 in backward (R2 W4) under either setting.
+PARAM_BYTES = {
+    "torch": {"weight cast fwd": 6, "weight cast bwd": 6, "grad norm": 4, "AdamW (torch fused)": 28, "EMA lerp": 12},
+    "fused": {"weight cast fwd": 6, "weight cast bwd": 6, "grad norm": 4, "clip + AdamW + EMA (one pass)": 36},
+}
+CLIP_BYTES = {"torch": 8, "fused": 0}  # grad_clip > 0: clip_grad_norm_ rescales every gradient in place (R4 W4)
 
-def model_numbers(name: str, batch: int) -> dict:
+
+def param_bytes_per_param(optimizer: str, clip: bool = False) -> int:
+    return sum(PARAM_BYTES[optimizer].values()) + (CLIP_BYTES[optimizer] if clip else 0)
+
+
+def model_numbers(name: str, batch: int, optimizer: str = "fused", clip: bool = False) -> dict:
     cfg = model_preset(name)
     D, depth, N = cfg.hidden_size, cfg.depth, (cfg.input_size // cfg.patch_size) ** 2
     Hf = int(2 / 3 * int(D * cfg.mlp_ratio))
@@ -105,10 +118,11 @@ def model_numbers(name: str, batch: int) -> dict:
         s: {"fwd": sum(c.bytes(D, Hf, "fwd") for c in chains), "bwd": sum(c.bytes(D, Hf, "bwd") for c in chains)}
         for s, chains in SETTINGS.items()
     }
-    # Parameter traffic per step (bytes/param): autocast's fp32->bf16 weight cast (R4 W2) and
-    # its backward (R2 W4), fused AdamW (R p g m v, W p m v = 28), EMA lerp (R 8 W 4),
-    # grad-norm (R 4).
-    param_bytes = params * (6 + 6 + 28 + 12 + 4)
+    # Parameter traffic per step: PARAM_BYTES of the optimizer setting (56 B/param with torch's
+    # AdamW + EMA lerp, 52 with the one pass; + 8 for torch with grad_clip).
+    out["optimizer"], out["grad_clip"] = optimizer, clip
+    out["param_bytes_per_param"] = {o: param_bytes_per_param(o, clip) for o in PARAM_BYTES}
+    param_bytes = params * param_bytes_per_param(optimizer, clip)
     out["param_traffic_gb"] = param_bytes / 1e9
     predictions = {}
     for dev, (flops, bw) in DEVICES.items():
@@ -135,14 +149,21 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--batch", type=int, default=32, help="per-GPU batch (paper: 256 over 8 GPUs = 32)")
     ap.add_argument("--models", nargs="+", default=["LightningDiT-B/1", "LightningDiT-XL/1"])
+    ap.add_argument("--optimizer", default="fused", choices=sorted(PARAM_BYTES), help="TrainConfig.optimizer (parameter traffic)")
+    ap.add_argument("--clip", action="store_true", help="grad_clip > 0 (the authors clip nothing)")
     ap.add_argument("--json", type=Path, help="write the numbers here")
     args = ap.parse_args()
-    results = [model_numbers(m, args.batch) for m in args.models]
+    results = [model_numbers(m, args.batch, args.optimizer, args.clip) for m in args.models]
     print(f"assumed efficiencies: matmul {MATMUL_EFF:.0%}, attention {ATTN_EFF:.0%}, HBM {HBM_EFF:.0%} of peak")
+    print("parameter traffic, bytes per parameter per step: " + "; ".join(
+        f"optimizer={o}: {' + '.join(f'{k} {v}' for k, v in parts.items())}"
+        f"{f' + clip {CLIP_BYTES[o]}' if args.clip and CLIP_BYTES[o] else ''} = {param_bytes_per_param(o, args.clip)}"
+        for o, parts in PARAM_BYTES.items()))
     for r in results:
         D = r["D"]
         print(f"\n{r['model']}: D={D} Hf={r['Hf']} depth={r['depth']} batch={r['batch']} "
-              f"{r['train_gflop_per_image']:.0f} GFLOP/img, parameter traffic {r['param_traffic_gb']:.1f} GB/step")
+              f"{r['train_gflop_per_image']:.0f} GFLOP/img, parameter traffic {r['param_traffic_gb']:.1f} GB/step "
+              f"(optimizer={r['optimizer']}, {r['param_bytes_per_param'][r['optimizer']]} B/param)")
         print("| setting | fwd B/token/block | bwd | total | vs compile |")
         print("|---|---|---|---|---|")
         base = sum(r["bytes_per_token_block"]["compile"].values())

@@ -567,6 +567,9 @@ class TrainConfig:
     beta2: float = 0.999
     weight_decay: float = 0.0
     grad_clip: float = 0.0  # max grad norm; 0 = off (the authors clip nothing)
+    # fused (sfd.optim.FusedAdamWEMA: clip scale + AdamW + EMA in one pass, compiled unless
+    # kernels=eager) | torch (torch.optim.AdamW, then a separate EMA lerp). Same maths and state dict.
+    optimizer: str = "fused"
     # Ours: from this fraction of max_steps on, lr falls linearly to 0 at max_steps; 1.0 = the
     # authors' constant lr. For short budgets (the CPU demo), where a constant lr plateaus.
     lr_decay_start: float = 1.0
@@ -588,11 +591,12 @@ class TrainConfig:
     repa_targets: str = "stored"  # stored (cache's DINO tokens) | semvae (decoded from the semantic latent) | none (sfd.repa_targets.REPA_TARGET_SOURCES)
     mask_clamped: bool = False  # ours, off = faithful: drop the clamped parts from the loss (docs/method.md §12.3 item 7)
     # Performance policy, decided once in main().
-    precision: str = "bf16"  # bf16 autocast on GPU | fp32
+    precision: str = "bf16"  # bf16 autocast (CUDA or CPU autocast) | fp32
     # eager | compile (torch.compile of model + loss, before DDP) | triton (compile + the fused
     # ops of sfd/kernels; falls back to compile off CUDA). docs/performance.md has the budget.
     kernels: str = "compile"
     tf32: bool = True  # TF32 matmuls/convs on CUDA
+    profile_steps: str = ""  # "A:B": torch.profiler trace of steps A..B-1 into <out_dir>/profile/ (sfd/profiling.py)
     grad_checkpointing: bool = False  # recompute block activations in backward (the authors' flag was never wired, §12.3 bug 12)
     # Bookkeeping.
     seed: int = 0
@@ -623,6 +627,9 @@ class TrainConfig:
             raise ConfigError("global_batch must be > 0 and micro_batch >= 0")
         _raise(_choice("kernels", self.kernels, "sfd.kernels:KERNELS"))
         _raise(_choice("data_mode", self.data_mode, "sfd.data.reader:MODES"))
+        if self.profile_steps and not _is_step_window(self.profile_steps):
+            raise ConfigError(f"profile_steps must be A:B with 0 <= A < B (e.g. 20:25), got {self.profile_steps!r}")
+        _raise(_choice("optimizer", self.optimizer, "sfd.optim:OPTIMIZERS"))
 
     # Short names accepted by `override` (and so by `-o`): the one stored Δt is the model's.
     ALIASES: ClassVar[dict[str, str]] = {"delta_t": "model.semfirst_delta_t", "schedule": "model.semfirst_schedule"}
@@ -631,6 +638,11 @@ class TrainConfig:
     def delta_t(self) -> float:
         """Semantic lead Δt; 0 = synchronous baseline (the model config's ``semfirst_delta_t``)."""
         return self.model.semfirst_delta_t
+
+
+def _is_step_window(spec: str) -> bool:
+    parts = spec.split(":")
+    return len(parts) == 2 and all(p.strip().isdigit() for p in parts) and int(parts[0]) < int(parts[1])
 
 
 def _run(model_name: str, **kw: Any) -> TrainConfig:

@@ -8,7 +8,7 @@ for each decision:
   device; NCCL on GPUs, gloo on CPU. :class:`Dist` carries the answer (``is_main`` for rank-0
   work, :meth:`Dist.say` to print on rank 0, :meth:`Dist.barrier`, :meth:`Dist.sum`).
 - :func:`set_precision` — TF32 for matmuls and cuDNN convolutions (CUDA only; a no-op on CPU).
-  :func:`autocast_dtype` / :func:`autocast` — the autocast policy (bf16 on GPUs when asked).
+  :func:`autocast_dtype` / :func:`autocast` — the autocast policy (bf16 when asked, on any device).
 - :func:`derive_seed` — every derived seed of the project (training steps, samples, the encode
   job's posterior noise), each domain with its formula unchanged so outputs stay bit-identical;
   :func:`rng_state` / :func:`set_rng_state` — the global generators, saved and restored on resume.
@@ -32,7 +32,7 @@ from torch import Tensor
 
 __all__ = [
     "Dist", "pick_device", "init_distributed", "shutdown", "set_precision", "autocast_dtype",
-    "autocast", "derive_seed", "rng_state", "set_rng_state", "StopSignals",
+    "autocast", "describe_autocast", "derive_seed", "rng_state", "set_rng_state", "StopSignals",
 ]
 
 SEED_MASK = (1 << 63) - 1
@@ -121,10 +121,18 @@ def set_precision(device: torch.device | str, tf32: bool) -> bool:
 
 
 def autocast_dtype(precision: str, device: torch.device | str) -> torch.dtype | None:
-    """bf16 autocast on GPUs when ``precision`` is ``bf16``; None (fp32) otherwise and on CPU."""
+    """bfloat16 when ``precision`` is ``bf16`` — on every device, CPU included (torch's CPU
+    autocast runs matmuls and convolutions in bf16), so a bf16 run on CPU exercises the same
+    casts as on a GPU instead of silently running fp32; None (fp32) for ``fp32``. The tiny preset
+    and the CPU demo ask for fp32 themselves."""
     if precision not in ("bf16", "fp32"):
         raise ValueError(f"precision must be bf16 or fp32, got {precision!r}")
-    return torch.bfloat16 if precision == "bf16" and torch.device(device).type == "cuda" else None
+    return torch.bfloat16 if precision == "bf16" else None
+
+
+def describe_autocast(dtype: torch.dtype | None, device: torch.device | str) -> str:
+    """What ran, for the run log: ``bf16 (cuda autocast)``, ``bf16 (cpu autocast)`` or ``off (fp32)``."""
+    return f"bf16 ({torch.device(device).type} autocast)" if dtype is not None else "off (fp32)"
 
 
 def autocast(device: torch.device | str, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from sfd.runtime import autocast_dtype, derive_seed, init_distributed, set_precision
+from sfd.runtime import autocast_dtype, derive_seed, describe_autocast, init_distributed, set_precision
 
 
 def test_derive_seed_keeps_the_three_earlier_formulas():
@@ -20,12 +20,15 @@ def test_derive_seed_keeps_the_three_earlier_formulas():
     assert all(0 <= derive_seed("train", s, i) < 2**63 for s in range(3) for i in range(3))
 
 
-def test_policy_on_cpu_is_fp32_and_single_process(monkeypatch):
+def test_policy_on_cpu_single_process_bf16_when_asked(monkeypatch):
     for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
         monkeypatch.delenv(var, raising=False)
     d = init_distributed("cpu")
     assert (d.rank, d.world_size, d.is_main, d.initialized, d.device.type) == (0, 1, True, False, "cpu")
     x = torch.ones(2)
     assert d.sum(x) is x and torch.equal(x, torch.ones(2))
-    assert autocast_dtype("bf16", "cpu") is None and autocast_dtype("fp32", "cpu") is None
+    # bf16 is bf16 on CPU too (CPU autocast); fp32 is no autocast anywhere.
+    assert autocast_dtype("bf16", "cpu") is torch.bfloat16 and autocast_dtype("fp32", "cpu") is None
+    assert describe_autocast(torch.bfloat16, "cpu") == "bf16 (cpu autocast)"
+    assert describe_autocast(None, "cpu") == "off (fp32)"
     assert set_precision("cpu", True) is False  # TF32 is a CUDA matter

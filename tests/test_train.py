@@ -179,6 +179,21 @@ def test_torchrun_two_processes_match_one(cache_dir: Path, tmp_path: Path) -> No
     assert_same_weights(final_weights(tmp_path / "two"), final_weights(tmp_path / "one"), atol=1e-5)
 
 
+def test_fused_optimizer_equals_torch_adamw_and_ema(cache_dir: Path, tmp_path: Path) -> None:
+    # optimizer=fused under kernels=eager runs torch's foreach sequence as one block: bitwise equal
+    # to torch.optim.AdamW + clip_grad_norm_ + the EMA lerp, clipping and weight decay included.
+    common = ("max_steps=6", "grad_clip=0.5", "weight_decay=0.01", "ema_decay=0.9")
+    run(cache_dir, tmp_path / "torch", *common, "optimizer=torch")
+    run(cache_dir, tmp_path / "fused", *common, "optimizer=fused")
+    assert losses(tmp_path / "fused") == losses(tmp_path / "torch")
+    assert_same_weights(final_weights(tmp_path / "fused"), final_weights(tmp_path / "torch"))
+    a = load_training_state(list_checkpoints(tmp_path / "fused")[-1][1])["optimizer"]
+    b = load_training_state(list_checkpoints(tmp_path / "torch")[-1][1])["optimizer"]
+    assert a["state"].keys() == b["state"].keys()
+    for pa, pb in zip(a["state"].values(), b["state"].values()):
+        assert all(torch.equal(pa[k], pb[k]) and pa[k].dtype == torch.float32 for k in ("exp_avg", "exp_avg_sq", "step"))
+
+
 @pytest.mark.slow
 def test_compiled_step_matches_eager(cache_dir: Path, tmp_path: Path) -> None:
     # ~60 s on 2 CPU cores with a cold inductor cache (~10 s warm): the compile of fwd + bwd.

@@ -62,7 +62,7 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from sfd import runtime
+from sfd import optim, runtime
 from sfd.checkpoint import (
     Checkpoint,
     WeightsError,
@@ -80,6 +80,7 @@ from sfd.kernels import resolve as resolve_kernels
 from sfd.loading import texture_decoder_for
 from sfd.manifest import CheckpointError, usable_checkpoints, write_manifest
 from sfd.models.lightningdit import LightningDiT, count_params, load_weights
+from sfd.profiling import StepProfiler
 from sfd.pixels import load_texture_stats, preview_grid
 from sfd.repa_targets import REPA_TARGET_SOURCES, RepaTargetSource
 from sfd.runlock import LockError, die_with_parent, hold_for_ranks, release_held_locks
@@ -149,7 +150,7 @@ def main(argv: list[str] | None = None) -> None:
     # -- checks: the batch, the cache against the model, one writer, the checkpoints -------------
     per_rank, micro, accum = batch_split(cfg, d.world_size)
     use_repa = uses_repa(cfg)
-    # bf16 autocast on GPUs only; fp32 master weights and optimizer state, loss in fp32.
+    # bf16 autocast when asked (CPU too); fp32 master weights, EMA, optimizer state, loss in fp32.
     autocast_dtype = runtime.autocast_dtype(cfg.precision, d.device)
     cache = None if args.dry_run and not Path(cfg.cache).exists() else open_cache(cfg)
     if cache is not None:
@@ -195,9 +196,13 @@ def main(argv: list[str] | None = None) -> None:
     tf32 = runtime.set_precision(d.device, cfg.tf32)
     kernel_policy = resolve_kernels(cfg.kernels, d.device)  # compile? fused ops? decided here once
     policy = {
-        "autocast": "bf16" if autocast_dtype else f"off (fp32{', CPU' if not on_cuda else ''})",
-        "tf32": tf32, "kernels": kernel_policy.describe(),
-        "optimizer": f"AdamW ({'fused' if on_cuda else 'foreach'})", "ema": "foreach lerp every step",
+        "autocast": runtime.describe_autocast(autocast_dtype, d.device),
+        "tf32": tf32,
+        "kernels": kernel_policy.describe(),
+        "optimizer": (
+            f"AdamW + EMA every step, one pass ({'compiled' if kernel_policy.compile else 'eager foreach reference'})"
+            if cfg.optimizer == "fused" else f"AdamW ({'fused' if on_cuda else 'foreach'}) + EMA foreach lerp every step"
+        ),
         "grad_checkpointing": cfg.grad_checkpointing,
         "ddp": f"{'nccl' if on_cuda else 'gloo'}, {d.world_size} ranks" if d.world_size > 1 else "off (1 process)",
     }
@@ -233,9 +238,12 @@ def main(argv: list[str] | None = None) -> None:
         init = None  # the file's tensors are in the modules now: free them
 
     # -- optimizer --------------------------------------------------------------------------------
-    optimizer = torch.optim.AdamW(
-        [p for p in model.parameters() if p.requires_grad], lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
-        weight_decay=cfg.weight_decay, fused=True if on_cuda else None,
+    # fused: clip + AdamW + EMA as one pass (compiled with the model); torch: AdamW, then the EMA lerp.
+    trainable = [(p, e) for p, e in zip(model.parameters(), ema.parameters()) if p.requires_grad]
+    optimizer = optim.build_optimizer(
+        cfg.optimizer, [p for p, _ in trainable], [e for _, e in trainable], lr=cfg.lr,
+        betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay, ema_decay=cfg.ema_decay,
+        grad_clip=cfg.grad_clip, compiled=kernel_policy.compile, device=d.device,
     )
 
     # -- compile ----------------------------------------------------------------------------------
@@ -320,6 +328,7 @@ def main(argv: list[str] | None = None) -> None:
     # -- loop -------------------------------------------------------------------------------------
     signals = runtime.StopSignals(say)
     signals.install()
+    profiler = StepProfiler(cfg.profile_steps, run_dir, d.rank, d.device) if cfg.profile_steps else None
     metrics = MetricsLog(run_dir, cfg.tensorboard, resume_step=step) if d.is_main else None
     pbar = tqdm(total=cfg.max_steps, initial=step, disable=not d.is_main, dynamic_ncols=True, mininterval=1.0)
     batches: Iterator[LatentBatch] = reader.batches(per_rank)
@@ -352,8 +361,12 @@ def main(argv: list[str] | None = None) -> None:
             reader_state = reader.state_dict()
             for group in optimizer.param_groups:  # a float, so compiled code never sees it change
                 group["lr"] = lr_at(cfg, step)
+            if profiler is not None:
+                profiler.before_step(step)
             result = train_step(batch, step, stop_requested=signals.received is not None)
             step += 1
+            if profiler is not None:
+                profiler.after_step(step)
             pbar.update(1)
             window.append(result)
             stop = result.stop
@@ -379,6 +392,10 @@ def main(argv: list[str] | None = None) -> None:
 
     # -- cleanup ----------------------------------------------------------------------------------
     finally:
+        if profiler is not None:
+            profiler.close()  # a run that stops inside the window still writes its trace
+            for path in profiler.written:
+                pbar.write(f"profile: {path}")
         pbar.close()
         signals.restore()
         reader.close()
@@ -488,22 +505,19 @@ class TrainStep:
         return StepResult(losses, float(grad_norm), shared[-1] > 0, shared[-2] > 0)
 
     def _update(self, sums: Tensor, stop_requested: bool) -> tuple[Tensor, list[float]]:
-        """Gradient norm (and clip), the one all-reduce, then AdamW and the EMA unless some rank
-        saw a NaN/inf; gradients zeroed. One block, so a fused optimizer + EMA + clip pass can
-        replace it. Returns the gradient norm and the all-reduced [loss sums..., stop, non-finite]."""
+        """Gradient norm (and clip), the one all-reduce, then AdamW and the EMA (one pass with
+        ``optimizer=fused``, sfd/optim.py) unless some rank saw a NaN/inf; gradients zeroed.
+        Returns the gradient norm and the all-reduced [loss sums..., stop, non-finite]."""
         cfg, d = self.cfg, self.d
-        if cfg.grad_clip > 0:
-            grad_norm = nn.utils.clip_grad_norm_(self.params, cfg.grad_clip, foreach=True)
-        else:
-            grad_norm = nn.utils.get_total_norm([p.grad for p in self.params if p.grad is not None], foreach=True)
+        # The optimizer block (sfd/optim.py): the norm (and, for `torch`, clipping) now, the update below.
+        grad_norm = optim.grad_norm(self.optimizer, self.params, cfg.grad_clip)
         bad = ~(torch.isfinite(sums).all() & torch.isfinite(grad_norm))
         flags = torch.stack([torch.tensor(float(stop_requested), device=d.device), bad.float()])
         # One collective per step: the mean losses, and every rank's stop request and NaN flag.
         shared = d.sum(torch.cat([sums, flags])).tolist()
         if not shared[-1] > 0:
-            self.optimizer.step()
-            # EMA every step (docs/method.md §6): ema ← ema + (1 − decay)·(θ − ema), one foreach kernel.
-            torch._foreach_lerp_(self.ema_params, self.params, 1.0 - cfg.ema_decay)
+            # AdamW and the EMA every step (docs/method.md §6), as one pass for optimizer=fused.
+            optim.update(self.optimizer, self.params, self.ema_params, cfg.ema_decay, grad_norm)
         self.optimizer.zero_grad(set_to_none=True)
         return grad_norm, shared
 
