@@ -5,7 +5,13 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from sfd.runtime import autocast_dtype, derive_seed, describe_autocast, init_distributed, set_precision
+from sfd.runtime import (
+    autocast_dtype,
+    derive_seed,
+    describe_autocast,
+    init_distributed,
+    set_precision,
+)
 
 
 def test_derive_seed_keeps_the_three_earlier_formulas():
