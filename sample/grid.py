@@ -41,6 +41,7 @@ from sfd.cli import (
 )
 from sfd.config import ConfigError
 from sfd.data.cache import CacheError
+from sfd.guidance import build_velocity_fn, compile_mode, compile_velocity_fn
 from sfd.loading import load_pipeline
 from sfd.pixels import latents_to_images, make_grid
 from sfd.samplers import clock_for, generate_latents
@@ -143,12 +144,15 @@ def main(argv: list[str] | None = None) -> None:
         f"(tex {sampling.scales[0]}, sem {sampling.scales[1]}) | stats {stats.source}"
     )
 
+    # The guided velocity function, built (and compiled, SamplingConfig.compile) once for all batches.
+    batch_size = min(args.batch_size, len(labels))
+    fn = compile_velocity_fn(build_velocity_fn(model, sampling, guide), batch_size, compile_mode(sampling.compile, device))
     t0 = time.perf_counter()
     images, nfe = [], []
-    for start in range(0, len(labels), args.batch_size):
-        batch_labels = labels[start : start + args.batch_size]
+    for start in range(0, len(labels), batch_size):
+        batch_labels = labels[start : start + batch_size]
         indices = list(range(start, start + len(batch_labels)))
-        latents, batch_nfe = generate_latents(model, batch_labels, indices, sampling, guide)
+        latents, batch_nfe = generate_latents(model, batch_labels, indices, sampling, guide, fn=fn)
         images.append(latents_to_images(latents, stats, vae, cfg.texture_chans))
         nfe.append(batch_nfe)
     seconds = time.perf_counter() - t0

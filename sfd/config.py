@@ -678,6 +678,7 @@ class SamplingConfig:
     delta_t: float | None = None  # None = the Δt the model was trained with
     seed: int = 0  # per-index seeds derive from this
     bf16: bool = False  # bf16 autocast for the DiT (the authors sample in fp32/TF32, §7.1)
+    compile: str = "auto"  # torch.compile the guided velocity function: auto (on CUDA) | on | off
 
     def __post_init__(self) -> None:
         if self.method not in SAMPLER_METHODS:
@@ -686,6 +687,8 @@ class SamplingConfig:
             raise ConfigError(f"grid must be exact or authors, got {self.grid!r}")
         if self.interval_mode not in ("both", "tex", "sem"):
             raise ConfigError(f"interval_mode must be both, tex or sem, got {self.interval_mode!r}")
+        if self.compile not in ("auto", "on", "off"):
+            raise ConfigError(f"compile must be auto, on or off, got {self.compile!r}")
         if self.num_steps is not None and self.num_steps < 1:
             raise ConfigError(f"num_steps must be >= 1, got {self.num_steps}")
         if self.method == "dopri5" and (self.num_steps is not None or self.shift is not None):
@@ -726,8 +729,12 @@ class SamplingConfig:
         return opts
 
     def describe(self) -> dict[str, Any]:
-        """The settings as plain JSON values, with the derived guidance mode and scales."""
+        """The settings that decide a sample, as plain JSON values, with the derived guidance mode
+        and scales."""
         d = asdict(self)
+        # Compiling changes how, not what, is computed (float rounding, like the batch size), so
+        # it is not part of a sample's identity: eval/fid.py resumes across it.
+        del d["compile"]
         d["guidance"] = self.guidance
         d["scale_tex"], d["scale_sem"] = self.scales
         return d
