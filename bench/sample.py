@@ -70,8 +70,8 @@ def authors_drift(fn, y, delta_t: float, semantic_chans: int, counter: list[int]
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="B/1", help="model preset (random weights)")
-    ap.add_argument("--batch", type=int, default=1)
-    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--batch", type=int, default=1, help="samples per sampler call")
+    ap.add_argument("--rounds", type=int, default=5, help="timed rounds (each times every variant once, interleaved)")
     ap.add_argument("--euler-points", type=int, default=51, help="Euler grid points (N−1 steps = NFE), ours and theirs")
     ap.add_argument("--equal-rtol", type=float, default=1e-2,
                     help="exact-grid dopri5 rtol whose error matches the authors' dopri5 at 1e-3 (bench/sampler_accuracy.py)")
@@ -79,7 +79,7 @@ def main() -> None:
                     help="exact-grid Euler steps whose error is at most the authors' dopri5 error (bench/sampler_accuracy.py)")
     ap.add_argument("--cfg-scale", type=float, default=1.0, help="CFG for every variant (1 = off)")
     ap.add_argument("--no-compile", action="store_true", help="skip the compiled variants")
-    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
     ap.add_argument("--out", default=None, help="JSON file")
     args = ap.parse_args()
     import torchdiffeq

@@ -8,7 +8,7 @@ the authors' single τ-masked run (docs/method.md §7.1). Error: RMS over the te
 part that is decoded) and over all 48, per sample, averaged. Prints a table and JSON; writes a plot.
 
 Examples:
-    python bench/sampler_accuracy.py --model tiny --out runs/bench/sampler-accuracy.json --plot /tmp/acc.png
+    python bench/sampler_accuracy.py --model tiny --out runs/bench/sampler-accuracy.json --plot runs/bench/sampler-accuracy.png
     python bench/sampler_accuracy.py --model B/1 --batch 4 --plot docs/sampler-accuracy.png  # hours on 2 CPU cores
 """
 
@@ -84,8 +84,8 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="B/1", help="model preset (random weights)")
-    ap.add_argument("--batch", type=int, default=4, help="samples")
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--batch", type=int, default=4, help="number of samples (one batch)")
+    ap.add_argument("--seed", type=int, default=0, help="weights and noise seed")
     ap.add_argument("--ref-rtol", type=float, default=1e-7, help="reference: exact-grid dopri5 at this rtol (atol rtol/100)")
     ap.add_argument("--quick", action="store_true", help="a smaller sweep")
     ap.add_argument("--out", default=None, help="JSON file")

@@ -495,9 +495,10 @@ def _dopri5_authors_run(
     in torchdiffeq's (0.2.5) arithmetic so that the accepted steps, the NFE and the sample are its
     own (tests/test_torchdiffeq_parity.py checks them against torchdiffeq): the starting step is
     estimated in the state's dtype; clock values, step sizes and the controller are float64; stage
-    inputs are ``x + Σ_j k_j·(β_ij·h)`` over a stage buffer, summed in its order; stages at the step end are evaluated one
-    float below it (``Perturb.PREV``); the last step overshoots τ_end, which is their float32 grid's
-    last point, and the result is read off the step's quartic interpolant there.
+    inputs are ``x + Σ_j k_j·(β_ij·h)`` over a stage buffer, summed in its order; stages at the
+    step end are evaluated one float below it (``Perturb.PREV``); the last step overshoots τ_end,
+    which is their float32 grid's last point, and the result is read off the step's quartic
+    interpolant there. Costs 7 state-sized stage buffers, as torchdiffeq.
     """
     B, dtype, device = x.shape[0], x.dtype, x.device
     t_dtype = _tau_dtype(device)  # torchdiffeq: float64 times beside a float32 state
