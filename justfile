@@ -86,6 +86,14 @@ bench-reader *args:
 bench-train *args:
     {{python}} bench/train_step.py {{args}}
 
+# Sampling throughput side by side (samples/s): the authors' torchdiffeq loop vs ours, eager and compiled.
+bench-sample *args:
+    {{python}} bench/sample.py {{args}}
+
+# Sampler accuracy vs NFE for both grids against a tight reference; table, JSON and plot.
+bench-sampler-accuracy *args:
+    {{python}} bench/sampler_accuracy.py {{args}}
+
 # Δt study on the demo data: Δt ∈ {0, 0.1, 0.3, 0.5, 1.0} and no semantic channels, 3 seeds, judged (docs/study.md).
 study out="runs/study" *args:
     {{python}} pipeline/study.py --out {{out}} {{args}}

@@ -68,6 +68,7 @@ from sfd.cli import (
     source_kwargs,
 )
 from sfd.config import GEN_PRESETS, CalcConfig, GenConfig, RefConfig
+from sfd.guidance import build_velocity_fn, compile_mode, compile_velocity_fn
 from sfd.loading import load_pipeline
 from sfd.metrics import (
     IS_SPLIT_SIZE,
@@ -354,13 +355,17 @@ def cmd_gen(cfg: GenConfig) -> None:
         )
     if cfg.max_batches is not None:
         todo = todo[: cfg.max_batches]
+    # The guided velocity function, built (and compiled, SamplingConfig.compile) once for all batches.
+    fn = compile_velocity_fn(
+        build_velocity_fn(model, sampling, guide), min(cfg.batch_size, max(len(mine), 1)), compile_mode(sampling.compile, device)
+    )
     bar = tqdm(total=len(mine), initial=done_images, unit="img", desc="gen", disable=rank != 0, dynamic_ncols=True)
     for batch in todo:
         indices = list(batch)
         for i in indices:  # leftovers of a run killed mid-write
             png_path(out, i).with_name(f".{i:06d}.png.tmp").unlink(missing_ok=True)
         labels = balanced_labels(indices, cfg.num_samples, num_classes)
-        latents, nfe = generate_latents(model, labels, indices, sampling, guide)
+        latents, nfe = generate_latents(model, labels, indices, sampling, guide, fn=fn)
         images = latents_to_images(latents, stats, vae, model.cfg.texture_chans).numpy()
         for i, image in zip(indices, images):
             if not png_path(out, i).is_file():

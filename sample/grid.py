@@ -49,6 +49,7 @@ from sfd.cli import (
     source_kwargs,
 )
 from sfd.config import GRID_PRESETS, ConfigError, GridConfig
+from sfd.guidance import build_velocity_fn, compile_mode, compile_velocity_fn
 from sfd.loading import load_pipeline
 from sfd.pixels import latents_to_images, make_grid
 from sfd.samplers import clock_for, generate_latents
@@ -142,12 +143,15 @@ def main(argv: list[str] | None = None) -> int | None:
         f"(tex {sampling.scales[0]}, sem {sampling.scales[1]}) | stats {stats.source}"
     )
 
+    # The guided velocity function, built (and compiled, SamplingConfig.compile) once for all batches.
+    batch_size = min(cfg.batch_size, len(labels))
+    fn = compile_velocity_fn(build_velocity_fn(model, sampling, guide), batch_size, compile_mode(sampling.compile, device))
     t0 = time.perf_counter()
     images, nfe = [], []
-    for start in range(0, len(labels), cfg.batch_size):
-        batch_labels = labels[start : start + cfg.batch_size]
+    for start in range(0, len(labels), batch_size):
+        batch_labels = labels[start : start + batch_size]
         indices = list(range(start, start + len(batch_labels)))
-        latents, batch_nfe = generate_latents(model, batch_labels, indices, sampling, guide)
+        latents, batch_nfe = generate_latents(model, batch_labels, indices, sampling, guide, fn=fn)
         images.append(latents_to_images(latents, stats, vae, model.cfg.texture_chans))
         nfe.append(batch_nfe)
     seconds = time.perf_counter() - t0

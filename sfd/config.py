@@ -709,12 +709,15 @@ class SamplingConfig:
     delta_t: float | None = None  # None = the Δt the model was trained with
     seed: int = 0  # per-index seeds derive from this
     bf16: bool = False  # bf16 autocast for the DiT (the authors sample in fp32/TF32, §7.1)
+    compile: str = "auto"  # torch.compile the guided velocity function: auto (on CUDA) | on | off
 
     def __post_init__(self) -> None:
         _raise(_choice("method", self.method, "sfd.samplers:SAMPLERS"))
         if self.grid is not None:
             _raise(_choice("grid", self.grid, "sfd.samplers:GRIDS"))
         _raise(_choice("interval_mode", self.interval_mode, "sfd.guidance:INTERVAL_MODES"))
+        if self.compile not in ("auto", "on", "off"):
+            raise ConfigError(f"compile must be auto, on or off, got {self.compile!r}")
         if self.num_steps is not None and self.num_steps < 1:
             raise ConfigError(f"num_steps must be >= 1, got {self.num_steps}")
         if self.method == "dopri5" and (self.num_steps is not None or self.shift is not None):
@@ -755,8 +758,12 @@ class SamplingConfig:
         return opts
 
     def describe(self) -> dict[str, Any]:
-        """The settings as plain JSON values, with the derived guidance mode and scales."""
+        """The settings that decide a sample, as plain JSON values, with the derived guidance mode
+        and scales."""
         d = asdict(self)
+        # Compiling changes how, not what, is computed (float rounding, like the batch size), so
+        # it is not part of a sample's identity: eval/fid.py resumes across it.
+        del d["compile"]
         d["guidance"] = self.guidance
         d["scale_tex"], d["scale_sem"] = self.scales
         return d

@@ -6,7 +6,8 @@
   (default for Heun and dopri5); ``grid="authors"`` reproduces the authors' torchdiffeq
   integration (one run over the whole clock with a channel-masked drift, docs/method.md §7.1; default
   for Euler, where its ``num_steps`` counts grid points as their ``num_sampling_steps`` does).
-  dopri5 is one step function (:func:`_dopri5_step`) under two small drivers, one per grid.
+  dopri5 has one driver per grid: the exact grid's per-sample run (:func:`_dopri5_step`), and the
+  authors' grid replaying torchdiffeq's arithmetic step for step (:func:`_dopri5_authors_run`).
 - Initial noise for sample i depends only on (seed, i) (:func:`initial_noise`, docs/conventions.md: Samplers and guidance).
 - :func:`generate_latents` — composite latents for global sample indices under a
   :class:`sfd.config.SamplingConfig` (the model's own Δt unless overridden, :func:`clock_for`).
@@ -357,7 +358,9 @@ def sample_dopri5(
     - ``grid="authors"``: the authors' call (odeint dopri5, atol 1e-6, rtol 1e-3): one run over
       [0, 1+Δt] with the τ-masked drift, one RMS over the whole batch and all channels, stage
       times at the step end taken one float below it (torchdiffeq's ``Perturb.PREV``), and the
-      last step overshooting 1+Δt with the result read off the 4th-order dense output at 1+Δt.
+      last step overshooting 1+Δt with the result read off the 4th-order dense output at 1+Δt —
+      torchdiffeq's own arithmetic, so its accepted steps, NFE and sample
+      (:func:`_dopri5_authors_run`).
 
     NFE counts batched velocity calls: per run 2 for the start plus 6 per step (FSAL).
     """
@@ -497,65 +500,113 @@ def _dopri5_exact_run(
 def _dopri5_authors_run(
     drift: _Drift, x: Tensor, tau_stop: float, *, atol: float, rtol: float, max_steps: int, callback: Callback | None
 ) -> tuple[Tensor, int, int]:
-    """The authors' grid (torchdiffeq odeint): one run over [0, τ_end] with the τ-masked drift, one
-    RMS over the batch and all channels, stage times in the state's dtype with the step end taken
-    one float below it, and the last step overshooting, read off the dense output at τ_end."""
-    B = x.shape[0]
+    """The authors' grid: torchdiffeq's ``odeint(method="dopri5")`` step for step (docs/method.md §7.1).
+
+    One run over [0, τ_end] with the τ-masked drift and one RMS over the batch and all channels,
+    in torchdiffeq's (0.2.5) arithmetic so that the accepted steps, the NFE and the sample are its
+    own (tests/test_torchdiffeq_parity.py checks them against torchdiffeq): the starting step is
+    estimated in the state's dtype; clock values, step sizes and the controller are float64; stage
+    inputs are ``x + Σ_j k_j·(β_ij·h)`` over a stage buffer, summed in its order; stages at the
+    step end are evaluated one float below it (``Perturb.PREV``); the last step overshoots τ_end,
+    which is their float32 grid's last point, and the result is read off the step's quartic
+    interpolant there. Costs 7 state-sized stage buffers, as torchdiffeq.
+    """
+    B, dtype, device = x.shape[0], x.dtype, x.device
+    t_dtype = _tau_dtype(device)  # torchdiffeq: float64 times beside a float32 state
+    t_stop = torch.tensor(tau_stop, dtype=torch.float32).to(device=device, dtype=t_dtype)
+    alpha = torch.tensor(_DP_C[1:], dtype=torch.float64).to(device=device, dtype=dtype)
+    beta = [torch.tensor(row, dtype=torch.float64).to(device=device, dtype=dtype) for row in _DP_A[1:]]
+    c_error = torch.tensor(_DP_ERR, dtype=torch.float64).to(device=device, dtype=dtype)
+    c_mid = torch.tensor(_DP_MID, dtype=torch.float64).to(device=device, dtype=dtype)
+
+    def f(t: Tensor, state: Tensor) -> Tensor:  # t: a 0-dim clock value in the state's dtype
+        return drift(state, t.expand(B), None)
 
     def rms(v: Tensor) -> Tensor:
-        return v.float().square().mean().sqrt().expand(B)
+        return v.abs().pow(2).mean().sqrt()
 
-    tau = torch.full((B,), 0.0, dtype=_tau_dtype(x.device), device=x.device)
-    end = torch.full_like(tau, tau_stop)
-    k1 = drift(x, tau, None)
-    h = _dopri5_initial_step(drift, x, k1, tau, None, rms, atol, rtol)
+    t0 = torch.zeros((), dtype=t_dtype, device=device)
+    k1 = f(t0.to(dtype), x)
+    h = _torchdiffeq_initial_step(f, t0, x, k1, rms, atol, rtol)
     n_acc = n_rej = 0
-    last = None  # (x_old, x_new, ks, h, tau_old) of the last accepted step, for dense output
-    done = tau >= end
-    while not bool(done.all()):
-        h_step, tau_new = h, tau + h  # torchdiffeq steps past the end, then interpolates
-        _check_progress(h_step, tau, tau_new, done, n_acc + n_rej, max_steps)
-        # torchdiffeq forms stage times in the state's dtype and evaluates the stages at the step
-        # end one float below it (Perturb.PREV), keeping the τ-masked drift on the near side of τ = 1.
-        tau_end = tau_new.to(x.dtype)
-        below_end = torch.nextafter(tau_end, torch.full_like(tau_end, -math.inf))
-        taus = [below_end if c == 1.0 else tau.to(x.dtype) + c * h_step.to(x.dtype) for c in _DP_C]
-        x_new, err, ks = _dopri5_step(drift, x, k1, h_step, taus, None)
-        ratio = _dopri5_error_ratio(rms, err, x, x_new, atol, rtol, tau)
-        accept = (ratio <= 1) | done
-        h = torch.where(done, h, _dopri5_next_h(h_step, ratio))
-        if bool(accept.all()):
-            last = (x, x_new, ks, h_step, tau)
-        a = accept.reshape(-1, *([1] * (x.ndim - 1)))
-        x = torch.where(a, x_new, x)
-        k1 = torch.where(a, ks[6], k1)
-        tau = torch.where(accept, tau_new, tau)
-        n_acc += int(bool((accept & ~done).any()))
-        n_rej += int(bool((~accept).any()))
-        done = tau >= end
+    last = None  # (x_old, x_new, stages, h, t_old, t_new) of the last accepted step, for dense output
+    while bool(t0 < t_stop):
+        t1 = t0 + h  # torchdiffeq steps past the end, then interpolates
+        if n_acc + n_rej >= max_steps:
+            raise RuntimeError(f"dopri5 exceeded max_steps={max_steps} at τ≈{t0.item():.4f}")
+        if not bool(t1 > t0):
+            raise RuntimeError(f"dopri5 step size underflow at τ≈{t0.item():.4f}")
+        t0_s, h_s, t1_s = t0.to(dtype), h.to(dtype), t1.to(dtype)
+        k = torch.empty(*x.shape, 7, dtype=dtype, device=device)  # the stages, last axis
+        k[..., 0] = k1
+        for i in range(6):
+            t_i = torch.nextafter(t1_s, torch.full_like(t1_s, -math.inf)) if alpha[i] == 1.0 else t0_s + alpha[i] * h_s
+            x_i = x + torch.sum(k[..., : i + 1] * (beta[i] * h_s), dim=-1).view_as(x)
+            k[..., i + 1] = f(t_i, x_i)
+        x_new = x_i  # 5th order: the last stage's input (FSAL)
+        err = torch.sum(k * (h_s * c_error), dim=-1)
+        ratio = rms(err / (atol + rtol * torch.maximum(x.abs(), x_new.abs())))
+        if not bool(torch.isfinite(ratio)):
+            raise RuntimeError(f"dopri5: non-finite velocity or state at τ≈{t0.item():.4f}")
+        if bool(ratio <= 1):
+            last = (x, x_new, k, h_s, t0, t1)
+            x, k1, t0 = x_new, k[..., 6], t1
+            n_acc += 1
+        else:
+            n_rej += 1
+        h = _torchdiffeq_next_h(h, ratio)
         if callback is not None:
-            callback(SamplerStep(x, tau, 0, drift.nfe))
-    if last is not None:
-        x = _dense_output(*last, tau_stop)
-    return x, n_acc, n_rej
+            callback(SamplerStep(x, t0.expand(B), 0, drift.nfe))
+    if last is None:
+        return x, n_acc, n_rej
+    x0_, x1_, k, h_s, ta, tb = last
+    return _torchdiffeq_dense(x0_, x1_, k, h_s, c_mid, (t_stop - ta) / (tb - ta)), n_acc, n_rej
 
 
-def _dense_output(
-    x0: Tensor, x1: Tensor, ks: Sequence[Tensor], h: Tensor, tau0: Tensor, tau: float
+def _torchdiffeq_initial_step(
+    f: Callable[[Tensor, Tensor], Tensor], t0: Tensor, x: Tensor, k1: Tensor, rms: RmsFn, atol: float, rtol: float
 ) -> Tensor:
-    """torchdiffeq's 4th-order interpolant of a dopri5 step, read at clock value ``tau``.
+    """torchdiffeq's starting step (Hairer, Nørsett & Wanner I, II.4, order 4): the estimate is
+    formed in the state's dtype as theirs (float64 lands a few ulps away and the whole run then
+    diverges from theirs); the clock value stays float64."""
+    scale = atol + x.abs() * rtol
+    d0, d1 = rms(x / scale), rms(k1 / scale)
+    h0 = torch.tensor(1e-6, dtype=x.dtype, device=x.device) if d0 < 1e-5 or d1 < 1e-5 else 0.01 * d0 / d1
+    f1 = f((t0 + h0).to(x.dtype), x + h0 * k1)
+    d2 = rms((f1 - k1) / scale) / h0
+    if d1 <= 1e-15 and d2 <= 1e-15:
+        h1 = torch.max(torch.tensor(1e-6, dtype=x.dtype, device=x.device), h0 * 1e-3)
+    else:
+        h1 = (0.01 / max(d1, d2)) ** (1.0 / 5)
+    return torch.min(100 * h0, h1).to(t0.dtype)
 
-    The quartic p(s), s ∈ [0, 1], through x0, the mid-step estimate x_mid and x1, with slopes
-    h·k1 at s = 0 and h·k7 at s = 1.
-    """
-    hx = _bcast(h, x0)
-    x_mid = _combine(x0, hx, _DP_MID, ks)
-    f0, f1 = hx * ks[0], hx * ks[6]
-    a = 2 * (f1 - f0) - 8 * (x1 + x0) + 16 * x_mid
-    b = 5 * f0 - 3 * f1 + 18 * x0 + 14 * x1 - 32 * x_mid
-    c = f1 - 4 * f0 - 11 * x0 - 5 * x1 + 16 * x_mid
-    s = _bcast((tau - tau0) / h, x0)
-    return x0 + s * (f0 + s * (c + s * (b + s * a)))
+
+def _torchdiffeq_next_h(h: Tensor, ratio: Tensor) -> Tensor:
+    """torchdiffeq's ``_optimal_step_size`` in float64: h·min(10, max(0.9 / ratio^(1/5), floor)),
+    with tensor operands as theirs (``0.9 / t`` on a Python float would be 0.9·(1/t), an ulp off)."""
+    if bool(ratio == 0):
+        return h * _IFACTOR
+    like = dict(dtype=h.dtype, device=h.device)
+    floor = torch.tensor(1.0 if bool(ratio < 1) else _DFACTOR, **like)
+    exponent = torch.tensor(5, **like).reciprocal()
+    factor = torch.min(torch.tensor(_IFACTOR, **like), torch.max(torch.tensor(_SAFETY, **like) / ratio.to(h.dtype) ** exponent, floor))
+    return h * factor
+
+
+def _torchdiffeq_dense(x0: Tensor, x1: Tensor, k: Tensor, h: Tensor, c_mid: Tensor, s: Tensor) -> Tensor:
+    """torchdiffeq's quartic interpolant of a dopri5 step (``_interp_fit``/``_interp_evaluate``),
+    read at the step fraction ``s`` (float64, taken to the state's dtype as theirs)."""
+    x_mid = x0 + torch.sum(k * (h * c_mid), dim=-1).view_as(x0)
+    f0, f1 = k[..., 0], k[..., 6]
+    a = 2 * h * (f1 - f0) - 8 * (x1 + x0) + 16 * x_mid
+    b = h * (5 * f0 - 3 * f1) + 18 * x0 + 14 * x1 - 32 * x_mid
+    c = h * (f1 - 4 * f0) - 11 * x0 - 5 * x1 + 16 * x_mid
+    s = s.to(x0.dtype)
+    total, power = x0 + s * (h * f0), s
+    for coeff in (c, b, a):
+        power = power * s
+        total = total + power * coeff
+    return total
 
 
 def sample(
@@ -609,8 +660,13 @@ def generate_latents(
     indices: Sequence[int] | Tensor,
     sampling: SamplingConfig,
     guide: nn.Module | None = None,
+    fn: VelocityFn | None = None,
 ) -> tuple[Tensor, int]:
     """Composite latents (B, C, H, W) float32 for global sample ``indices`` and their ``labels``.
+
+    ``fn``: the guided velocity function, when the caller builds it once for many batches
+    (compiled: :func:`sfd.guidance.compile_velocity_fn`); default ``build_velocity_fn(model,
+    sampling, guide)``.
 
     Noise row i comes from (sampling.seed, indices[i]) alone. With dopri5 on the exact grid the
     step size is controlled per sample, so a sample does not depend on its batch-mates; the
@@ -627,7 +683,8 @@ def generate_latents(
         raise ValueError(f"labels must lie in [0, {cfg.num_classes}), got [{int(y.min())}, {int(y.max())}]")
     shape = (cfg.in_channels, cfg.input_size, cfg.input_size)
     x0 = initial_noise(indices, shape, sampling.seed, device=device)  # (B, C, H, W)
-    fn = build_velocity_fn(model, sampling, guide)
+    if fn is None:
+        fn = build_velocity_fn(model, sampling, guide)
     result = sample(
         fn, x0, y, clock_for(cfg, sampling), method=sampling.method, **sampling.solver_options()
     )
