@@ -1,9 +1,11 @@
 """The encoders of the latent cache and the per-shard work of the encode job (docs/architecture.md, Data flow; docs/conventions.md: The latent cache).
 
 ``pipeline/encode.py`` (the Ray driver) resolves which encoders to use into *specs*: plain dicts
-that say what an encoder is (kind, name, config, weight file and its SHA-256). The specs without
-their local ``path`` become the cache's identity attributes, so a cache made with other encoders
-is refused before any work starts. :class:`ShardWorker` builds the encoders from the specs and
+that say what an encoder is (kind, name, config, weight file, its SHA-256 and, where known, the
+identity of its weights: ``sfd.checkpoint.weights_identity``). The specs without their local
+``path`` become the cache's identity attributes, so a cache made with other encoders is refused
+before any work starts; two records of the same weights in other files are the same encoder
+(``sfd.checkpoint.same_weights``). :class:`ShardWorker` builds the encoders from the specs and
 does the work of one shard; the driver wraps it as a Ray actor (one per GPU, or CPU actors), and
 ``bench/encode.py`` runs it in a plain loop.
 

@@ -24,6 +24,11 @@ SemVAE (as the cache records it) in its metadata; :func:`load_semvae_decoder` re
 that names another SemVAE. The encode job writes it (``pipeline/encode.py``); for an older cache,
 ``python -m sfd.repa_targets CACHE SEMVAE_WEIGHTS`` attaches it. A cache encoded with a random-init
 test SemVAE needs no file: its decoder is rebuilt from the recorded seed.
+
+The whole SemVAE travels too (``<cache>/semvae.safetensors``, :func:`write_cache_semvae`): the
+encode job redoes damaged shards' semantic latents with it, so a cache copied alone repairs itself
+(docs/reliability.md). SemVAEs are compared by their weights' identity
+(``sfd.checkpoint.same_weights``), not their files' hashes.
 """
 
 from __future__ import annotations
