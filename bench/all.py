@@ -163,8 +163,10 @@ def section(data: dict[str, Any]) -> str:
     ]
     for name, rec in data["benches"].items():
         load = f"{rec['load_before'][0]:.1f} → {rec['load_after'][0]:.1f}"
-        if rec.get("returncode") != 0:
-            lines.append(f"| {name} | **failed** (exit {rec.get('returncode')}) | {' '.join(rec.get('error', []))[:200]} | {load} |")
+        rc = rec.get("returncode")
+        if rc != 0:
+            how = f"stopped by signal {-rc} after {rec['seconds']:.0f} s" if isinstance(rc, int) and rc < 0 and rc != -1 else f"exit {rc}"
+            lines.append(f"| {name} | **not measured** ({how}) | {' '.join(rec.get('error', []))[:200]} | {load} |")
             continue
         try:
             rows = FIGURES[name](rec["result"])
