@@ -56,9 +56,13 @@ verify-cache cache="data/cache/imagenet256" *args:
 semvae cache="data/cache/imagenet256" nproc="1" *args:
     {{python}} -m torch.distributed.run --standalone --nproc_per_node={{nproc}} pipeline/train_semvae.py --cache {{cache}} --run-dir {{cache}}.semvae {{args}}
 
-# Encode throughput: the Ray job vs a plain sequential loop, tiny encoders, on the sample images.
+# Encode throughput: the Ray job vs a plain sequential loop, tiny encoders, on N images (synthetic top-up).
 bench-encode *args:
     HF_HUB_OFFLINE=1 RAY_AUTH_MODE=disabled {{python}} bench/encode.py {{args}}
+
+# Re-run every CPU bench (quick settings) and rewrite their table in docs/performance.md (~15 min on 2 cores).
+bench *args:
+    HF_HUB_OFFLINE=1 RAY_AUTH_MODE=disabled {{python}} bench/all.py {{args}}
 
 # Train (or resume: same command again) on `nproc` GPUs of this node, e.g. `just train sfd-xl 8`.
 # Multi-node: see README (torchrun --nnodes/--node-rank/--rdzv-endpoint with the same flags).

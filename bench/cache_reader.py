@@ -14,8 +14,9 @@ opened in every ``__getitem__`` and the item's rows are read as slices (the chea
 their code: a whole-tensor read per item would be far slower), normalised per channel, REPA
 features cast to float32 and reshaped to [256, 768]; batches are collated with ``torch.stack``
 as a DataLoader with ``num_workers=0`` does. Everything runs in one process with one torch
-thread, interleaved: each round times every contender once, and the figures are the medians over
-rounds (spread = min..max), so a busy machine slows all of them alike.
+thread, interleaved: each round times every contender once (the order rotating from round to
+round), and the figures are the medians over rounds (spread = min..max), so a busy machine slows
+all of them alike.
 
 Modes measured: ``memory`` and ``pagecache`` (``sfd/data/reader.py``), each with REPA targets
 ``none`` (texture + semantic only), ``stored`` (the reader gathers the cache's targets) and
@@ -40,6 +41,7 @@ from __future__ import annotations
 
 import argparse
 import bisect
+import gc
 import json
 import multiprocessing as mp
 import statistics
@@ -196,8 +198,14 @@ def measure(cache: LatentCache, authors: Path, batch_size: int, num_batches: int
     wall: dict[str, list[float]] = {}
     cpu: dict[str, list[float]] = {}
     makers = contenders(cache, authors, batch_size, dino)
-    for _ in range(rounds):
-        for name, make in makers.items():  # interleaved: each round times every contender once
+    names = list(makers)
+    for r in range(rounds):
+        # Interleaved: each round times every contender once, starting one later each round. The
+        # contender timed right after the authors' loader pays for its freed memory (measured:
+        # ~2x the CPU time of the same reader timed later), so no contender may always sit there.
+        for name in names[r % len(names):] + names[: r % len(names)]:
+            make = makers[name]
+            gc.collect()  # the previous contender's garbage, not inside this one's timing
             it = make()
             w, c = time_batches(it, num_batches)
             wall.setdefault(name, []).append(num_batches * batch_size / w)

@@ -76,7 +76,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from sfd.checkpoint import KNOWN_WEIGHTS, WeightsError
+from sfd.checkpoint import KNOWN_WEIGHTS, WeightsError, same_weights
 from sfd.cli import Arg, check_inputs, cli_status, config_parser, parse_config, print_config
 from sfd.config import ENCODE_STAGES, ConfigError, EncodeConfig
 from sfd.data.cache import CacheError, LatentCache, create_cache
@@ -94,6 +94,13 @@ from sfd.encoding import (
     spec_latent_shapes,
     texture_spec,
 )
+from sfd.repa_targets import (
+    DECODER_FILE,
+    cache_semvae_spec,
+    write_cache_semvae,
+    write_semvae_decoder,
+)
+from sfd.repa_targets import SEMVAE_FILE as CACHE_SEMVAE_FILE
 from sfd.runlock import run_lock
 
 STAGES = ENCODE_STAGES
@@ -443,6 +450,8 @@ def stage_semvae(plan: Plan) -> StageResult:
     final = plan.semvae_dir / SEMVAE_FILE
     if final.is_file():
         return StageResult("semvae", "skipped", note=f"{final} exists")
+    if (plan.cache.path / CACHE_SEMVAE_FILE).is_file():  # a copied cache carries its SemVAE
+        return StageResult("semvae", "skipped", note=f"stored in the cache ({CACHE_SEMVAE_FILE})")
     if not plan.cache.is_encoded():
         raise SystemExit("the SemVAE trains on the encoded cache: run the encode stage first")
     script = Path(__file__).with_name("train_semvae.py")
@@ -474,20 +483,25 @@ def stage_semantic(plan: Plan) -> StageResult:
     if not cache.is_encoded():
         raise SystemExit("the semantic pass needs the encoded cache: run the encode stage first")
     final = plan.semvae_dir / SEMVAE_FILE
-    if not final.is_file():
+    stored = cache_semvae_spec(cache)  # the SemVAE kept in the cache, if any: repair uses it
+    if stored is None and not final.is_file():
         raise SystemExit(f"no trained SemVAE at {final}: run the semvae stage first")
-    spec = semvae_spec(str(final), plan.sem["preset"], None)
+    spec = stored or semvae_spec(str(final), plan.sem["preset"], None)
+    final = Path(spec["path"])
     if spec["config"] != plan.sem["config"]:
         raise SystemExit(f"{final} has config {spec['config']}, but the cache plans {plan.sem['config']}")
     source = cache.semantic_source()
     done_some = len(pending) < cache.num_shards
-    if source and source != identity(spec) and done_some:
+    if source and not same_weights(source, identity(spec)) and done_some:
         raise SystemExit(
             f"semantic latents of {cache.path} were partly computed with another SemVAE ({source.get('sha256', '?')[:16]}...) "
             f"than {final} ({spec['sha256'][:16]}...): mixing them would corrupt the cache. Restore that SemVAE, "
             "or re-create the cache."
         )
-    cache.set_semantic_source(identity(spec) or {})
+    if not (source and same_weights(source, identity(spec))):
+        cache.set_semantic_source(identity(spec) or {})
+    if stored is None:
+        write_cache_semvae(cache, spec)
     t0 = time.perf_counter()
     settings = WorkerSettings(
         task="semantic", cache_path=str(cache.path), images_root=str(plan.images_root), image_size=cfg.image_size,
@@ -498,16 +512,24 @@ def stage_semantic(plan: Plan) -> StageResult:
 
 
 def attach_semvae_decoder(plan: Plan) -> None:
-    """[reader #13] The SemVAE decoder travels with the cache (train/main.py repa_targets=semvae)."""
-    from sfd.encoding import build_semvae
-    from sfd.repa_targets import DECODER_FILE, write_semvae_decoder
-
-    if (Path(plan.cache.path) / DECODER_FILE).is_file():
+    """[reader #13] The SemVAE travels with the cache: its decoder (train/main.py repa_targets=semvae)
+    and, when loaded from a file, the whole SemVAE (a copied cache repairs itself with it)."""
+    cache = plan.cache
+    stored = cache_semvae_spec(cache)
+    need_decoder = not (Path(cache.path) / DECODER_FILE).is_file()
+    need_semvae = stored is None and (plan.semantic_pass or plan.sem["kind"] == "weights")
+    if not (need_decoder or need_semvae):
         return
-    spec = plan.sem
-    if plan.semantic_pass:
-        spec = semvae_spec(str(plan.semvae_dir / SEMVAE_FILE), plan.sem["preset"], None)
-    write_semvae_decoder(plan.cache, build_semvae(spec), identity(spec) or {})
+    spec = stored or plan.sem
+    if plan.semantic_pass and stored is None:
+        trained = plan.semvae_dir / SEMVAE_FILE
+        if not need_decoder and not trained.is_file():
+            return  # an older cache moved without its SemVAE run: nothing to store it from
+        spec = semvae_spec(str(trained), plan.sem["preset"], None)
+    if need_decoder:
+        write_semvae_decoder(cache, build_semvae(spec), identity(spec) or {})
+    if need_semvae:
+        write_cache_semvae(cache, spec)
 
 
 def stage_stats(plan: Plan) -> StageResult:

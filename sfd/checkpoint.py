@@ -35,7 +35,7 @@ import json
 import os
 import tempfile
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -112,6 +112,53 @@ def file_sha256(path: str | os.PathLike[str], length: int | None = None) -> str:
         while block := f.read(1 << 24):
             h.update(block)
     return h.hexdigest()[:length]
+
+
+def weights_identity(tensors: Mapping[str, torch.Tensor], model_config: Any) -> str:
+    """Hex SHA-256 of a model's weights and config, independent of the file that holds them.
+
+    Canonical: tensors in sorted name order, each as name, dtype, shape and its bytes, then the
+    model config as JSON with sorted keys. Two files with the same weights therefore have the
+    same identity whatever their metadata (run paths, safetensors' per-process key order) or
+    format (the authors' ``.pt`` and our safetensors), unlike :func:`file_sha256`.
+    """
+    import hashlib
+
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach().cpu().contiguous()
+        h.update(json.dumps([name, str(t.dtype).removeprefix("torch."), list(t.shape)]).encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    cfg = model_config if isinstance(model_config, Mapping) else asdict(model_config)
+    h.update(json.dumps(cfg, sort_keys=True, separators=(",", ":")).encode())
+    return h.hexdigest()
+
+
+def file_weights_identity(path: str | os.PathLike[str], model_config: Any) -> str | None:
+    """:func:`weights_identity` of a safetensors file's tensors; None for other formats, whose
+    bytes (third-party pickles, never rewritten here) are identified by :func:`file_sha256`."""
+    if Path(path).suffix != ".safetensors":
+        return None
+    return weights_identity(load_tensors(path), model_config)
+
+
+# Keys of an encoder record (sfd.encoding's specs) that say where the weights came from, not what
+# they are: ignored when both records carry the weights identity.
+_WHERE_KEYS = ("path", "file", "name", "sha256")
+
+
+def same_weights(recorded: Mapping[str, Any], current: Mapping[str, Any]) -> bool:
+    """Whether two encoder records (``{"kind": "weights", "config", "sha256", ...}``) name the
+    same model. Records that both carry ``weights_sha256`` (:func:`weights_identity`) compare it
+    and everything but the file's name, path and hash; an older record (file hash only) is
+    compared as before, by every key it has except the path."""
+    rec, cur = json.loads(json.dumps(dict(recorded))), json.loads(json.dumps(dict(current)))
+    if "weights_sha256" in rec and "weights_sha256" in cur:
+        skip = set(_WHERE_KEYS)
+    else:  # an old record: the file hash decides; the newer key is not in it
+        skip = {"path", "weights_sha256"}
+    keys = (set(rec) | set(cur)) - skip
+    return all(rec.get(k) == cur.get(k) for k in keys)
 
 
 class _Inert:

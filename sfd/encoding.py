@@ -1,9 +1,11 @@
 """The encoders of the latent cache and the per-shard work of the encode job (docs/architecture.md, Data flow; docs/conventions.md: The latent cache).
 
 ``pipeline/encode.py`` (the Ray driver) resolves which encoders to use into *specs*: plain dicts
-that say what an encoder is (kind, name, config, weight file and its SHA-256). The specs without
-their local ``path`` become the cache's identity attributes, so a cache made with other encoders
-is refused before any work starts. :class:`ShardWorker` builds the encoders from the specs and
+that say what an encoder is (kind, name, config, weight file, its SHA-256 and, where known, the
+identity of its weights: ``sfd.checkpoint.weights_identity``). The specs without their local
+``path`` become the cache's identity attributes, so a cache made with other encoders is refused
+before any work starts; two records of the same weights in other files are the same encoder
+(``sfd.checkpoint.same_weights``). :class:`ShardWorker` builds the encoders from the specs and
 does the work of one shard; the driver wraps it as a Ray actor (one per GPU, or CPU actors), and
 ``bench/encode.py`` runs it in a plain loop.
 
@@ -45,9 +47,11 @@ from torch import nn
 from sfd.checkpoint import (
     WeightsError,
     file_sha256,
+    file_weights_identity,
     read_checkpoint,
     read_safetensors_metadata,
     resolve_weights,
+    weights_identity,
 )
 from sfd.config import (
     DINO_PRESETS,
@@ -107,8 +111,11 @@ def identity(spec: Spec | None) -> Spec | None:
 
 
 def _weights_spec(kind_key: str, name: str, cfg: Any, path: str | os.PathLike[str] | None) -> Spec:
+    """``sha256`` hashes the file (the worker's "file unchanged" check); ``weights_sha256`` (safetensors
+    files) hashes the weights and config (sfd.checkpoint.weights_identity): what a cache compares,
+    so a bit-identical model in a file with other metadata, name or place is the same encoder."""
     file = resolve_weights(kind_key, path)  # WeightsError naming the file if it is missing
-    return {
+    spec = {
         "kind": "weights",
         "name": name,
         "config": to_dict(cfg),
@@ -116,6 +123,10 @@ def _weights_spec(kind_key: str, name: str, cfg: Any, path: str | os.PathLike[st
         "sha256": file_sha256(file),
         "path": str(file.resolve()),
     }
+    weights_id = file_weights_identity(file, spec["config"])
+    if weights_id is not None:
+        spec["weights_sha256"] = weights_id
+    return spec
 
 
 def _random_spec(preset: str, cfg: Any, seed: int) -> Spec:
@@ -184,7 +195,11 @@ def semvae_spec(path: str | None, preset: str, random_seed: int | None) -> Spec:
             raise ConfigError("--semvae random needs --random-encoders SEED")
         return _random_spec("tiny", SEMVAE_PRESETS["tiny"], random_seed)
     file = resolve_weights("semvae", path)
-    return _weights_spec("semvae", file.name, semvae_config_for_file(file, preset), file)
+    spec = _weights_spec("semvae", file.name, semvae_config_for_file(file, preset), file)
+    # The SemVAE is small: identify it by the loaded model's weights, whatever the file format
+    # (the authors' .pt and its copy stored in the cache are then the same SemVAE).
+    spec["weights_sha256"] = weights_identity(build_semvae(spec).state_dict(), spec["config"])
+    return spec
 
 
 def semvae_plan_spec(preset: str) -> Spec:

@@ -29,6 +29,11 @@ SemVAE (as the cache records it) in its metadata; :func:`load_semvae_decoder` re
 that names another SemVAE. The encode job writes it (``pipeline/encode.py``); for an older cache,
 ``python -m sfd.repa_targets CACHE SEMVAE_WEIGHTS`` attaches it. A cache encoded with a random-init
 test SemVAE needs no file: its decoder is rebuilt from the recorded seed.
+
+The whole SemVAE travels too (``<cache>/semvae.safetensors``, :func:`write_cache_semvae`): the
+encode job redoes damaged shards' semantic latents with it, so a cache copied alone repairs itself
+(docs/reliability.md). SemVAEs are compared by their weights' identity
+(``sfd.checkpoint.same_weights``), not their files' hashes.
 """
 
 from __future__ import annotations
@@ -46,17 +51,22 @@ from torch import Tensor, nn
 from sfd import runtime
 from sfd.checkpoint import (
     WeightsError,
+    file_sha256,
     load_state_dict_strict,
     load_tensors,
     read_safetensors_metadata,
+    same_weights,
     save_safetensors,
+    weights_identity,
 )
 from sfd.config import SemVAEConfig, from_dict, to_dict
 from sfd.data.cache import CacheError, LatentCache, attr_diffs
 from sfd.registry import Registry
 
 DECODER_FILE = "semvae_decoder.safetensors"
+SEMVAE_FILE = "semvae.safetensors"  # the whole SemVAE, in the cache: repair re-encodes with it
 _PREFIX = "decoder."
+_SEMVAE_KEY = "sfd_cache_semvae"
 
 
 def cache_semvae_identity(cache: LatentCache) -> dict[str, Any]:
@@ -76,8 +86,8 @@ def write_semvae_decoder(cache: LatentCache, semvae: nn.Module, semvae_identity:
     """Write the decoder of ``semvae`` beside the cache's arrays (atomic); returns the file."""
     cfg: SemVAEConfig = semvae.cfg  # type: ignore[assignment]
     want = cache_semvae_identity(cache)
-    diffs = attr_diffs(dict(semvae_identity), want)
-    if diffs:
+    if not same_weights(want, semvae_identity):
+        diffs = attr_diffs(dict(semvae_identity), want)
         raise CacheError(f"cache {cache.path} was encoded with another SemVAE than the one given (differs in {sorted(diffs)})")
     tensors = {_PREFIX + k: v for k, v in semvae.decoder.state_dict().items()}
     path = Path(cache.path) / DECODER_FILE
@@ -99,7 +109,7 @@ def load_semvae_decoder(cache: LatentCache) -> tuple[nn.Module, SemVAEConfig, st
         meta = read_safetensors_metadata(path)
         record = json.loads(meta.get("semvae_decoder", "{}"))
         have = record.get("semantic_encoder")
-        if not isinstance(have, dict) or attr_diffs(have, want) or attr_diffs(want, have):
+        if not isinstance(have, dict) or not same_weights(want, have):
             raise CacheError(
                 f"{path} is the decoder of another SemVAE than the one that encoded {cache.path}; "
                 f"attach the right one: python -m sfd.repa_targets {cache.path} SEMVAE_WEIGHTS"
@@ -122,6 +132,49 @@ def load_semvae_decoder(cache: LatentCache) -> tuple[nn.Module, SemVAEConfig, st
             "or use repa_targets=stored"
         )
     return model.decoder.eval().requires_grad_(False), cfg, how
+
+
+def write_cache_semvae(cache: LatentCache, spec: Mapping[str, Any]) -> Path:
+    """Store the whole SemVAE of ``spec`` (an ``sfd.encoding`` spec whose samples fill the cache) in
+    the cache as ``semvae.safetensors``, so that the cache, copied anywhere on its own, can redo
+    damaged shards with it. Its metadata is one key of canonical JSON (config and the SemVAE's
+    record), so that every run writes the same bytes. Returns the file."""
+    from sfd.encoding import build_semvae, identity
+
+    # The cache's own record of its SemVAE, so that the bytes do not depend on which copy of the
+    # weights (trained here, retrained bit-identically, restored) the file was written from.
+    record = cache_semvae_identity(cache)
+    if not same_weights(record, identity(dict(spec)) or {}):
+        raise CacheError(f"cache {cache.path} was encoded with another SemVAE than {spec.get('path')}")
+    model = build_semvae(dict(spec))
+    meta = {_SEMVAE_KEY: json.dumps({"config": to_dict(model.cfg), "semantic_encoder": record}, sort_keys=True)}
+    path = Path(cache.path) / SEMVAE_FILE
+    save_safetensors(model.state_dict(), path, metadata=meta)
+    return path
+
+
+def cache_semvae_spec(cache: LatentCache) -> dict[str, Any] | None:
+    """The spec (``sfd.encoding``) of the SemVAE stored in the cache, or None if it stores none.
+
+    Its weights are checked against the record stored with them (sfd.checkpoint.weights_identity),
+    so a damaged file is an error naming it, never a silently different SemVAE. The spec keeps
+    the stored record's name, so it compares equal to the cache's record of that SemVAE."""
+    path = Path(cache.path) / SEMVAE_FILE
+    if not path.is_file():
+        return None
+    try:
+        record = json.loads(read_safetensors_metadata(path)[_SEMVAE_KEY])
+        config, original = dict(record["config"]), dict(record["semantic_encoder"])
+        tensors = load_tensors(path)
+    except (KeyError, ValueError, TypeError, WeightsError) as e:
+        raise CacheError(f"{path} is not a SemVAE stored by the encode job ({type(e).__name__}: {e}); delete it "
+                         "and pass the SemVAE that encoded the cache") from e
+    weights_id = weights_identity(tensors, config)
+    if original.get("weights_sha256") not in (None, weights_id):
+        raise CacheError(f"{path} is damaged (its weights do not hash to the recorded identity); delete it and "
+                         "pass the SemVAE that encoded the cache")
+    return {**original, "config": config, "file": SEMVAE_FILE, "sha256": file_sha256(path),
+            "weights_sha256": weights_id, "path": str(path.resolve())}
 
 
 class RepaTargetSource:

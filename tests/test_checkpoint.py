@@ -181,3 +181,32 @@ def test_authors_yaml_container_infers_the_model_config(tmp_path):
     torch.save({"w": torch.ones(1)}, tmp_path / "bare.pt")
     with pytest.raises(WeightsError, match="carries no model config"):
         read_checkpoint(tmp_path / "bare.pt")
+
+
+def test_weights_identity_is_the_weights_not_the_file(tmp_path: Path) -> None:
+    """The identity of a model file hashes its tensors and config: other metadata (a run's paths,
+    key order) or another format give the same identity; a changed byte, dtype or config does not."""
+    from sfd.checkpoint import file_sha256, file_weights_identity, same_weights, weights_identity
+
+    g = torch.Generator().manual_seed(0)
+    tensors = {"b.weight": torch.randn(3, 4, generator=g), "a.bias": torch.randn(4, generator=g), "step": torch.tensor(7)}
+    cfg = {"dim": 4, "arch": "mlp"}
+    save_safetensors(tensors, tmp_path / "x.safetensors", metadata={"run": "/here", "other": "1"})
+    save_safetensors(tensors, tmp_path / "y.safetensors", metadata={"run": "/elsewhere"})
+    x, y = (file_weights_identity(tmp_path / f, cfg) for f in ("x.safetensors", "y.safetensors"))
+    assert x == y == weights_identity(dict(reversed(list(tensors.items()))), {"arch": "mlp", "dim": 4})
+    assert file_sha256(tmp_path / "x.safetensors") != file_sha256(tmp_path / "y.safetensors")
+    torch.save(tensors, tmp_path / "z.pt")
+    assert file_weights_identity(tmp_path / "z.pt", cfg) is None  # pickles: the file hash identifies them
+    flipped = {**tensors, "a.bias": tensors["a.bias"].clone()}
+    flipped["a.bias"].view(torch.int32)[0] ^= 1  # one bit
+    assert weights_identity(flipped, cfg) != x
+    assert weights_identity({**tensors, "step": torch.tensor(7, dtype=torch.int32)}, cfg) != x
+    assert weights_identity(tensors, {**cfg, "dim": 5}) != x
+
+    new = {"kind": "weights", "name": "semvae.safetensors", "config": cfg, "file": "x.safetensors", "sha256": "0" * 64, "weights_sha256": x}
+    assert same_weights(new, {**new, "name": "copy", "file": "y.safetensors", "sha256": "1" * 64, "path": "/y"})
+    assert not same_weights(new, {**new, "weights_sha256": "2" * 64})
+    assert not same_weights(new, {**new, "config": {**cfg, "dim": 5}})
+    old = {k: v for k, v in new.items() if k != "weights_sha256"}  # a cache written before: file hash only
+    assert same_weights(old, {**new, "path": "/y"}) and not same_weights(old, {**new, "sha256": "1" * 64})

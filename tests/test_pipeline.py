@@ -12,6 +12,7 @@ import io
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -26,7 +27,7 @@ import pytest
 import torch
 from PIL import Image
 
-from sfd.checkpoint import WeightsError, load_tensors
+from sfd.checkpoint import WeightsError, load_tensors, read_safetensors_metadata, save_safetensors
 from sfd.config import ConfigError
 from sfd.data.cache import CacheMismatchError, LatentCache
 from sfd.data.images import discover, hflip, load_image, to_model_input
@@ -225,6 +226,74 @@ def test_killed_job_resumes_to_identical_cache(full_cache: tuple[Path, list], su
     for name in ("texture", "dino", "valid", "labels", "paths", "reason", "shard_done"):
         a, b = np.asarray(killed.group[name][:]), np.asarray(reference.group[name][:])
         assert a.dtype == b.dtype and a.shape == b.shape and a.tobytes() == b.tobytes(), name
+
+
+def _same_files(a: Path, b: Path) -> list[str]:
+    """Relative paths whose bytes differ between two folders (or exist in one only)."""
+    files = {p.relative_to(a) for p in a.rglob("*") if p.is_file()} | {p.relative_to(b) for p in b.rglob("*") if p.is_file()}
+    return sorted(str(f) for f in files if not ((a / f).is_file() and (b / f).is_file() and (a / f).read_bytes() == (b / f).read_bytes()))
+
+
+def _damage_and_verify(cache: Path) -> None:
+    """One DINO zarr shard (REPA targets of work shard 1) bit-flipped, one semantic chunk of work
+    shard 2 deleted; `verify-cache` must name both."""
+    dino = cache / "dino/c/3/0/0/0"  # rows 12-15: work shard 1 (8 rows per shard)
+    data = bytearray(dino.read_bytes())
+    data[len(data) // 3] ^= 0xFF
+    dino.write_bytes(bytes(data))
+    (cache / "semantic/c/4/0/0/0/0").unlink()  # rows 16-19: work shard 2
+    verify_mod = load_script("verify_cache")
+    assert verify_mod.main([str(cache)]) == 1
+
+
+def test_cache_travels_alone_and_repairs_with_its_stored_semvae(full_cache: tuple[Path, list], subset: Path, tmp_path: Path, capsys) -> None:
+    """A cache folder copied alone (no sibling `.semvae` run) with stored DINO targets, damaged, is
+    repaired by the same encode command into the original bytes, using the SemVAE it stores."""
+    out, _ = full_cache
+    copy = tmp_path / "elsewhere" / "cache"
+    shutil.copytree(out, copy)
+    assert (copy / "semvae.safetensors").is_file() and not Path(f"{copy}.semvae").exists()
+    _damage_and_verify(copy)
+    capsys.readouterr()
+    results = encode_mod.main(["--images", str(subset), "--out", str(copy), *COMMON, "--semvae-steps", "6",
+                               "--semvae-batch-size", "8", "--verify"])
+    log = capsys.readouterr().out
+    assert "redoing shards [1, 2]" in log, log
+    assert [(r.stage, r.status) for r in results][:3] == [("encode", "done"), ("semvae", "skipped"), ("semantic", "done")], log
+    assert results[0].images == 16 and "stored in the cache" in results[1].note
+    assert not Path(f"{copy}.semvae").exists()  # nothing was retrained
+    assert _same_files(copy, out) == []
+    assert load_script("verify_cache").main([str(copy)]) == 0
+
+
+def test_retrained_semvae_is_the_same_semvae(full_cache: tuple[Path, list], subset: Path, tmp_path: Path) -> None:
+    """Without the stored SemVAE (an older cache moved alone), the SemVAE retrained bit-identically
+    is accepted: the cache compares the weights' identity, not the file's hash (its metadata holds
+    the run's paths); the refusal of a different SemVAE stays."""
+    out, _ = full_cache
+    copy = tmp_path / "cache"
+    shutil.copytree(out, copy)
+    (copy / "semvae.safetensors").unlink()
+    _damage_and_verify(copy)
+    args = ["--images", str(subset), "--out", str(copy), *COMMON, "--semvae-steps", "6", "--semvae-batch-size", "8",
+            "--semvae-args", "--log-every 3 --window-chunks 2", "--verify"]
+    results = encode_mod.main(args)
+    assert [(r.stage, r.status) for r in results][:3] == [("encode", "done"), ("semvae", "done"), ("semantic", "done")]
+    retrained, original = Path(f"{copy}.semvae/semvae.safetensors"), Path(f"{out}.semvae/semvae.safetensors")
+    assert retrained.read_bytes() != original.read_bytes()  # other metadata (the run's paths) ...
+    a, b = load_tensors(retrained), load_tensors(original)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # ... the same weights
+    assert _same_files(copy, out) == []  # the stored SemVAE, re-written from the cache's record, too
+
+    # A SemVAE with other weights is still refused for a partly done semantic pass.
+    other = build_semvae(semvae_spec(str(retrained), "tiny", None))
+    with torch.no_grad():
+        next(other.parameters()).add_(1.0)
+    save_safetensors(other.state_dict(), retrained, metadata=read_safetensors_metadata(retrained))
+    (copy / "semvae.safetensors").unlink()
+    _damage_and_verify(copy)
+    with pytest.raises(SystemExit, match="another SemVAE"):
+        encode_mod.main(args)
 
 
 def _broken_folder(sample_images: Path, root: Path) -> dict[str, str | None]:

@@ -80,6 +80,8 @@ import torch
 import zarr
 from zarr.codecs import Crc32cCodec
 
+from sfd.checkpoint import same_weights
+
 # An array's runtime config is not stored with it: a re-opened array would skip writing chunks
 # equal to the fill value, so that a missing file could mean "all fill" as well as "lost". This
 # process-wide setting keeps every chunk a real file (the cache's rule: missing = damaged).
@@ -135,10 +137,23 @@ def _jsonable(obj: Any) -> Any:
     return json.loads(json.dumps(obj))
 
 
+def _is_weights_record(v: Any) -> bool:
+    return isinstance(v, dict) and v.get("kind") == "weights"
+
+
+def _same(have: Any, want: Any) -> bool:
+    # An encoder loaded from a file is the same encoder when its weights are (the record's file
+    # name, path and file hash aside): sfd.checkpoint.same_weights, which also accepts the older
+    # records holding only a file hash.
+    if _is_weights_record(have) and _is_weights_record(want):
+        return same_weights(have, want)
+    return have == want
+
+
 def attr_diffs(have: Mapping[str, Any], want: Mapping[str, Any]) -> dict[str, tuple[Any, Any]]:
     """Keys of ``want`` whose value differs in ``have`` (missing keys included)."""
     have, want = _jsonable(dict(have)), _jsonable(dict(want))
-    return {k: (have.get(k, _MISSING), v) for k, v in want.items() if have.get(k, _MISSING) != v}
+    return {k: (have.get(k, _MISSING), v) for k, v in want.items() if not _same(have.get(k, _MISSING), v)}
 
 
 @dataclass(frozen=True)

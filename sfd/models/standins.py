@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sfd.checkpoint import WeightsError, file_sha256, resolve_weights
+from sfd.checkpoint import WeightsError, file_sha256, file_weights_identity, resolve_weights
 from sfd.config import TextureVAEConfig, from_dict
 
 STANDIN_PREFIX = "standin-f"  # CLI spelling: standin-f4, standin-f8, ...
@@ -123,7 +123,11 @@ def build_texture_decoder(
         want = info.get("sha256")
         if want is not None:
             have = file_sha256(path)
-            if have != want:
+            # Or the same weights in a file with other metadata (sfd.checkpoint.weights_identity).
+            same = have == want
+            if not same and "weights_sha256" in info:
+                same = file_weights_identity(path, info["config"]) == info["weights_sha256"]
+            if not same:
                 raise WeightsError(
                     f"texture VAE '{path}' has SHA-256 {have[:16]}..., but the cache was encoded with "
                     f"{info.get('file', '?')} of SHA-256 {want[:16]}...: decoding would give wrong images"
