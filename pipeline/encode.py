@@ -5,14 +5,14 @@ Stages, in order; each is skipped when already done, so re-running the same comm
 1. ``encode``   — a Ray job. The driver lists the images (sorted class folders and files, then by
    default a fixed permutation with a recorded seed so streaming readers get mixed batches),
    writes the file index and pre-allocates the Zarr v3 group, and hands out whole shards
-   (``--rows-per-shard`` rows) as work units to actors: one per GPU, or CPU actors. An actor
+   (``rows_per_shard`` rows) as work units to actors: one per GPU, or CPU actors. An actor
    decodes its shard's images (ADM crop + flipped copy), runs the texture VAE encoder (posterior
    sample), DINOv2 (224², final-norm patch tokens) and, when a SemVAE is given, the SemVAE
    encoder (posterior sample), writes the whole shard and sets the shard's flag last. Posterior
    noise is seeded per (row, flip), so a shard redone after a kill writes identical bytes.
    Bad images become invalid rows with a reason (``<out>.invalid.tsv``); the job goes on.
 2. ``semvae``   — only without ``--semvae``: trains the Semantic VAE on the cached DINO features
-   (``pipeline/train_semvae.py``, a subprocess; ``--semvae-nproc N`` runs it under torchrun).
+   (``pipeline/train_semvae.py``, a subprocess; ``-o semvae_nproc=N`` runs it under torchrun).
 3. ``semantic`` — only without ``--semvae``: a Ray pass turning the stored DINO features into
    semantic latents with the trained SemVAE (per shard, resumable, per-row seeds).
 4. ``stats``    — per-channel mean/std of the texture and semantic parts from a fixed-seed sample
@@ -33,7 +33,7 @@ shards exists with its size (``--verify``: also decodes every file, i.e. checks 
 checksums) and redoes exactly the damaged shards, byte-identical; damaged statistics are
 recomputed and a damaged file index rewritten. ``just verify-cache CACHE`` only reports.
 
-REPA targets (``--repa-targets``): ``store`` (default, faithful) keeps the DINOv2 patch tokens,
+REPA targets (``-o repa_targets=…``): ``store`` (default, faithful) keeps the DINOv2 patch tokens,
 fp16, for both flips: 256×768×2 B×2 ≈ 0.79 MB per image, ≈ 1.0 TB for ImageNet-1k train
 (the authors: "larger than 1 TB"). ``none`` stores no DINO features (≈ 49 KB per image with
 f16d32 + SemVAE latents), which needs ``--semvae`` (the SemVAE cannot be trained without them);
@@ -54,7 +54,7 @@ Examples:
 
   # On a Ray cluster (README: "Encode ImageNet"): every node has this repository installed
   # (`just setup`) and sees the images, the cache and the weights at the same paths (shared
-  # storage). One actor per GPU is started across all nodes; --num-workers overrides.
+  # storage). One actor per GPU is started across all nodes; -o num_workers=N overrides.
   ray job submit --address http://HEAD:8265 -- python $PWD/pipeline/encode.py \\
       --images data/imagenet/train --out data/cache/imagenet256
 """
