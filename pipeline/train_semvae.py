@@ -74,6 +74,7 @@ from sfd.data.cache import LatentCache
 from sfd.data.reader import DinoTokenReader
 from sfd.models.semvae import SemVAE, semvae_loss
 from sfd.runlock import hold_for_ranks
+from sfd.runlog import MetricsLog
 
 FINAL_NAME = "semvae.safetensors"
 
@@ -167,6 +168,8 @@ def _train(cfg: TrainSemVAEConfig, d: Any, run_dir: Path, final: Path) -> Path:
             f"{'bf16 autocast' if use_bf16 else 'fp32'}, cosine over the {cfg.cos_axis} axis",
             flush=True,
         )
+    # metrics.jsonl beside the checkpoints (eval/plot.py draws it), cut back to the resumed step.
+    metrics = MetricsLog(run_dir, resume_step=step) if master else None
 
     def save(at_step: int) -> None:
         gens = [gen.get_state().cpu()]
@@ -211,6 +214,12 @@ def _train(cfg: TrainSemVAEConfig, d: Any, run_dir: Path, final: Path) -> Path:
                 with torch.no_grad():
                     token_cos = F.cosine_similarity(recon.float(), tokens, dim=-1).mean().item()
                 dt = time.perf_counter() - t_last
+                assert metrics is not None
+                metrics.write({
+                    "event": "train", "step": step, "lr": opt.param_groups[0]["lr"],
+                    **{k: losses[k].item() for k in ("total", "mse", "cos", "kl")},
+                    "token_cos": token_cos, "samples_per_s": n_last / dt,
+                })
                 print(
                     f"[semvae] step {step}/{cfg.steps} lr {opt.param_groups[0]['lr']:.3g} loss {losses['total'].item():.4f} "
                     f"mse {losses['mse'].item():.4f} cos {losses['cos'].item():.4f} kl {losses['kl'].item():.1f} "
@@ -225,6 +234,8 @@ def _train(cfg: TrainSemVAEConfig, d: Any, run_dir: Path, final: Path) -> Path:
             continue
         break  # stopped inside the epoch (end of run or stop_after)
 
+    if metrics is not None:
+        metrics.close()
     if step < cfg.steps:  # stop_after: keep the position for the next run
         save(step)
         if master:

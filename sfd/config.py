@@ -596,7 +596,7 @@ class TrainConfig:
     # ops of sfd/kernels; falls back to compile off CUDA). docs/performance.md has the budget.
     kernels: str = "compile"
     tf32: bool = True  # TF32 matmuls/convs on CUDA
-    profile_steps: str = ""  # "A:B": torch.profiler trace of steps A..B-1 into <out_dir>/profile/ (sfd/profiling.py)
+    profile_steps: str = ""  # "A:B": torch.profiler trace of steps A..B-1 into <out_dir>/profile/ (sfd/runlog.py)
     grad_checkpointing: bool = False  # recompute block activations in backward (the authors' flag was never wired, §12.3 bug 12)
     # Bookkeeping.
     seed: int = 0

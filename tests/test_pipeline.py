@@ -154,7 +154,7 @@ def test_round_trip(full_cache: tuple[Path, list], subset: Path) -> None:
 
 def test_semvae_training_resumes_exactly(full_cache: tuple[Path, list], tmp_path: Path) -> None:
     out, _ = full_cache
-    common = ["--cache", str(out), "--preset", "tiny", "--steps", "8", "--batch-size", "8", "--window-chunks", "2", "--log-every", "100"]
+    common = ["--cache", str(out), "--preset", "tiny", "--steps", "8", "--batch-size", "8", "--window-chunks", "2", "--log-every", "2"]
     straight = train_mod.main([*common, "--run-dir", str(tmp_path / "a")])
     interrupted = tmp_path / "b"
     train_mod.main([*common, "--run-dir", str(interrupted), "--stop-after", "3"])
@@ -167,6 +167,11 @@ def test_semvae_training_resumes_exactly(full_cache: tuple[Path, list], tmp_path
         assert torch.equal(a[k], b[k]), k
     first = load_tensors(interrupted / "checkpoints" / "0000003" / "model.safetensors")
     assert any(not torch.equal(first[k], b[k]) for k in b)  # training moved the weights
+    # Both runs log the same records to metrics.jsonl (the resumed one kept its step-2 line).
+    logs = [[json.loads(line) for line in (d / "metrics.jsonl").read_text().splitlines()] for d in (tmp_path / "a", interrupted)]
+    assert [r["step"] for r in logs[0]] == [r["step"] for r in logs[1]] == [2, 4, 6, 8]
+    for x, y in zip(*logs):
+        assert {k: v for k, v in x.items() if k != "samples_per_s"} == {k: v for k, v in y.items() if k != "samples_per_s"}
 
 
 def test_lr_schedule() -> None:

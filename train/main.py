@@ -81,10 +81,9 @@ from sfd.loading import texture_decoder_for
 from sfd.manifest import CheckpointError, usable_checkpoints, write_manifest
 from sfd.models.lightningdit import LightningDiT, count_params, load_weights
 from sfd.pixels import load_texture_stats, preview_grid
-from sfd.profiling import StepProfiler
 from sfd.repa_targets import REPA_TARGET_SOURCES, RepaTargetSource
 from sfd.runlock import LockError, die_with_parent, hold_for_ranks, release_held_locks
-from sfd.runlog import MetricsLog
+from sfd.runlog import MetricsLog, StepProfiler
 
 LOSS_KEYS = ("total", "mse", "cos", "repa")
 VERIFY_MODES = ("full", "lazy")  # cache checksums: all before step 1 | each file on first read
