@@ -55,6 +55,7 @@ from bench.predictions import PREDICTIONS, device_key  # noqa: E402
 from sfd import optim  # noqa: E402
 from sfd.config import DINO_PRESETS, TEXTURE_VAE_PRESETS, SamplingConfig, model_preset  # noqa: E402
 from sfd.diffusion import sfd_loss  # noqa: E402
+from sfd.guidance import build_velocity_fn, compile_mode, compile_velocity_fn  # noqa: E402
 from sfd.kernels import resolve  # noqa: E402
 from sfd.kernels.adaln_norm import adaln_norm, reference  # noqa: E402
 from sfd.models.lightningdit import LightningDiT  # noqa: E402
@@ -305,24 +306,19 @@ def sampling_run(main_name: str, guide_name: str | None, method: str, compiled: 
         kw |= {"atol": 1e-6, "rtol": 1e-3, "grid": "authors"}  # the paper's protocol (eval/paper_fid.py)
     if guide is not None:
         kw |= {"guide_ckpt": f"random {guide_name}", "ag_scale": 1.5}
-    how = "eager"
-    if compiled:
-        if "compile" in {f.name for f in dataclasses.fields(SamplingConfig)}:
-            kw["compile"] = True  # the sampler compiles itself (SamplingConfig.compile)
-            how = "SamplingConfig.compile"
-        else:
-            model = torch.compile(model, dynamic=False)
-            guide = torch.compile(guide, dynamic=False) if guide is not None else None
-            how = "torch.compile(model, guide)"
-    sampling = SamplingConfig(**kw)
+    # The path sample/grid.py and eval/fid.py gen take: the guided velocity function built once and
+    # compiled by SamplingConfig.compile (CUDA graphs on CUDA), shared by every batch.
+    sampling = SamplingConfig(**kw, compile="on" if compiled else "off")
+    how = f"compile_velocity_fn ({compile_mode(sampling.compile, dev)})" if compiled else "eager"
+    fn = compile_velocity_fn(build_velocity_fn(model, sampling, guide), batch, compile_mode(sampling.compile, dev))
     labels, indices = [i % 1000 if not smoke else i % 10 for i in range(batch)], list(range(batch))
     t0 = time.perf_counter()
     warm = dataclasses.replace(sampling, num_steps=2) if method == "euler" else sampling
-    generate_latents(model, labels, indices, warm, guide)  # compile and warm-up
+    generate_latents(model, labels, indices, warm, guide, fn=fn)  # compile and warm-up
     sync(dev)
     first_s = time.perf_counter() - t0
     t0 = time.perf_counter()
-    _, nfe = generate_latents(model, labels, indices, sampling, guide)
+    _, nfe = generate_latents(model, labels, indices, sampling, guide, fn=fn)
     sync(dev)
     seconds = time.perf_counter() - t0
     rate = batch / seconds
