@@ -27,6 +27,7 @@ Sections: clock · training (time split, noising, losses).
 from __future__ import annotations
 
 import math
+from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -71,7 +72,7 @@ class Phase:
     semantic_moves: bool
 
 
-class Schedule:
+class Schedule(ABC):
     """A monotone map from the global clock τ ∈ [0, ``tau_end``] to (t_tex, t_sem) with t_sem ≥ t_tex,
     whose largest lead is Δt; Δt = 0 must give t_tex = t_sem = τ. Register an instance in
     :data:`SCHEDULES` to make it a ``model.semfirst_schedule`` choice."""
@@ -88,12 +89,13 @@ class Schedule:
     def tau_end(self, delta_t: float) -> float:
         return 1.0
 
+    @abstractmethod
     def times(self, delta_t: float, tau: Tensor) -> tuple[Tensor, Tensor]:
-        raise NotImplementedError
+        """(t_tex, t_sem) at global clock ``tau``."""
 
+    @abstractmethod
     def rates(self, delta_t: float, tau: Tensor) -> tuple[Tensor, Tensor] | None:
         """(dt_tex/dτ, dt_sem/dτ), or None where every moving part has rate 1."""
-        raise NotImplementedError
 
 
 SCHEDULES: Registry[Schedule] = Registry("schedule")

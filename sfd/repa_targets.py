@@ -41,6 +41,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, ClassVar
@@ -177,7 +178,7 @@ def cache_semvae_spec(cache: LatentCache) -> dict[str, Any] | None:
             "weights_sha256": weights_id, "path": str(path.resolve())}
 
 
-class RepaTargetSource:
+class RepaTargetSource(ABC):
     """One way to get a step's REPA targets. The class answers before the run (``needs_dino_in_reader``,
     ``gives_targets``, :meth:`check`); an instance, built once per run, answers ``targets(batch) ->
     [B, tokens, dim] float32`` on the device (None when the source gives none)."""
@@ -199,9 +200,9 @@ class RepaTargetSource:
         """:meth:`check` for this run's instance (a source that loaded a model checks the one it loaded)."""
         return type(self).check(cache, tokens, dim)
 
+    @abstractmethod
     def __call__(self, batch: Any) -> Tensor | None:
         """Targets of a :class:`sfd.data.reader.LatentBatch`, on the device, float32."""
-        raise NotImplementedError
 
 
 REPA_TARGET_SOURCES: Registry[type[RepaTargetSource]] = Registry("REPA target source")
