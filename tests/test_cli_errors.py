@@ -6,7 +6,9 @@ names the thing, exit status 2, no traceback. Every config-driven command has th
 shape (``--preset`` where it has presets, ``-o``, ``--dry-run``), and ``--dry-run`` prints the
 resolved config as JSON, exits 0 and leaves nothing behind. Old spellings still work, with one note.
 
-Every case fails at argument or preflight time: no Ray, no training (≈ 2-4 s each, the torch import).
+Every case fails at argument or preflight time: no Ray, no training. Each runs in its own process,
+forked from a server that has imported torch once (tests/forkrun.py; tests/test_cli.py keeps
+plain subprocess runs of the same kind).
 """
 
 from __future__ import annotations
@@ -21,13 +23,31 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from tests.forkrun import ForkRunner
+
 REPO = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "RAY_AUTH_MODE": "disabled"}
 
 
+_RUNNER: ForkRunner | None = None
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _fork_servers():
+    yield
+    global _RUNNER
+    if _RUNNER is not None:
+        _RUNNER.close()
+        _RUNNER = None
+
+
 def run(tmp: Path, *argv: str) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", argv[1], *argv[2:]] if argv[0] == "-m" else [sys.executable, str(REPO / argv[0]), *argv[1:]]
-    return subprocess.run(cmd, cwd=tmp, env=ENV, capture_output=True, text=True, timeout=300)
+    """The command line ``python argv…`` (or ``python -m …``) in ``tmp``, in its own forked process
+    (tests/forkrun.py: the torch import is paid once, not ~50 times)."""
+    global _RUNNER
+    if _RUNNER is None:
+        _RUNNER = ForkRunner(ENV, workers=max(2, os.cpu_count() or 2))
+    return _RUNNER.run(tmp, *argv)
 
 
 def assert_user_error(res: subprocess.CompletedProcess, needle: str) -> None:

@@ -5,6 +5,8 @@ sample. torchdiffeq is a development dependency (requirements.txt, the ``dev`` e
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -17,10 +19,10 @@ from sfd.samplers import sample_dopri5
 torchdiffeq = pytest.importorskip("torchdiffeq", reason="pip install torchdiffeq (the dev extra) to compare with it")
 
 
-def random_model(name: str, seed: int = 0) -> LightningDiT:
+def random_model(name: str, seed: int = 0, **changes) -> LightningDiT:
     """Real names and shapes, random weights perturbed off adaLN-Zero (else the velocity is 0)."""
     torch.manual_seed(seed)
-    model = LightningDiT(model_preset(name))
+    model = LightningDiT(replace(model_preset(name), **changes))
     with torch.no_grad():
         for p in model.parameters():
             p.add_(0.02 * torch.randn_like(p))
@@ -92,9 +94,11 @@ def test_authors_grid_dopri5_is_torchdiffeq(batch, cfg_scale, rtol, nfe, rejecte
 
 @pytest.mark.slow
 def test_authors_grid_dopri5_is_torchdiffeq_on_b1() -> None:
-    """LightningDiT-B/1 (random weights, batch 1): ~2 × 75 forwards of B/1 on CPU (minutes)."""
-    model = random_model("LightningDiT-B/1")
+    """LightningDiT-B/1 (random weights, batch 1): its 12 blocks of width 768, on a 4×4 latent
+    (16 tokens instead of 256) so the two solvers' ~2 × 75 forwards take seconds, not minutes;
+    the step controller sees the same network depth, width and channel layout."""
+    model = random_model("LightningDiT-B/1", input_size=4)
     torch.manual_seed(1)
     x0 = torch.randn(1, model.cfg.in_channels, model.cfg.input_size, model.cfg.input_size)
     nfe, _, _ = compare(model_velocity(model), model, x0, torch.tensor([207]))
-    assert nfe == 74  # recorded on torch 2.14.1 / torchdiffeq 0.2.5 (CPU)
+    assert nfe == 86  # recorded on torch 2.14.1 / torchdiffeq 0.2.5 (CPU), 4×4 latent
