@@ -59,6 +59,10 @@ STANDINS = {
 }
 
 IMAGE_SIZE = 24
+NUM_CLASSES = len(CLASSES)
+# The seed of each split: train for every network, val for every choice (lr, steps, guidance),
+# test only for reported numbers, ceiling = real test images scored like samples.
+SPLITS = {"train": 0, "val": 1, "test": 2, "ceiling": 3}
 TEXTURE = "standin-f4"  # 24² RGB → 48×6×6 (pixel-unshuffle); the ViT's patch-4 grid is 6×6 too
 # The demo's model on the 6×6 latents (48 texture + 4 semantic channels); the study changes
 # only the latent channels, Δt and the seed (pipeline/study.py). Choices: docs/decisions.md.
@@ -137,8 +141,8 @@ class Sizes:
     """How much data and training the shared inputs get (the demo's defaults; --quick is smaller)."""
 
     per_class: int = 200  # training images per class
-    held_out: int = 100  # held-out reference images per class (FD_judge reference, judge accuracy)
-    ceiling: int = 40  # second held-out set per class: the real-image ceiling (= samples per class)
+    held_out: int = 100  # validation and test images per class (each split; FD_judge reference, accuracies)
+    ceiling: int = 40  # a second real test set per class: the real-image ceiling (= samples per class)
     semvae_steps: int = 300
     vit_steps: int = 1000
     vit_lr: float = 4e-3
@@ -181,16 +185,17 @@ def build_parser() -> argparse.ArgumentParser:
 def prepare(out: Path, sizes: Sizes, log: Path, env: dict[str, str], timings: dict[str, float]) -> dict[str, Path]:
     """Data splits, judge, semantic ViT and latent cache under ``out`` (each skipped when done)."""
     py = sys.executable
-    # 1. Data: training images, a held-out reference (FD_judge, judge accuracy) and a second
-    # held-out set (the real-image ceiling), all from distinct seeds.
+    # 1. Data, four splits from distinct seeds: train (every network), val (every choice), test
+    # (every reported number: FD_judge reference, accuracies) and ceiling (a second real test set,
+    # scored against the test reference like samples are).
     t0 = time.perf_counter()
     data = out / "data"
-    train_dir = write_split(data / "train", sizes.per_class, IMAGE_SIZE, seed=0)
-    ref_dir = write_split(data / "heldout", sizes.held_out, IMAGE_SIZE, seed=1)
-    ceiling_dir = write_split(data / "ceiling", sizes.ceiling, IMAGE_SIZE, seed=2)
+    counts = {"train": sizes.per_class, "val": sizes.held_out, "test": sizes.held_out, "ceiling": sizes.ceiling}
+    dirs = {name: write_split(data / name, n, IMAGE_SIZE, seed=SPLITS[name]) for name, n in counts.items()}
+    train_dir, ref_dir = dirs["train"], dirs["test"]
     timings["data"] = time.perf_counter() - t0
-    print(f"\n== data: {len(CLASSES)} classes ({', '.join(CLASSES)}), {sizes.per_class} training, {sizes.held_out} held-out "
-          f"and {sizes.ceiling} ceiling images each, {IMAGE_SIZE}x{IMAGE_SIZE}")
+    print(f"\n== data: {NUM_CLASSES} classes ({', '.join(CLASSES)}), per class {sizes.per_class} train, "
+          f"{sizes.held_out} val, {sizes.held_out} test and {sizes.ceiling} ceiling images, {IMAGE_SIZE}x{IMAGE_SIZE}")
 
     # 2. The judge and the semantic encoder, both trained on the training split only, side by
     # side (one thread each: two cores, and neither waits for the other).
@@ -199,7 +204,7 @@ def prepare(out: Path, sizes: Sizes, log: Path, env: dict[str, str], timings: di
         "judge": [py, "pipeline/demo_models.py", "judge", "--train", str(train_dir), "--ref", str(ref_dir),
                   "--out", str(judge_file), "--steps", str(sizes.judge_steps)],
         "semantic ViT": [py, "pipeline/demo_models.py", "semantic", "--out", str(vit_file), "--per-class", str(sizes.per_class),
-                         "--size", str(IMAGE_SIZE), "--heldout-per-class", str(sizes.held_out), "--steps", str(sizes.vit_steps),
+                         "--size", str(IMAGE_SIZE), "--heldout-per-class", str(sizes.held_out), "--heldout-seed", str(SPLITS["test"]), "--steps", str(sizes.vit_steps),
                          "--lr", str(sizes.vit_lr)],
     }
     t0 = time.perf_counter()
@@ -214,7 +219,7 @@ def prepare(out: Path, sizes: Sizes, log: Path, env: dict[str, str], timings: di
     # 3. Encode with the real Ray job; the ViT goes in through --dino like DINOv2.
     cache = out / "cache"
     timings["encode"] = run("encode", encode_command(train_dir, cache, vit_file, sizes.semvae_steps), log, env)
-    return {"train": train_dir, "heldout": ref_dir, "ceiling": ceiling_dir, "judge": judge_file, "vit": vit_file, "cache": cache}
+    return {**dirs, "judge": judge_file, "vit": vit_file, "cache": cache}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -238,7 +243,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"  {what}: {name}")
 
     inputs = prepare(out, sizes, log, env, timings)
-    ref_dir, ceiling_dir = inputs["heldout"], inputs["ceiling"]
+    ref_dir, ceiling_dir = inputs["test"], inputs["ceiling"]
     judge_file, vit_file, cache = inputs["judge"], inputs["vit"], inputs["cache"]
 
     # 4. Train the SFD model (Δt = 0.3, REPA on the ViT's tokens) with torchrun, 2 processes.
@@ -263,7 +268,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     timings["grid"] = run("grid", [
         py, "sample/grid.py", "--ckpt", str(train), "--stats", str(cache),
         "--classes", ",".join(str(i) for i in range(len(CLASSES))), "--per-class", "8",
-        *SAMPLER, *cfg, "--out", str(grid), "-o", "device=cpu", "--real-images", str(inputs["heldout"]),
+        *SAMPLER, *cfg, "--out", str(grid), "-o", "device=cpu", "--real-images", str(inputs["test"]),
     ], log, env_solo)
 
     # 6. Class-balanced samples with and without guidance, judged against held-out real images.
@@ -293,7 +298,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     metrics = {
         guided: {k: scores[str(folders["guided"])][k] for k in keep},
         "samples (no guidance)": {k: scores[str(folders["unguided"])][k] for k in keep},
-        "real held-out images (ceiling)": {k: scores[str(ceiling_dir)][k] for k in keep},
+        "real test images (ceiling)": {k: scores[str(ceiling_dir)][k] for k in keep},
     }
     summary = {
         "run": str(out), "wall_seconds": round(total, 1), "cpu_seconds": round(cpu, 1),

@@ -32,6 +32,7 @@ import numpy as np
 import torch
 
 from sfd.cli import Parser, run_cli
+from sfd.config import ConfigError
 from sfd.demo.judge import (
     METRIC_ACCURACY,
     METRIC_FD,
@@ -135,22 +136,35 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     run_dir = Path(args.run)
     eval_log = run_dir / "eval.jsonl"
     done = set()
-    if eval_log.is_file():
-        done = {json.loads(x)["step"] for x in eval_log.read_text().splitlines() if x.strip()}
+    if eval_log.is_file():  # (setting, step) pairs already judged: a rerun resumes
+        done = {(r.get("setting", "unguided"), r["step"]) for r in map(json.loads, eval_log.read_text().splitlines()) if r}
     judge = load_judge(args.judge)
     xr, _ = read_split(args.ref)
     _, ref_feats = judge_outputs(judge, xr)
-    flags = args.flags.split()
-    for step, ckpt in list_checkpoints(run_dir):
-        if step in done or (args.every and step % args.every):
-            continue
-        t0 = time.perf_counter()
-        r = judge_checkpoint(judge, ref_feats, ckpt, args.cache, args.samples, len(CLASSES), flags)
-        line = {"step": step, METRIC_ACCURACY: r[METRIC_ACCURACY], METRIC_FD: r[METRIC_FD], "num_samples": args.samples,
-                "per_class_accuracy": r["per_class_accuracy"], "sampling": " ".join(flags), "seconds": round(time.perf_counter() - t0, 1)}
-        with open(eval_log, "a") as f:
-            f.write(json.dumps(line) + "\n")
-        print(f"{run_dir.name} step {step}: {METRIC_ACCURACY} {line[METRIC_ACCURACY]:.3f}  {METRIC_FD} {line[METRIC_FD]:.3f}", flush=True)
+    settings = args.setting or ["unguided"]
+    all_flags = args.flags or ["-o method=heun -o num_steps=16"]
+    if len(all_flags) != len(settings):
+        raise ConfigError(f"give one --flags per --setting ({len(settings)} settings, {len(all_flags)} --flags)")
+    checkpoints = list_checkpoints(run_dir)
+    if args.last:
+        checkpoints = checkpoints[-1:]
+    # Settings inside the checkpoint loop: one process judges a run's whole plan (each process
+    # start costs ~10 CPU-s of imports and first-use work, more than the tiny model's sampling).
+    for step, ckpt in checkpoints:
+        for setting, flag_text in zip(settings, all_flags):
+            flags = flag_text.split()
+            if (setting, step) in done or (args.every and step % args.every):
+                continue
+            t0 = time.perf_counter()
+            r = judge_checkpoint(judge, ref_feats, ckpt, args.cache, args.samples, args.num_classes, flags)
+            line = {"step": step, "setting": setting, "ref": args.ref_name or str(args.ref),
+                    METRIC_ACCURACY: r[METRIC_ACCURACY], METRIC_FD: r[METRIC_FD], "num_samples": args.samples,
+                    "per_class_accuracy": r["per_class_accuracy"], "sampling": " ".join(flags),
+                    "seconds": round(time.perf_counter() - t0, 1)}
+            with open(eval_log, "a") as f:
+                f.write(json.dumps(line) + "\n")
+            print(f"{run_dir.name} step {step} {setting}: {METRIC_ACCURACY} {line[METRIC_ACCURACY]:.3f}  "
+                  f"{METRIC_FD} {line[METRIC_FD]:.3f}", flush=True)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -185,7 +199,13 @@ def main(argv: list[str] | None = None) -> None:
     e.add_argument("--ref", required=True, help="held-out real split (the FD_judge reference)")
     e.add_argument("--samples", type=int, default=120, help="class-balanced samples per checkpoint")
     e.add_argument("--every", type=int, default=0, help="only checkpoints at multiples of this step")
-    e.add_argument("--flags", default="-o method=heun -o num_steps=16", help="sampling flags, as for eval/fid.py gen")
+    e.add_argument("--setting", action="append", help="name of a sampling setting in eval.jsonl (one line per "
+                   "setting and step; repeat with one --flags each; default: one setting 'unguided')")
+    e.add_argument("--flags", action="append", help="sampling flags of the matching --setting, as for eval/fid.py gen "
+                   "(default '-o method=heun -o num_steps=16')")
+    e.add_argument("--ref-name", default=None, help="name of the reference split in eval.jsonl (e.g. val, test)")
+    e.add_argument("--last", action="store_true", help="only the run's last checkpoint")
+    e.add_argument("--num-classes", type=int, default=len(CLASSES))
     args = ap.parse_args(argv)
     torch.set_num_threads(max(torch.get_num_threads(), 1))
     np.set_printoptions(precision=4)
