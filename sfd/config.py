@@ -577,6 +577,11 @@ class TrainConfig:
     micro_batch: int = 0  # per-rank batch per forward; 0 = global_batch / world_size
     max_steps: int = 4_000_000  # 400K ≈ 80 epochs, 4M ≈ 800 epochs of ImageNet
     ema_decay: float = 0.9999  # every step, from a synced copy at step 0
+    # Ours (EDM2's post-hoc EMA, docs/method.md §15): power-function EMA profiles of these relative
+    # widths, e.g. "0.05,0.1" (EDM2's pair); "" = off, the authors' recipe (the classic EMA above is
+    # kept either way). Their snapshots let eval/posthoc_ema.py rebuild any width after training.
+    posthoc_ema_sigma_rel: str = ""
+    ema_snapshot_every: int = 0  # steps between profile snapshots; 0 = EDM2's 8M images / global_batch
     # Asynchronous flow matching (docs/method.md §4). Δt is model.semfirst_delta_t (stored with the
     # weights, read back by the samplers); `delta_t` is its alias in overrides and a property here.
     # False = plain LightningDiT(+REPA) on the texture channels of the same cache (no semantic
@@ -630,6 +635,24 @@ class TrainConfig:
         if self.profile_steps and not _is_step_window(self.profile_steps):
             raise ConfigError(f"profile_steps must be A:B with 0 <= A < B (e.g. 20:25), got {self.profile_steps!r}")
         _raise(_choice("optimizer", self.optimizer, "sfd.optim:OPTIMIZERS"))
+        if self.posthoc_ema_sigma_rel:
+            from sfd.posthoc_ema import parse_sigma_rels
+
+            try:
+                parse_sigma_rels(self.posthoc_ema_sigma_rel)
+            except ValueError as e:
+                raise ConfigError(f"posthoc_ema_sigma_rel: {e}") from None
+        if self.ema_snapshot_every < 0:
+            raise ConfigError(f"ema_snapshot_every must be >= 0 (0 = EDM2's 8M images), got {self.ema_snapshot_every}")
+
+    @property
+    def snapshot_interval(self) -> int:
+        """Steps between post-hoc EMA snapshots (``ema_snapshot_every``, or EDM2's 8M images)."""
+        if self.ema_snapshot_every:
+            return self.ema_snapshot_every
+        from sfd.posthoc_ema import EDM2_SNAPSHOT_IMAGES
+
+        return max(1, round(EDM2_SNAPSHOT_IMAGES / self.global_batch))
 
     # Short names accepted by `override` (and so by `-o`): the one stored Δt is the model's.
     ALIASES: ClassVar[dict[str, str]] = {"delta_t": "model.semfirst_delta_t", "schedule": "model.semfirst_schedule"}
@@ -816,6 +839,26 @@ class GridConfig(SampleSourceConfig):
 
 
 @dataclass(frozen=True)
+class PosthocEmaConfig:
+    """eval/posthoc_ema.py: EMA weights of chosen widths rebuilt from a run's post-hoc EMA snapshots."""
+
+    run: str = ""  # run directory trained with -o posthoc_ema_sigma_rel=... (its ema_snapshots/)
+    sigma_rel: str = "0.05,0.1"  # relative EMA widths to rebuild, comma-separated (EDM2: 0.05, 0.10)
+    out: str = ""  # output folder: one checkpoint directory sigma_rel-<value>/ per width
+    at_step: int = 0  # rebuild the EMA as it was at this step (snapshots up to it); 0 = the last snapshot
+
+    def __post_init__(self) -> None:
+        from sfd.posthoc_ema import parse_sigma_rels
+
+        try:
+            parse_sigma_rels(self.sigma_rel)
+        except ValueError as e:
+            raise ConfigError(f"sigma_rel: {e}") from None
+        if self.at_step < 0:
+            raise ConfigError(f"at_step must be >= 0 (0 = the last snapshot), got {self.at_step}")
+
+
+@dataclass(frozen=True)
 class GenConfig(SampleSourceConfig):
     """eval/fid.py gen: N class-balanced samples as {index:06d}.png (resumable; torchrun)."""
 
@@ -887,6 +930,7 @@ __all__ = [
     "train_preset",
     "REPA_TARGET_DIMS",
     "model_config_from_json",
+    "PosthocEmaConfig",
     "model_config_from_authors",
     "ENCODE_STAGES",
     "EncodeConfig",
