@@ -611,6 +611,16 @@ class TrainConfig:
     sample_every: int = 20_000  # EMA sample grid every N steps; 0 = off
     texture_vae: str = ""  # texture VAE weights for sample-grid PNGs; "" = weights/ldm-imagenet256-f16d32-50ep.ckpt if it exists
     tensorboard: bool = False  # also log to <out_dir>/tb (tensorboard --logdir runs) beside metrics.jsonl
+    # Ours: quality measured during training from the EMA weights (sfd/evaluators.py); 0 = off.
+    eval_every: int = 0  # every N steps (and at the end): eval_samples class-balanced samples, scored, logged
+    eval_samples: int = 0  # samples per evaluation, a multiple of the classes, split across the ranks
+    eval_metric: str = "fid"  # fid (needs eval_ref) | judge (the demo: eval_judge + eval_judge_ref)
+    eval_ref: str = ""  # reference statistics .npz from `eval/fid.py ref` (mu, sigma of Inception pool features)
+    eval_inception: str = ""  # Inception weights; "" = weights/pt_inception-2015-12-05-6726825d.pth; random = untrained (not FID)
+    eval_judge: str = ""  # the demo judge's .safetensors
+    eval_judge_ref: str = ""  # folder of real images the judge's FD is measured against
+    eval_sampling: str = "heun"  # sampler preset of the evaluation (sfd.config.SAMPLING_PRESETS)
+    eval_num_steps: int = 0  # fixed-step samplers: steps per sample; 0 = the preset's
     # Ours (the authors have none of these).
     data_mode: str = "pagecache"  # pagecache | memory: cache reader mode (sfd.data.reader.MODES)
     # full: every cache file the run reads has its checksums checked before step 1 (all ranks
@@ -635,6 +645,9 @@ class TrainConfig:
         if self.profile_steps and not _is_step_window(self.profile_steps):
             raise ConfigError(f"profile_steps must be A:B with 0 <= A < B (e.g. 20:25), got {self.profile_steps!r}")
         _raise(_choice("optimizer", self.optimizer, "sfd.optim:OPTIMIZERS"))
+        _raise(_choice("eval_metric", self.eval_metric, "sfd.evaluators:EVALUATORS"))
+        if self.eval_every < 0 or self.eval_samples < 0 or self.eval_num_steps < 0:
+            raise ConfigError("eval_every, eval_samples and eval_num_steps must be >= 0")
         if self.posthoc_ema_sigma_rel:
             from sfd.posthoc_ema import parse_sigma_rels
 

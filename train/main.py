@@ -23,7 +23,8 @@ check its CRC32C checksums, so a damaged file stops the run before it trains (do
 
 Run directory: config.json (the resolved config), metrics.jsonl (one line per log interval),
 checkpoints/<step:07d>/{model,ema}.safetensors + state.pt + manifest.json, samples/ (EMA grids, if
-a texture decoder is known); with `-o posthoc_ema_sigma_rel=0.05,0.1` also ema_snapshots/<step:07d>.safetensors
+a texture decoder is known); with `-o eval_every=N` "eval" lines (metric + seconds, sfd/evaluators.py)
+in metrics.jsonl; with `-o posthoc_ema_sigma_rel=0.05,0.1` also ema_snapshots/<step:07d>.safetensors
 + manifest.json and checkpoints/<step>/posthoc_ema.safetensors (sfd/posthoc_ema.py; rebuild any EMA width
 with eval/posthoc_ema.py). Resume = run the same command again.
 
@@ -76,10 +77,11 @@ from sfd.checkpoint import (
     save_training_checkpoint,
 )
 from sfd.cli import Parser, cli_status
-from sfd.config import TRAIN_PRESETS, ConfigError, TrainConfig, to_dict, to_json, train_preset
+from sfd.config import SAMPLING_PRESETS, TRAIN_PRESETS, ConfigError, TrainConfig, to_dict, to_json, train_preset
 from sfd.data.cache import DATA_SHAPED, CacheError, LatentCache
 from sfd.data.reader import LatentBatch, LatentCacheReader
 from sfd.diffusion import AsyncClock, LossTerms, noise_composite, sample_training_times, sfd_loss
+from sfd.evaluators import EVALUATORS, Evaluator, evaluate
 from sfd.kernels import resolve as resolve_kernels
 from sfd.loading import texture_decoder_for
 from sfd.manifest import CheckpointError, usable_checkpoints, write_manifest
@@ -333,6 +335,14 @@ def main(argv: list[str] | None = None) -> None:
         decoder, why = texture_decoder_for(cache.attrs, cfg.texture_vae)
         texture_stats = load_texture_stats(cfg.cache) if decoder is not None else None
         say(f"sample grids every {cfg.sample_every} steps: {why}")
+    evaluator, eval_setup = None, None
+    if cfg.eval_every > 0:  # every rank samples its share, so every rank builds the decoder
+        # Building modules (judge, Inception, decoder) initialises weights from the global RNG
+        # before loading theirs: fork it, so the run's RNG state is the same with or without.
+        with torch.random.fork_rng(devices=[d.device] if on_cuda else []):
+            evaluator, eval_setup = build_evaluation(cfg, cache, d)
+        say(f"evaluation every {cfg.eval_every} steps: {cfg.eval_samples} samples, {cfg.eval_metric}, "
+            f"{eval_setup[0].method} ({eval_setup[0].solver_options()}) from the EMA")
 
     def save(step: int, reader_state: dict[str, Any]) -> Path:
         state = {
@@ -373,7 +383,14 @@ def main(argv: list[str] | None = None) -> None:
             if cfg.sample_every and d.is_main and step > start_step and (step % cfg.sample_every == 0 or last):
                 png = run_dir / "samples" / f"{step:07d}.png"
                 metrics.write({"event": "sample", "step": step, **preview_grid(ema, 16, texture_stats, decoder, png)})
-            # Before the checkpoint of the same step: a checkpoint at s implies the snapshot at s.
+            # Evaluations and snapshots come before the checkpoint of their step: a resumed run
+            # redoes exactly those past its checkpoint (their log lines were cut back with it).
+            if evaluator is not None and step > start_step and (step % cfg.eval_every == 0 or last):
+                record = evaluate(ema, evaluator, cfg.eval_samples, *eval_setup, d)
+                if metrics is not None:
+                    metrics.write({"event": "eval", "step": step, "metric": cfg.eval_metric, **record})
+                    pbar.write(f"step {step}: eval " + ", ".join(f"{k} {v:.4g}" for k, v in record.items()
+                                                                 if isinstance(v, float)))
             if posthoc is not None and step > start_step and (step % cfg.snapshot_interval == 0 or last):
                 t0 = time.perf_counter()
                 snap = write_snapshot(run_dir, step, posthoc, model_config=m, run_config=run_config_dict(cfg),
@@ -580,6 +597,10 @@ def check_run_config(cfg: TrainConfig) -> None:
         problems.append(f"repa_weight={cfg.repa_weight} but model.use_repa=false: set repa_weight=0 or model.use_repa=true")
     if cfg.max_steps < 0 or cfg.log_every <= 0 or cfg.ckpt_every < 0 or cfg.sample_every < 0:
         problems.append("max_steps, ckpt_every and sample_every must be >= 0 and log_every > 0")
+    if cfg.eval_every > 0:
+        if cfg.eval_sampling not in SAMPLING_PRESETS:
+            problems.append(f"eval_sampling must be one of {sorted(SAMPLING_PRESETS)}, got {cfg.eval_sampling!r}")
+        problems += EVALUATORS[cfg.eval_metric].problems(cfg)
     if cfg.verify not in VERIFY_MODES:
         problems.append(f"verify must be one of {', '.join(VERIFY_MODES)}, got {cfg.verify!r}")
     if cfg.init_from and not Path(cfg.init_from).is_file():
@@ -609,6 +630,22 @@ def resume_posthoc(posthoc: PowerEMA | None, start_dir: Path, step: int, sigma_r
             probe.load_state(path, step)
     except (ValueError, WeightsError) as e:
         raise TrainError(f"{e}; keep posthoc_ema_sigma_rel as the run started, or start a new run (--out-dir)") from e
+
+
+def build_evaluation(cfg: TrainConfig, cache: LatentCache, d: runtime.Dist) -> tuple[Evaluator, tuple[Any, Any, nn.Module]]:
+    """The evaluator and (sampling config, texture stats, decoder) of ``-o eval_every``."""
+    k = cfg.model.num_classes
+    if cfg.eval_samples < 2 or cfg.eval_samples % k:
+        raise TrainError(f"eval_samples={cfg.eval_samples} must be a multiple of the {k} classes (and >= 2): "
+                         f"e.g. -o eval_samples={max(2, k) * 10}")
+    decoder, why = texture_decoder_for(cache.attrs, cfg.texture_vae)
+    if decoder is None:
+        raise TrainError(f"eval_every needs images, hence a texture decoder: {why}; set texture_vae=FILE or eval_every=0")
+    sampling = SAMPLING_PRESETS[cfg.eval_sampling]
+    if cfg.eval_num_steps:
+        sampling = dataclasses.replace(sampling, num_steps=cfg.eval_num_steps)
+    evaluator = EVALUATORS[cfg.eval_metric](cfg, d.device)
+    return evaluator, (sampling, load_texture_stats(cfg.cache), decoder.to(d.device).eval())
 
 
 def batch_split(cfg: TrainConfig, world_size: int) -> tuple[int, int, int]:
