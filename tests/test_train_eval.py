@@ -121,3 +121,13 @@ def _same(a, b) -> bool:
     if isinstance(a, np.ndarray):
         return np.array_equal(a, b)
     return a == b
+
+
+def test_fid_evaluator_logs_a_named_distance(setup: dict, tmp_path: Path) -> None:
+    # An untrained Inception (eval_inception=random) names itself in the key: never "fid".
+    ref = tmp_path / "ref.npz"
+    np.savez(ref, mu=np.zeros(2048), sigma=np.eye(2048))
+    train(setup["cache"], tmp_path / "run", "max_steps=2", *setup["common"], "eval_every=2", "eval_samples=10",
+          "eval_metric=fid", f"eval_ref={ref}", "eval_inception=random", "eval_num_steps=3")
+    (line,) = evals(tmp_path / "run")
+    assert line["step"] == 2 and "fid" not in line and np.isfinite(line["FD_random-inception"])
