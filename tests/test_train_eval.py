@@ -131,3 +131,29 @@ def test_fid_evaluator_logs_a_named_distance(setup: dict, tmp_path: Path) -> Non
           "eval_metric=fid", f"eval_ref={ref}", "eval_inception=random", "eval_num_steps=3")
     (line,) = evals(tmp_path / "run")
     assert line["step"] == 2 and "fid" not in line and np.isfinite(line["FD_random-inception"])
+
+
+def test_two_ranks_share_the_evaluation_and_rank0_keeps_the_profiles(setup: dict, tmp_path: Path) -> None:
+    # torchrun, 2 processes: each samples half the indices; the snapshot and the numbers match
+    # one process up to float reduction order (as the weights do, tests/test_train.py).
+    import subprocess
+    import sys
+
+    from sfd.posthoc_ema import list_snapshots, read_snapshot
+    from tests.test_train import REPO, TRAIN, argv, subprocess_env
+
+    extra = (*setup["common"], *setup["eval"], "max_steps=2", "eval_every=2", "posthoc_ema_sigma_rel=0.1",
+             "ema_snapshot_every=2")
+    train(setup["cache"], tmp_path / "one", *extra)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(TRAIN),
+           *argv(setup["cache"], tmp_path / "two", *extra)]
+    done = subprocess.run(cmd, env=subprocess_env(), capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    (one,), (two,) = evals(tmp_path / "one"), evals(tmp_path / "two")
+    assert one["judge_accuracy"] == two["judge_accuracy"]
+    assert two["FD_judge"] == pytest.approx(one["FD_judge"], rel=1e-4, abs=1e-6)
+    (s1, p1), (s2, p2) = list_snapshots(tmp_path / "one")[-1], list_snapshots(tmp_path / "two")[-1]
+    a, b = read_snapshot(p1)[1], read_snapshot(p2)[1]
+    assert s1 == s2 == 2 and a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], atol=1e-5, rtol=0)
