@@ -313,6 +313,8 @@ def reconstruct(
             "-o posthoc_ema_sigma_rel=0.05,0.1 (and -o ema_snapshot_every=N) to record them"
         )
     T = at_step if at_step is not None else snaps[-1][0]
+    if T > snaps[-1][0]:  # past the last snapshot nothing constrains the weights: refuse, don't extrapolate
+        raise WeightsError(f"run '{run_dir}' has snapshots up to step {snaps[-1][0]}; pick --at-step <= {snaps[-1][0]}")
     use = [(s, p) for s, p in snaps if s <= T and s > 0]
     if not use:
         raise WeightsError(f"run '{run_dir}' has no snapshot at or before step {T} (first: {snaps[0][0]}); pick a later --at-step")

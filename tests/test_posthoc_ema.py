@@ -207,3 +207,12 @@ def test_errors_name_the_fix(cache_dir: Path, tmp_path: Path, capsys: pytest.Cap
     assert err.startswith("error: no run directory") and len(err.splitlines()) == 1
     assert cli_status(lambda: cli.main([str(plain), "--sigma-rel", "0.9", "--out", str(tmp_path / "o")])) == 2
     assert "sigma_rel" in capsys.readouterr().err
+
+
+def test_at_step_past_the_last_snapshot_is_refused(ref_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    assert cli_status(lambda: cli.main([str(ref_run), "--at-step", "13", "--out", str(tmp_path / "o")])) == 2
+    assert "pick --at-step <= 12" in capsys.readouterr().err
+    # An earlier step uses only the snapshots up to it.
+    assert cli.main([str(ref_run), "--sigma-rel", "0.1", "--at-step", "6", "--out", str(tmp_path / "o")]) == 0
+    info = json.loads((cli.width_dir(tmp_path / "o", 0.1) / "posthoc_ema.json").read_text())
+    assert info["step"] == 6 and {c["snapshot_step"] for c in info["coefficients"]} == {3, 6}
