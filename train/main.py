@@ -387,6 +387,7 @@ def main(argv: list[str] | None = None) -> None:
             # redoes exactly those past its checkpoint (their log lines were cut back with it).
             if evaluator is not None and step > start_step and (step % cfg.eval_every == 0 or last):
                 record = evaluate(ema, evaluator, cfg.eval_samples, *eval_setup, d)
+                window_start += record["seconds"]  # the throughput of the next log line is training only
                 if metrics is not None:
                     metrics.write({"event": "eval", "step": step, "metric": cfg.eval_metric, **record})
                     pbar.write(f"step {step}: eval " + ", ".join(f"{k} {v:.4g}" for k, v in record.items()
@@ -396,6 +397,7 @@ def main(argv: list[str] | None = None) -> None:
                 snap = write_snapshot(run_dir, step, posthoc, model_config=m, run_config=run_config_dict(cfg),
                                       latent_stats=latent_stats)
                 metrics.write({"event": "ema_snapshot", "step": step, "seconds": round(time.perf_counter() - t0, 4)})
+                window_start += time.perf_counter() - t0
                 pbar.write(f"step {step}: post-hoc EMA snapshot {snap}")
             if step > start_step and ((cfg.ckpt_every and step % cfg.ckpt_every == 0) or last or stop):
                 if d.is_main:
