@@ -86,8 +86,9 @@ def plot_losses(runs: list[Path], labels: list[str], out: Path) -> Path | None:
 
 
 def plot_metrics(runs: list[Path], labels: list[str], out: Path) -> Path | None:
-    """Every numeric field of ``eval.jsonl`` vs step, one panel per metric; None when absent."""
-    logs = [read_jsonl(run / "eval.jsonl") for run in runs]
+    """Every numeric field of ``eval.jsonl`` and of the trainer's own ``"event": "eval"`` lines in
+    ``metrics.jsonl`` (``-o eval_every``) vs step, one panel per metric; None when absent."""
+    logs = [read_jsonl(run / "eval.jsonl") + read_jsonl(run / "metrics.jsonl", "eval") for run in runs]
     names = sorted({k for rows in logs for r in rows for k, v in r.items() if k not in NOT_METRICS and _finite(v)})
     if not names:
         return None

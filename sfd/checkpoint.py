@@ -34,7 +34,7 @@ import contextlib
 import json
 import os
 import tempfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -602,11 +602,14 @@ def save_training_checkpoint(
     run_config: Mapping[str, Any],
     latent_stats: Mapping[str, Any] | None = None,
     keep_last: int = 0,
+    extra_files: Mapping[str, Callable[[Path], None]] | None = None,
 ) -> Path:
     """Write weights (+EMA) under the checkpoint contract, then the trainer state, atomically.
 
     ``state`` (optimizer, step, images seen, data position, RNG) must hold only tensors and plain
-    Python values so it reloads with ``weights_only=True``. ``keep_last`` > 0 prunes older ones.
+    Python values so it reloads with ``weights_only=True``. ``extra_files`` maps a file name to a
+    writer called with its path (it must write atomically), before ``state.pt``, so a checkpoint
+    counted as complete has them (the post-hoc EMA profiles). ``keep_last`` > 0 prunes older ones.
     """
     d = checkpoint_dir(run_dir, step)
     d.mkdir(parents=True, exist_ok=True)
@@ -614,6 +617,8 @@ def save_training_checkpoint(
     save_checkpoint(d / "model.safetensors", model.state_dict(), **meta)
     if ema is not None:
         save_checkpoint(d / "ema.safetensors", ema.state_dict(), **meta)
+    for name, write in (extra_files or {}).items():
+        write(d / name)
     with atomic_path(d / "state.pt") as tmp:  # written last: marks the checkpoint complete
         torch.save(dict(state), tmp)
     if keep_last > 0:

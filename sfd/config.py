@@ -577,6 +577,11 @@ class TrainConfig:
     micro_batch: int = 0  # per-rank batch per forward; 0 = global_batch / world_size
     max_steps: int = 4_000_000  # 400K ≈ 80 epochs, 4M ≈ 800 epochs of ImageNet
     ema_decay: float = 0.9999  # every step, from a synced copy at step 0
+    # Ours (EDM2's post-hoc EMA, docs/method.md §15): power-function EMA profiles of these relative
+    # widths, e.g. "0.05,0.1" (EDM2's pair); "" = off, the authors' recipe (the classic EMA above is
+    # kept either way). Their snapshots let eval/posthoc_ema.py rebuild any width after training.
+    posthoc_ema_sigma_rel: str = ""
+    ema_snapshot_every: int = 0  # steps between profile snapshots; 0 = EDM2's 8M images / global_batch
     # Asynchronous flow matching (docs/method.md §4). Δt is model.semfirst_delta_t (stored with the
     # weights, read back by the samplers); `delta_t` is its alias in overrides and a property here.
     # False = plain LightningDiT(+REPA) on the texture channels of the same cache (no semantic
@@ -606,6 +611,16 @@ class TrainConfig:
     sample_every: int = 20_000  # EMA sample grid every N steps; 0 = off
     texture_vae: str = ""  # texture VAE weights for sample-grid PNGs; "" = weights/ldm-imagenet256-f16d32-50ep.ckpt if it exists
     tensorboard: bool = False  # also log to <out_dir>/tb (tensorboard --logdir runs) beside metrics.jsonl
+    # Ours: quality measured during training from the EMA weights (sfd/evaluators.py); 0 = off.
+    eval_every: int = 0  # every N steps (and at the end): eval_samples class-balanced samples, scored, logged
+    eval_samples: int = 0  # samples per evaluation, a multiple of the classes, split across the ranks
+    eval_metric: str = "fid"  # fid (needs eval_ref) | judge (the demo: eval_judge + eval_judge_ref)
+    eval_ref: str = ""  # reference statistics .npz from `eval/fid.py ref` (mu, sigma of Inception pool features)
+    eval_inception: str = ""  # Inception weights; "" = weights/pt_inception-2015-12-05-6726825d.pth; random = untrained (not FID)
+    eval_judge: str = ""  # the demo judge's .safetensors
+    eval_judge_ref: str = ""  # folder of real images the judge's FD is measured against
+    eval_sampling: str = "heun"  # sampler preset of the evaluation (sfd.config.SAMPLING_PRESETS)
+    eval_num_steps: int = 0  # fixed-step samplers: steps per sample; 0 = the preset's
     # Ours (the authors have none of these).
     data_mode: str = "pagecache"  # pagecache | memory: cache reader mode (sfd.data.reader.MODES)
     # full: every cache file the run reads has its checksums checked before step 1 (all ranks
@@ -630,6 +645,27 @@ class TrainConfig:
         if self.profile_steps and not _is_step_window(self.profile_steps):
             raise ConfigError(f"profile_steps must be A:B with 0 <= A < B (e.g. 20:25), got {self.profile_steps!r}")
         _raise(_choice("optimizer", self.optimizer, "sfd.optim:OPTIMIZERS"))
+        _raise(_choice("eval_metric", self.eval_metric, "sfd.evaluators:EVALUATORS"))
+        if self.eval_every < 0 or self.eval_samples < 0 or self.eval_num_steps < 0:
+            raise ConfigError("eval_every, eval_samples and eval_num_steps must be >= 0")
+        if self.posthoc_ema_sigma_rel:
+            from sfd.posthoc_ema import parse_sigma_rels
+
+            try:
+                parse_sigma_rels(self.posthoc_ema_sigma_rel)
+            except ValueError as e:
+                raise ConfigError(f"posthoc_ema_sigma_rel: {e}") from None
+        if self.ema_snapshot_every < 0:
+            raise ConfigError(f"ema_snapshot_every must be >= 0 (0 = EDM2's 8M images), got {self.ema_snapshot_every}")
+
+    @property
+    def snapshot_interval(self) -> int:
+        """Steps between post-hoc EMA snapshots (``ema_snapshot_every``, or EDM2's 8M images)."""
+        if self.ema_snapshot_every:
+            return self.ema_snapshot_every
+        from sfd.posthoc_ema import EDM2_SNAPSHOT_IMAGES
+
+        return max(1, round(EDM2_SNAPSHOT_IMAGES / self.global_batch))
 
     # Short names accepted by `override` (and so by `-o`): the one stored Δt is the model's.
     ALIASES: ClassVar[dict[str, str]] = {"delta_t": "model.semfirst_delta_t", "schedule": "model.semfirst_schedule"}
@@ -816,6 +852,26 @@ class GridConfig(SampleSourceConfig):
 
 
 @dataclass(frozen=True)
+class PosthocEmaConfig:
+    """eval/posthoc_ema.py: EMA weights of chosen widths rebuilt from a run's post-hoc EMA snapshots."""
+
+    run: str = ""  # run directory trained with -o posthoc_ema_sigma_rel=... (its ema_snapshots/)
+    sigma_rel: str = "0.05,0.1"  # relative EMA widths to rebuild, comma-separated (EDM2: 0.05, 0.10)
+    out: str = ""  # output folder: one checkpoint directory sigma_rel-<value>/ per width
+    at_step: int = 0  # rebuild the EMA as it was at this step (snapshots up to it); 0 = the last snapshot
+
+    def __post_init__(self) -> None:
+        from sfd.posthoc_ema import parse_sigma_rels
+
+        try:
+            parse_sigma_rels(self.sigma_rel)
+        except ValueError as e:
+            raise ConfigError(f"sigma_rel: {e}") from None
+        if self.at_step < 0:
+            raise ConfigError(f"at_step must be >= 0 (0 = the last snapshot), got {self.at_step}")
+
+
+@dataclass(frozen=True)
 class GenConfig(SampleSourceConfig):
     """eval/fid.py gen: N class-balanced samples as {index:06d}.png (resumable; torchrun)."""
 
@@ -887,6 +943,7 @@ __all__ = [
     "train_preset",
     "REPA_TARGET_DIMS",
     "model_config_from_json",
+    "PosthocEmaConfig",
     "model_config_from_authors",
     "ENCODE_STAGES",
     "EncodeConfig",

@@ -64,6 +64,43 @@ def write_manifest(ckpt_dir: str | os.PathLike[str]) -> Path:
     return d / MANIFEST
 
 
+def _write_doc(d: Path, files: dict[str, Any]) -> Path:
+    tmp = d / f".{MANIFEST}.tmp"
+    with open(tmp, "w") as f:
+        json.dump({"version": MANIFEST_VERSION, "files": files}, f, indent=1, sort_keys=True)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, d / MANIFEST)
+    return d / MANIFEST
+
+
+def _listed(d: Path) -> dict[str, Any]:
+    try:
+        return dict(json.loads((d / MANIFEST).read_text())["files"])
+    except FileNotFoundError:
+        return {}
+
+
+def manifest_add(directory: str | os.PathLike[str], names: list[str]) -> Path:
+    """Add (or refresh) the records of ``names`` in ``directory``'s manifest, hashing only those
+    files: for a folder that grows one file at a time (a run's post-hoc EMA snapshots), where
+    :func:`write_manifest` would re-hash its whole history at every addition."""
+    d = Path(directory)
+    files = _listed(d)
+    for name in names:
+        p = d / name
+        files[name] = {"size": p.stat().st_size, "sha256": _sha256(p)}
+    return _write_doc(d, files)
+
+
+def manifest_remove(directory: str | os.PathLike[str], names: list[str]) -> None:
+    """Drop the records of ``names`` (before the files themselves are deleted)."""
+    d = Path(directory)
+    if (d / MANIFEST).is_file():
+        files = _listed(d)
+        _write_doc(d, {k: v for k, v in files.items() if k not in set(names)})
+
+
 def _load_check(path: Path) -> str | None:
     """Read a file fully the way the trainer will; the problem, or None."""
     try:

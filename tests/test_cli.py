@@ -26,6 +26,7 @@ SCRIPTS = {
     "eval/fid.py": "eval.fid",
     "eval/plot.py": "eval.plot",
     "eval/paper_fid.py": "eval.paper_fid",
+    "eval/posthoc_ema.py": "eval.posthoc_ema",
     "pipeline/demo.py": "pipeline.demo",
     "pipeline/study.py": "pipeline.study",
 }

@@ -23,7 +23,10 @@ check its CRC32C checksums, so a damaged file stops the run before it trains (do
 
 Run directory: config.json (the resolved config), metrics.jsonl (one line per log interval),
 checkpoints/<step:07d>/{model,ema}.safetensors + state.pt + manifest.json, samples/ (EMA grids, if
-a texture decoder is known). Resume = run the same command again.
+a texture decoder is known); with `-o eval_every=N` "eval" lines (metric + seconds, sfd/evaluators.py)
+in metrics.jsonl; with `-o posthoc_ema_sigma_rel=0.05,0.1` also ema_snapshots/<step:07d>.safetensors
++ manifest.json and checkpoints/<step>/posthoc_ema.safetensors (sfd/posthoc_ema.py; rebuild any EMA width
+with eval/posthoc_ema.py). Resume = run the same command again.
 
 Examples:
     # the tiny preset on the demo's cache (`just demo` builds it); the model's shape comes from the cache
@@ -48,6 +51,7 @@ import contextlib
 import copy
 import dataclasses
 import functools
+import json
 import os
 import sys
 import time
@@ -69,16 +73,20 @@ from sfd.checkpoint import (
     list_checkpoints,
     load_training_state,
     read_checkpoint,
+    read_safetensors_metadata,
     save_training_checkpoint,
 )
 from sfd.cli import Parser, cli_status
-from sfd.config import TRAIN_PRESETS, ConfigError, TrainConfig, to_dict, to_json, train_preset
+from sfd.config import SAMPLING_PRESETS, TRAIN_PRESETS, ConfigError, TrainConfig, to_dict, to_json, train_preset
 from sfd.data.cache import DATA_SHAPED, CacheError, LatentCache
 from sfd.data.reader import LatentBatch, LatentCacheReader
 from sfd.diffusion import AsyncClock, LossTerms, noise_composite, sample_training_times, sfd_loss
+from sfd.evaluators import EVALUATORS, Evaluator, evaluate
 from sfd.kernels import resolve as resolve_kernels
 from sfd.loading import texture_decoder_for
 from sfd.manifest import CheckpointError, usable_checkpoints, write_manifest
+from sfd.posthoc_ema import STATE_FILE as POSTHOC_STATE_FILE
+from sfd.posthoc_ema import PowerEMA, drop_snapshots_after, parse_sigma_rels, write_snapshot
 from sfd.models.lightningdit import LightningDiT, count_params, load_weights
 from sfd.pixels import load_texture_stats, preview_grid
 from sfd.repa_targets import REPA_TARGET_SOURCES, RepaTargetSource
@@ -178,6 +186,10 @@ def main(argv: list[str] | None = None) -> None:
         "total_images": cfg.max_steps * cfg.global_batch, "params": count_params(m),
         "params_with_repa_projector": count_params(m, include_repa=m.use_repa),
         "resume_from": str(ckpts[-1][1]) if ckpts else None,
+        "posthoc_ema": (
+            f"sigma_rel {cfg.posthoc_ema_sigma_rel}, snapshot every {cfg.snapshot_interval} steps"
+            if cfg.posthoc_ema_sigma_rel else "off"
+        ),
     }
     if args.dry_run:
         if ckpts:  # the resume check on the header alone (a run reads the whole file once, below)
@@ -236,6 +248,12 @@ def main(argv: list[str] | None = None) -> None:
         load_weights(ema, init.ema_state_dict or init.state_dict, source=f"'{init.path}' (EMA)")
         init = None  # the file's tensors are in the modules now: free them
 
+    # -- post-hoc EMA (EDM2, docs/method.md §15; off unless posthoc_ema_sigma_rel is set) ----------
+    # Power-function profiles on rank 0 only: the parameters are replicated, and rank 0 writes the
+    # snapshots and checkpoints. Their starting copy is irrelevant: β_1 = 0 sets them to θ_1.
+    sigma_rels = parse_sigma_rels(cfg.posthoc_ema_sigma_rel)
+    posthoc = PowerEMA(model, sigma_rels) if sigma_rels and d.is_main else None
+
     # -- optimizer --------------------------------------------------------------------------------
     # fused: clip + AdamW + EMA as one pass (compiled with the model); torch: AdamW, then the EMA lerp.
     trainable = [(p, e) for p, e in zip(model.parameters(), ema.parameters()) if p.requires_grad]
@@ -283,6 +301,8 @@ def main(argv: list[str] | None = None) -> None:
             raise TrainError(str(e)) from e
         runtime.set_rng_state(state["rng"], d.device)
         step, nan_total, nan_run = state["step"], state["nan_skips_total"], state["nan_skips_consecutive"]
+        if sigma_rels:  # every rank checks (same files), so a refusal stops them all
+            resume_posthoc(posthoc, start_dir, step, sigma_rels)
         if cfg.init_from:
             resume_notes.append(f"init_from {cfg.init_from} ignored: resuming from the checkpoint")
 
@@ -297,6 +317,11 @@ def main(argv: list[str] | None = None) -> None:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.json").write_text(to_json(cfg) + "\n")
     start_step = step
+    if posthoc is not None:
+        # Snapshots past the resumed step came from a stretch this run replays: it writes them again.
+        dropped = drop_snapshots_after(run_dir, step)
+        if dropped:
+            say(f"post-hoc EMA: dropped snapshots of steps {dropped} past the resumed step {step} (they are rewritten)")
 
     say(f"SFD training: preset {args.preset} ({cfg.model_name}), run dir {run_dir}")
     say("derived: " + ", ".join(f"{k}={v}" for k, v in derived.items()))
@@ -310,6 +335,14 @@ def main(argv: list[str] | None = None) -> None:
         decoder, why = texture_decoder_for(cache.attrs, cfg.texture_vae)
         texture_stats = load_texture_stats(cfg.cache) if decoder is not None else None
         say(f"sample grids every {cfg.sample_every} steps: {why}")
+    evaluator, eval_setup = None, None
+    if cfg.eval_every > 0:  # every rank samples its share, so every rank builds the decoder
+        # Building modules (judge, Inception, decoder) initialises weights from the global RNG
+        # before loading theirs: fork it, so the run's RNG state is the same with or without.
+        with torch.random.fork_rng(devices=[d.device] if on_cuda else []):
+            evaluator, eval_setup = build_evaluation(cfg, cache, d)
+        say(f"evaluation every {cfg.eval_every} steps: {cfg.eval_samples} samples, {cfg.eval_metric}, "
+            f"{eval_setup[0].method} ({eval_setup[0].solver_options()}) from the EMA")
 
     def save(step: int, reader_state: dict[str, Any]) -> Path:
         state = {
@@ -317,9 +350,11 @@ def main(argv: list[str] | None = None) -> None:
             "reader": reader_state, "rng": runtime.rng_state(d.device), "world_size": d.world_size,
             "nan_skips_total": nan_total, "nan_skips_consecutive": nan_run,
         }
+        extra = {} if posthoc is None else {POSTHOC_STATE_FILE: lambda path: posthoc.save_state(path, step)}
         path = save_training_checkpoint(
             run_dir, step, model=model, ema=ema, state=state, kind="lightningdit", model_config=m,
             run_config=run_config_dict(cfg), latent_stats=latent_stats, keep_last=cfg.keep_last,
+            extra_files=extra,
         )
         write_manifest(path)  # last: sizes and SHA-256 of the files above
         return path
@@ -348,6 +383,22 @@ def main(argv: list[str] | None = None) -> None:
             if cfg.sample_every and d.is_main and step > start_step and (step % cfg.sample_every == 0 or last):
                 png = run_dir / "samples" / f"{step:07d}.png"
                 metrics.write({"event": "sample", "step": step, **preview_grid(ema, 16, texture_stats, decoder, png)})
+            # Evaluations and snapshots come before the checkpoint of their step: a resumed run
+            # redoes exactly those past its checkpoint (their log lines were cut back with it).
+            if evaluator is not None and step > start_step and (step % cfg.eval_every == 0 or last):
+                record = evaluate(ema, evaluator, cfg.eval_samples, *eval_setup, d)
+                window_start += record["seconds"]  # the throughput of the next log line is training only
+                if metrics is not None:
+                    metrics.write({"event": "eval", "step": step, "metric": cfg.eval_metric, **record})
+                    pbar.write(f"step {step}: eval " + ", ".join(f"{k} {v:.4g}" for k, v in record.items()
+                                                                 if isinstance(v, float)))
+            if posthoc is not None and step > start_step and (step % cfg.snapshot_interval == 0 or last):
+                t0 = time.perf_counter()
+                snap = write_snapshot(run_dir, step, posthoc, model_config=m, run_config=run_config_dict(cfg),
+                                      latent_stats=latent_stats)
+                metrics.write({"event": "ema_snapshot", "step": step, "seconds": round(time.perf_counter() - t0, 4)})
+                window_start += time.perf_counter() - t0
+                pbar.write(f"step {step}: post-hoc EMA snapshot {snap}")
             if step > start_step and ((cfg.ckpt_every and step % cfg.ckpt_every == 0) or last or stop):
                 if d.is_main:
                     pbar.write(f"step {step}: checkpoint {save(step, reader_state)}")
@@ -364,6 +415,8 @@ def main(argv: list[str] | None = None) -> None:
                 profiler.before_step(step)
             result = train_step(batch, step, stop_requested=signals.received is not None)
             step += 1
+            if posthoc is not None and not result.skipped:
+                posthoc.update(step)  # after the optimiser step, like the classic EMA
             if profiler is not None:
                 profiler.after_step(step)
             pbar.update(1)
@@ -546,12 +599,55 @@ def check_run_config(cfg: TrainConfig) -> None:
         problems.append(f"repa_weight={cfg.repa_weight} but model.use_repa=false: set repa_weight=0 or model.use_repa=true")
     if cfg.max_steps < 0 or cfg.log_every <= 0 or cfg.ckpt_every < 0 or cfg.sample_every < 0:
         problems.append("max_steps, ckpt_every and sample_every must be >= 0 and log_every > 0")
+    if cfg.eval_every > 0:
+        if cfg.eval_sampling not in SAMPLING_PRESETS:
+            problems.append(f"eval_sampling must be one of {sorted(SAMPLING_PRESETS)}, got {cfg.eval_sampling!r}")
+        problems += EVALUATORS[cfg.eval_metric].problems(cfg)
     if cfg.verify not in VERIFY_MODES:
         problems.append(f"verify must be one of {', '.join(VERIFY_MODES)}, got {cfg.verify!r}")
     if cfg.init_from and not Path(cfg.init_from).is_file():
         problems.append(f"init_from: no weight file at '{cfg.init_from}'")
     if problems:
         raise TrainError("invalid run config:\n  " + "\n  ".join(problems))
+
+
+def resume_posthoc(posthoc: PowerEMA | None, start_dir: Path, step: int, sigma_rels: tuple[float, ...]) -> None:
+    """Continue the post-hoc EMA profiles from the checkpoint (``posthoc`` None: check only).
+
+    A profile averages every step since step 1, so it cannot start in the middle of a run: a
+    checkpoint without them, or with other widths, stops the run with the fix."""
+    path = start_dir / POSTHOC_STATE_FILE
+    if not path.is_file():
+        raise TrainError(
+            f"{start_dir} has no post-hoc EMA profiles ({POSTHOC_STATE_FILE}): they average every step from the first, "
+            "so they cannot start mid-run. Resume with -o posthoc_ema_sigma_rel= (off), or start a new run (--out-dir)"
+        )
+    probe = posthoc
+    try:
+        if probe is None:  # the other ranks: the header only
+            saved = tuple(json.loads(read_safetensors_metadata(path).get("sigma_rels", "[]")))
+            if saved != sigma_rels:
+                raise ValueError(f"{path} holds profiles of sigma_rel {list(saved)}, the run asks for {list(sigma_rels)}")
+        else:
+            probe.load_state(path, step)
+    except (ValueError, WeightsError) as e:
+        raise TrainError(f"{e}; keep posthoc_ema_sigma_rel as the run started, or start a new run (--out-dir)") from e
+
+
+def build_evaluation(cfg: TrainConfig, cache: LatentCache, d: runtime.Dist) -> tuple[Evaluator, tuple[Any, Any, nn.Module]]:
+    """The evaluator and (sampling config, texture stats, decoder) of ``-o eval_every``."""
+    k = cfg.model.num_classes
+    if cfg.eval_samples < 2 or cfg.eval_samples % k:
+        raise TrainError(f"eval_samples={cfg.eval_samples} must be a multiple of the {k} classes (and >= 2): "
+                         f"e.g. -o eval_samples={max(2, k) * 10}")
+    decoder, why = texture_decoder_for(cache.attrs, cfg.texture_vae)
+    if decoder is None:
+        raise TrainError(f"eval_every needs images, hence a texture decoder: {why}; set texture_vae=FILE or eval_every=0")
+    sampling = SAMPLING_PRESETS[cfg.eval_sampling]
+    if cfg.eval_num_steps:
+        sampling = dataclasses.replace(sampling, num_steps=cfg.eval_num_steps)
+    evaluator = EVALUATORS[cfg.eval_metric](cfg, d.device)
+    return evaluator, (sampling, load_texture_stats(cfg.cache), decoder.to(d.device).eval())
 
 
 def batch_split(cfg: TrainConfig, world_size: int) -> tuple[int, int, int]:
