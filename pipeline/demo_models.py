@@ -170,14 +170,15 @@ def cmd_autoencoder(args: argparse.Namespace) -> dict[str, Any]:
     x, _, _ = render_arrays(args.per_class, args.size, args.seed)
     xh, _, _ = render_arrays(args.heldout_per_class, args.size, args.heldout_seed)
     vae, train_s = timed_train(x, cfg=cfg, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
-                               kl_weight=args.kl_weight, seed=args.train_seed)
+                               kl_weight=args.kl_weight, rec_loss=args.rec_loss, seed=args.train_seed)
     heldout = evaluate_texture_vae(vae, xh, args.factor, seed=args.train_seed)
     grid = args.size // args.factor
     report = {
         "file": str(out), "factor": args.factor, "image_size": args.size, "latent_shape": [cfg.embed_dim, grid, grid],
         "ddconfig_ch": cfg.ch, "ch_mult": list(cfg.ch_mult), "parameters": sum(p.numel() for p in vae.parameters()),
-        "objective": "per-image sum of L1 on a posterior-sample reconstruction + kl_weight x per-image sum of KL (LDM's loss without LPIPS/GAN)",
-        "kl_weight": args.kl_weight, "steps": args.steps, "batch_size": args.batch_size, "lr": args.lr,
+        "objective": f"per-image sum of {args.rec_loss.upper()} error of the reconstruction of a posterior sample + kl_weight x "
+                     "per-image sum of KL to N(0, I) (LDM's loss without LPIPS and GAN)",
+        "rec_loss": args.rec_loss, "kl_weight": args.kl_weight, "steps": args.steps, "batch_size": args.batch_size, "lr": args.lr,
         "train_images": len(x), "train_seconds": round(train_s, 1), "torch_threads": torch.get_num_threads(),
         "heldout_images": len(xh), "heldout": heldout,
     }
@@ -218,6 +219,7 @@ def main(argv: list[str] | None = None) -> None:
     a.add_argument("--batch-size", type=int, default=16)
     a.add_argument("--lr", type=float, default=3e-3)
     a.add_argument("--kl-weight", type=float, default=1e-4)
+    a.add_argument("--rec-loss", choices=("l1", "l2"), default="l2", help="reconstruction error (LDM: l1, with LPIPS)")
     a.add_argument("--train-seed", type=int, default=0)
     j = sub.add_parser("judge", help="train the judge classifier on the training split")
     j.add_argument("--train", required=True, help="training split (class folders)")

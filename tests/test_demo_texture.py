@@ -63,7 +63,7 @@ def test_configs_per_factor() -> None:
     with pytest.raises(ConfigError, match="factor"):
         demo_texture_config(16, 32)
     with pytest.raises(ConfigError, match="multiple"):
-        demo_texture_config(8, 24)
+        demo_texture_config(8, 28)
 
 
 def test_saved_file_round_trips(trained: tuple[AutoencoderKL, Path]) -> None:
@@ -139,7 +139,7 @@ def test_encode_job_caches_the_files_latents_and_decodes_with_it(trained: tuple[
         # No --texture: the default preset's name, but the file declares its architecture.
         results = encode_mod.main([
             "--images", str(images), "--out", str(out), "--image-size", "24", "--texture-vae", str(path),
-            "--dino", str(vit), "--stages", "encode", "-o", "rows_per_shard=4", "-o", "rows_per_chunk=2",
+            "--dino", str(vit), "-o", "semvae_preset=tiny", "--stages", "encode", "-o", "rows_per_shard=4", "-o", "rows_per_chunk=2",
             "-o", "batch_size=4", "-o", "num_workers=1",
         ])
     finally:

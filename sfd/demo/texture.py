@@ -45,6 +45,7 @@ from sfd.models.autoencoder import AutoencoderKL, texture_vae_metadata, to_uint8
 DEFAULT_Z_CHANNELS = {4: 8, 8: 16}
 CH_MULT = {4: (1, 1, 2), 8: (1, 1, 2, 2)}
 DEFAULT_KL_WEIGHT = 1e-4
+DEFAULT_REC_LOSS = "l2"
 
 
 def demo_texture_config(factor: int = 4, size: int = 24, z_channels: int | None = None, ch: int = 32) -> TextureVAEConfig:
@@ -80,11 +81,15 @@ def kl_per_image(mean: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
 
 def train_texture_vae(
     images: np.ndarray, *, cfg: TextureVAEConfig, steps: int = 1500, batch_size: int = 32, lr: float = 2e-3,
-    kl_weight: float = DEFAULT_KL_WEIGHT, seed: int = 0, log_every: int = 250,
+    kl_weight: float = DEFAULT_KL_WEIGHT, seed: int = 0, log_every: int = 250, rec_loss: str = DEFAULT_REC_LOSS,
 ) -> AutoencoderKL:
-    """Train the autoencoder on uint8 ``images`` (N, H, W, 3); returns it in eval mode, frozen."""
+    """Train the autoencoder on uint8 ``images`` (N, H, W, 3); returns it in eval mode, frozen.
+
+    ``rec_loss``: ``l1`` (LDM's) or ``l2`` (squared error), per image summed over pixels."""
     from sfd.models.autoencoder import LOGVAR_MAX, LOGVAR_MIN
 
+    if rec_loss not in ("l1", "l2"):
+        raise ConfigError(f"rec_loss must be 'l1' or 'l2', got {rec_loss!r}")
     torch.manual_seed(seed)
     model = AutoencoderKL(cfg)
     x_all = to_model_input(images)
@@ -97,7 +102,8 @@ def train_texture_vae(
         mean, logvar = model.encode_moments(x)
         logvar = logvar.clamp(LOGVAR_MIN, LOGVAR_MAX)  # LDM's posterior clamps before exp
         z = mean + torch.exp(0.5 * logvar) * torch.randn(mean.shape, generator=g)
-        rec = (x - model.decode(z)).abs().flatten(1).sum(1).mean()
+        err = x - model.decode(z)
+        rec = (err.abs() if rec_loss == "l1" else err.square()).flatten(1).sum(1).mean()
         kl = kl_per_image(mean, logvar).mean()
         loss = rec + kl_weight * kl
         opt.zero_grad(set_to_none=True)
@@ -105,7 +111,7 @@ def train_texture_vae(
         opt.step()
         sched.step()
         if log_every and (step + 1) % log_every == 0:
-            print(f"texture AE step {step + 1}/{steps}: L1 per pixel value {rec.item() / x[0].numel():.4f}, "
+            print(f"texture AE step {step + 1}/{steps}: {rec_loss} per pixel value {rec.item() / x[0].numel():.4f}, "
                   f"KL per latent value {kl.item() / mean[0].numel():.3f}", flush=True)
     return model.eval().requires_grad_(False)
 
