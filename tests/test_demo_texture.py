@@ -7,6 +7,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import subprocess
 import sys
 from pathlib import Path
 from types import ModuleType
@@ -108,6 +109,15 @@ def test_bad_metadata_is_a_clear_error(trained: tuple[AutoencoderKL, Path], tmp_
     save_safetensors(tensors, lying, texture_vae_metadata(demo_texture_config(4, 24, z_channels=16)))
     with pytest.raises(WeightsError, match=r"lying\.safetensors.*metadata ddconfig.*\n.*wrong shape"):
         texture_spec("f16d32", str(lying), None, 24)
+    # Through the encode job's command line: one `error:` line naming the file, nothing created.
+    (tmp_path / "imgs" / "a").mkdir(parents=True)
+    cmd = [sys.executable, str(REPO / "pipeline" / "encode.py"), "--images", str(tmp_path / "imgs"), "--out",
+           str(tmp_path / "new" / "cache"), "--image-size", "24", "--texture-vae", str(lying), "--dino", str(lying)]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "RAY_AUTH_MODE": "disabled"}
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO, timeout=120)
+    errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
+    assert r.returncode == 2 and len(errors) == 1 and "lying.safetensors" in errors[0] and "Traceback" not in r.stderr, r.stderr
+    assert not (tmp_path / "new").exists()
     # Not JSON, and a field LDM's ddconfig does not have.
     for name, meta in (("garbled", {"ddconfig": "{ch: 32", "embed_dim": "8"}),
                        ("unknown", {"ddconfig": json.dumps({"ch": 32, "heads": 4}), "embed_dim": "8"})):
