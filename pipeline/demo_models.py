@@ -159,7 +159,12 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
 
 def cmd_autoencoder(args: argparse.Namespace) -> dict[str, Any]:
     """Train the demo's texture autoencoder (LDM layout, sfd/demo/texture.py) for ``encode.py --texture-vae``."""
-    from sfd.demo.texture import demo_texture_config, evaluate_texture_vae, save_texture_vae, timed_train
+    from sfd.demo.texture import (
+        demo_texture_config,
+        evaluate_texture_vae,
+        save_texture_vae,
+        timed_train,
+    )
 
     out, report_file = Path(args.out), Path(args.out).with_suffix(".json")
     if out.is_file() and report_file.is_file():

@@ -17,7 +17,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from sfd.checkpoint import WeightsError, load_tensors, save_safetensors
+from sfd.checkpoint import WeightsError, save_safetensors
 from sfd.config import TEXTURE_VAE_PRESETS, ConfigError
 from sfd.data.cache import LatentCache
 from sfd.data.images import hflip, load_image, to_model_input
@@ -32,7 +32,12 @@ from sfd.demo.texture import (
 )
 from sfd.encoding import build_texture_encoder, row_generators, texture_spec
 from sfd.loading import texture_decoder_for
-from sfd.models.autoencoder import AutoencoderKL, load_texture_vae, texture_vae_config_for_file, texture_vae_metadata
+from sfd.models.autoencoder import (
+    AutoencoderKL,
+    load_texture_vae,
+    texture_vae_config_for_file,
+    texture_vae_metadata,
+)
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
