@@ -1,9 +1,13 @@
-"""The demo's two helper networks, as command lines: the semantic ViT and the judge.
+"""The demo's helper networks, as command lines: the semantic ViT, the texture autoencoder and the judge.
 
   semantic  train the DINOv2-architecture ViT on the demo training split (shape labels and
             coverage masks, sfd/demo/semantic.py), write it in DINOv2's original layout for
             ``pipeline/encode.py --dino``, and report a linear probe on held-out images (the
             same probe on a random-init ViT beside it);
+  autoencoder  train the texture KL autoencoder (LDM AutoencoderKL, f4 or f8) on the demo
+            images, write it in the LDM layout with its ddconfig for ``pipeline/encode.py
+            --texture-vae`` (sfd/demo/texture.py), and report held-out PSNR against a bilinear
+            down/up-sample at the same factor;
   judge     train the judge classifier on the training split (sfd/demo/judge.py) and report its
             accuracy on held-out images (and its FD_judge between two real held-out sets: the
             ceiling);
@@ -167,6 +171,45 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
                   f"{METRIC_FD} {line[METRIC_FD]:.3f}", flush=True)
 
 
+def cmd_autoencoder(args: argparse.Namespace) -> dict[str, Any]:
+    """Train the demo's texture autoencoder (LDM layout, sfd/demo/texture.py) for ``encode.py --texture-vae``."""
+    from sfd.demo.texture import (
+        demo_texture_config,
+        evaluate_texture_vae,
+        save_texture_vae,
+        timed_train,
+    )
+
+    out, report_file = Path(args.out), Path(args.out).with_suffix(".json")
+    if out.is_file() and report_file.is_file():
+        print(f"texture autoencoder exists: {out}")
+        return json.loads(report_file.read_text())
+    out.parent.mkdir(parents=True, exist_ok=True)
+    cfg = demo_texture_config(args.factor, args.size, args.z_channels, args.ch)
+    x, _, _ = render_arrays(args.per_class, args.size, args.seed)
+    xh, _, _ = render_arrays(args.heldout_per_class, args.size, args.heldout_seed)
+    vae, train_s = timed_train(x, cfg=cfg, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
+                               kl_weight=args.kl_weight, rec_loss=args.rec_loss, seed=args.train_seed)
+    heldout = evaluate_texture_vae(vae, xh, args.factor, seed=args.train_seed)
+    grid = args.size // args.factor
+    report = {
+        "file": str(out), "factor": args.factor, "image_size": args.size, "latent_shape": [cfg.embed_dim, grid, grid],
+        "ddconfig_ch": cfg.ch, "ch_mult": list(cfg.ch_mult), "parameters": sum(p.numel() for p in vae.parameters()),
+        "objective": f"per-image sum of {args.rec_loss.upper()} error of the reconstruction of a posterior sample + kl_weight x "
+                     "per-image sum of KL to N(0, I) (LDM's loss without LPIPS and GAN)",
+        "rec_loss": args.rec_loss, "kl_weight": args.kl_weight, "steps": args.steps, "batch_size": args.batch_size, "lr": args.lr,
+        "train_images": len(x), "train_seconds": round(train_s, 1), "torch_threads": torch.get_num_threads(),
+        "heldout_images": len(xh), "heldout": heldout,
+    }
+    save_texture_vae(vae, out, record=report)
+    _write(report_file, report)
+    ae, base = heldout["autoencoder_posterior_mean"], heldout[f"bilinear_f{args.factor}_baseline"]
+    print(f"texture autoencoder f{args.factor} ({cfg.embed_dim}x{grid}x{grid}): held-out PSNR {ae['psnr_db']} dB, MAE "
+          f"{ae['mae_255']} (bilinear f{args.factor}: {base['psnr_db']} dB, {base['mae_255']}); latent std "
+          f"{heldout['latent']['std_range']}; {train_s:.0f} s; {out}")
+    return report
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = Parser(prog="pipeline/demo_models.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -181,6 +224,22 @@ def main(argv: list[str] | None = None) -> None:
     s.add_argument("--batch-size", type=int, default=64)
     s.add_argument("--lr", type=float, default=4e-3)
     s.add_argument("--train-seed", type=int, default=0)
+    a = sub.add_parser("autoencoder", help="train the texture KL autoencoder (LDM layout) for encode.py --texture-vae")
+    a.add_argument("--out", required=True, help="the .safetensors to write (its JSON report beside it)")
+    a.add_argument("--per-class", type=int, default=200)
+    a.add_argument("--size", type=int, default=24)
+    a.add_argument("--factor", type=int, default=4, choices=(4, 8), help="downsampling factor: 24² → 6×6 (4), 32² → 4×4 (8)")
+    a.add_argument("--z-channels", type=int, default=None, help="latent channels (default 8 at f4, 16 at f8)")
+    a.add_argument("--ch", type=int, default=32, help="base width (a multiple of 32: GroupNorm)")
+    a.add_argument("--seed", type=int, default=0, help="training split seed")
+    a.add_argument("--heldout-per-class", type=int, default=50)
+    a.add_argument("--heldout-seed", type=int, default=1)
+    a.add_argument("--steps", type=int, default=400)
+    a.add_argument("--batch-size", type=int, default=16)
+    a.add_argument("--lr", type=float, default=3e-3)
+    a.add_argument("--kl-weight", type=float, default=1e-4)
+    a.add_argument("--rec-loss", choices=("l1", "l2"), default="l2", help="reconstruction error (LDM: l1, with LPIPS)")
+    a.add_argument("--train-seed", type=int, default=0)
     j = sub.add_parser("judge", help="train the judge classifier on the training split")
     j.add_argument("--train", required=True, help="training split (class folders)")
     j.add_argument("--ref", required=True, help="held-out split for its accuracy")
@@ -209,7 +268,7 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     torch.set_num_threads(max(torch.get_num_threads(), 1))
     np.set_printoptions(precision=4)
-    {"semantic": cmd_semantic, "judge": cmd_judge, "score": cmd_score, "evaluate": cmd_evaluate}[args.cmd](args)
+    {"semantic": cmd_semantic, "autoencoder": cmd_autoencoder, "judge": cmd_judge, "score": cmd_score, "evaluate": cmd_evaluate}[args.cmd](args)
 
 
 if __name__ == "__main__":

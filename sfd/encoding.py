@@ -134,7 +134,15 @@ def _random_spec(preset: str, cfg: Any, seed: int) -> Spec:
 
 
 def texture_spec(choice: str, path: str | None, random_seed: int | None, image_size: int) -> Spec:
-    """``choice``: a texture-VAE preset (``f16d32``, ...) or ``standin-fN``."""
+    """``choice``: a texture-VAE preset (``f16d32``, ...) or ``standin-fN``.
+
+    A safetensors ``path`` that declares its architecture (LDM ``ddconfig`` + ``embed_dim`` in
+    its metadata: the CPU demo's autoencoder, sfd/demo/texture.py) is built as declared, whatever
+    the preset ``choice`` (as a DINOv2 file's declared config wins over ``--dino-preset``);
+    ``standin-fN`` and ``random_seed`` still take precedence over any file.
+    """
+    from sfd.models.autoencoder import texture_vae_config_for_file
+
     factor = parse_standin(choice)
     if factor is not None:
         ae = PixelUnshuffleAutoencoder(factor)
@@ -142,6 +150,11 @@ def texture_spec(choice: str, path: str | None, random_seed: int | None, image_s
         return {"kind": "standin", "name": ae.name, "factor": factor, "scale": ae.scale}
     if random_seed is not None:
         return _random_spec("tiny", TEXTURE_VAE_PRESETS["tiny"], random_seed)
+    if path is not None:
+        file = resolve_weights("texture_vae", path)
+        declared = texture_vae_config_for_file(file)  # WeightsError naming the file if it lies
+        if declared is not None:
+            return _weights_spec("texture_vae", f"file-config:{file.name}", declared, file)
     if choice not in TEXTURE_VAE_PRESETS:
         raise ConfigError(f"unknown texture encoder {choice!r}; choose one of {sorted(TEXTURE_VAE_PRESETS)} or standin-f4")
     return _weights_spec("texture_vae", choice, TEXTURE_VAE_PRESETS[choice], path)

@@ -14,8 +14,11 @@ posterior noise can come from a caller's generator(s).
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -23,8 +26,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from sfd.checkpoint import (
+    WeightsError,
+    check_state_dict,
     load_state_dict_strict,
     load_tensors,
+    read_safetensors_metadata,
     resolve_weights,
     unwrap_state_dict,
 )
@@ -323,6 +329,52 @@ def texture_vae_state_dict(obj: Any) -> dict[str, torch.Tensor]:
     return {k: v for k, v in sd.items() if not k.startswith(IGNORED_PREFIXES)}
 
 
+# Metadata keys of a safetensors texture VAE that declares its own architecture (LDM's names: the
+# ``ddconfig`` mapping of its yaml and ``embed_dim``, which LDM keeps beside it).
+DDCONFIG_KEY, EMBED_DIM_KEY = "ddconfig", "embed_dim"
+
+
+def texture_vae_metadata(cfg: TextureVAEConfig) -> dict[str, str]:
+    """The metadata that makes a safetensors file declare ``cfg`` (see :func:`texture_vae_config_for_file`)."""
+    ddconfig = {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(cfg).items() if k != "embed_dim"}
+    return {DDCONFIG_KEY: json.dumps(ddconfig), EMBED_DIM_KEY: str(cfg.embed_dim)}
+
+
+def texture_vae_config_for_file(path: str | os.PathLike[str]) -> TextureVAEConfig | None:
+    """The architecture a safetensors texture VAE declares in its metadata, or None if it declares none.
+
+    Such a file (the CPU demo's autoencoder, sfd/demo/texture.py) carries LDM's ``ddconfig`` as
+    JSON and ``embed_dim``. The declaration is checked against the file's tensor names and shapes
+    here (from the header, no weights read), so a file that lies about itself is one error naming
+    it, before any model is built from it. ``.ckpt``/``.pt`` files declare nothing (their
+    architecture is a preset's).
+    """
+    p = Path(path)
+    if p.suffix != ".safetensors":
+        return None
+    meta = read_safetensors_metadata(p)
+    if DDCONFIG_KEY not in meta:
+        return None
+    where = f"texture VAE '{p}'"
+    try:
+        ddconfig = json.loads(meta[DDCONFIG_KEY])
+        if not isinstance(ddconfig, dict):
+            raise ValueError(f"it is a {type(ddconfig).__name__}, not a mapping")
+        embed_dim = int(meta[EMBED_DIM_KEY]) if EMBED_DIM_KEY in meta else None
+        cfg = texture_vae_config_from_authors(ddconfig, embed_dim)
+        with torch.device("meta"):  # shapes only: no memory, no init time even for f16d32
+            model = AutoencoderKL(cfg)
+    except (ValueError, TypeError, ConfigError) as e:
+        raise WeightsError(f"{where}: its metadata '{DDCONFIG_KEY}'/'{EMBED_DIM_KEY}' is not a valid LDM autoencoder config: {e}") from e
+    from safetensors import safe_open
+
+    with safe_open(str(p), framework="pt", device="cpu") as f:
+        shapes = {k: torch.empty(f.get_slice(k).get_shape(), device="meta") for k in f.keys()}
+    shapes = {k: v for k, v in shapes.items() if not k.startswith(IGNORED_PREFIXES)}
+    check_state_dict(model, shapes, source=f"{where} (architecture from its metadata {DDCONFIG_KEY} {meta[DDCONFIG_KEY]}, embed_dim {cfg.embed_dim})")
+    return cfg
+
+
 def load_texture_vae(
     path: str | os.PathLike[str] | None = None,
     preset: str = "f16d32",
@@ -334,11 +386,12 @@ def load_texture_vae(
     :class:`WeightsError` naming it and its publisher. Accepts the authors' Lightning ``.ckpt``
     (``state_dict`` key; ``loss.*`` and the other :data:`IGNORED_PREFIXES` dropped), a plain
     state dict (``.pt``/``.pth``) or our safetensors. The architecture is ``cfg`` if given, else
-    the named preset; every remaining key must fit it exactly (strict load).
+    the one the file declares (:func:`texture_vae_config_for_file`), else the named preset; every
+    remaining key must fit it exactly (strict load).
     """
-    if cfg is None:
-        cfg = config_preset(TEXTURE_VAE_PRESETS, preset, "texture VAE")
     p = resolve_weights("texture_vae", path)
+    if cfg is None:
+        cfg = texture_vae_config_for_file(p) or config_preset(TEXTURE_VAE_PRESETS, preset, "texture VAE")
     state_dict = texture_vae_state_dict(load_tensors(p, inert_objects=True))
     model = AutoencoderKL(cfg)
     load_state_dict_strict(model, state_dict, source=f"'{p}'")
@@ -359,6 +412,8 @@ __all__ = [
     "LOGVAR_MAX",
     "to_uint8",
     "texture_vae_config_from_authors",
+    "texture_vae_config_for_file",
+    "texture_vae_metadata",
     "texture_vae_state_dict",
     "load_texture_vae",
 ]
