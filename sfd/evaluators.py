@@ -34,7 +34,7 @@ from sfd.registry import Registry
 __all__ = ["EVALUATORS", "Evaluator", "evaluate", "balanced_labels"]
 
 #: ``TrainConfig.eval_metric``: what scores the samples of a periodic evaluation.
-EVALUATORS: Registry[type["Evaluator"]] = Registry("eval metric")
+EVALUATORS: Registry[type[Evaluator]] = Registry("eval metric")
 
 
 def balanced_labels(indices: list[int], n: int, num_classes: int) -> list[int]:

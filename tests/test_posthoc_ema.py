@@ -121,7 +121,7 @@ def test_snapshots_and_checkpoint_state(ref_run: Path) -> None:
     assert json.loads(meta["sigma_rels"]) == [0.05, 0.1]
     assert json.loads(meta["gammas"]) == pytest.approx([16.97, 6.94], abs=0.01)
     assert any(k.startswith("0/") for k in tensors) and any(k.startswith("fixed/") for k in tensors)
-    for step, ckpt in list_checkpoints(ref_run):  # the running profiles travel in the checkpoint
+    for _, ckpt in list_checkpoints(ref_run):  # the running profiles travel in the checkpoint
         assert (ckpt / STATE_FILE).is_file()
         assert STATE_FILE in json.loads((ckpt / "manifest.json").read_text())["files"]
     lines = [json.loads(x) for x in (ref_run / "metrics.jsonl").read_text().splitlines()]

@@ -77,7 +77,15 @@ from sfd.checkpoint import (
     save_training_checkpoint,
 )
 from sfd.cli import Parser, cli_status
-from sfd.config import SAMPLING_PRESETS, TRAIN_PRESETS, ConfigError, TrainConfig, to_dict, to_json, train_preset
+from sfd.config import (
+    SAMPLING_PRESETS,
+    TRAIN_PRESETS,
+    ConfigError,
+    TrainConfig,
+    to_dict,
+    to_json,
+    train_preset,
+)
 from sfd.data.cache import DATA_SHAPED, CacheError, LatentCache
 from sfd.data.reader import LatentBatch, LatentCacheReader
 from sfd.diffusion import AsyncClock, LossTerms, noise_composite, sample_training_times, sfd_loss
@@ -85,10 +93,10 @@ from sfd.evaluators import EVALUATORS, Evaluator, evaluate
 from sfd.kernels import resolve as resolve_kernels
 from sfd.loading import texture_decoder_for
 from sfd.manifest import CheckpointError, usable_checkpoints, write_manifest
-from sfd.posthoc_ema import STATE_FILE as POSTHOC_STATE_FILE
-from sfd.posthoc_ema import PowerEMA, drop_snapshots_after, parse_sigma_rels, write_snapshot
 from sfd.models.lightningdit import LightningDiT, count_params, load_weights
 from sfd.pixels import load_texture_stats, preview_grid
+from sfd.posthoc_ema import STATE_FILE as POSTHOC_STATE_FILE
+from sfd.posthoc_ema import PowerEMA, drop_snapshots_after, parse_sigma_rels, write_snapshot
 from sfd.repa_targets import REPA_TARGET_SOURCES, RepaTargetSource
 from sfd.runlock import LockError, die_with_parent, hold_for_ranks, release_held_locks
 from sfd.runlog import MetricsLog, StepProfiler
