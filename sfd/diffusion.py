@@ -14,7 +14,8 @@ Conventions (docs/architecture.md, Conventions; docs/method.md §4.1):
   Δt = 0) is plain flow matching, i.e. LightningDiT(+REPA).
   That is the ``offset`` schedule; ``power`` (ours) is a smooth member of the same family of
   monotone maps τ ↦ (t_tex, t_sem), each part moving at its own rate (:class:`AsyncClock`,
-  docs/decisions.md).
+  docs/decisions.md), and ``learned`` (ours) a piecewise-linear member whose knots the trainer
+  fits (:class:`LearnedSchedule`, sfd/schedule_learning.py).
 - Velocity functions have one signature, ``fn(x, t_tex, t_sem, y) -> v`` with x (B, C, H, W),
   t_tex and t_sem (B,) and y (B,) int64 labels (the null class is ``num_classes``).
 
@@ -26,6 +27,7 @@ Sections: clock · training (time split, noising, losses).
 
 from __future__ import annotations
 
+import functools
 import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable
@@ -42,6 +44,8 @@ __all__ = [
     "Schedule",
     "SCHEDULES",
     "power_gamma",
+    "LearnedSchedule",
+    "learned_initial_knots",
     "schedule_times",
     "Phase",
     "per_channel",
@@ -89,6 +93,14 @@ class Schedule(ABC):
     def tau_end(self, delta_t: float) -> float:
         return 1.0
 
+    def with_knots(self, knots: tuple[float, ...]) -> Schedule:
+        """This schedule with the parameters ``knots`` (``model.semfirst_schedule_knots``). A fixed
+        member has none: it refuses knots rather than ignore them, and returns itself, so a fixed
+        member's arithmetic is untouched by the learned one's existence."""
+        if knots:
+            raise ValueError("semfirst_schedule_knots are parameters of the 'learned' schedule; this one takes none")
+        return self
+
     @abstractmethod
     def times(self, delta_t: float, tau: Tensor) -> tuple[Tensor, Tensor]:
         """(t_tex, t_sem) at global clock ``tau``."""
@@ -135,8 +147,98 @@ class PowerSchedule(Schedule):
         return g * tau.pow(g - 1.0), g * (1.0 - tau).pow(g - 1.0)
 
 
+class LearnedSchedule(Schedule):
+    """Ours: a path through the (t_tex, t_sem) square given by K knots, fitted during training.
+
+    The clock is the parts' mean progress τ = (t_tex + t_sem)/2 ∈ [0, 1], so one knot is enough
+    per clock value: the lead d = t_sem − t_tex at τ_k = k/(K−1), and t_tex = τ − d/2,
+    t_sem = τ + d/2. Both parts are linear between knots (rates = slopes, piecewise constant).
+    A profile is valid (:func:`check_knots`) when d = 0 at both ends, d ≥ 0 (semantics never
+    behind) and |d_{k+1} − d_k| ≤ 2/(K−1) (neither part runs backwards; a part stands still at
+    the bound). Valid profiles form a convex set, so the trainer's partial moves stay valid.
+    No knots: the paper's offset path for Δt re-clocked (:func:`learned_initial_knots`), the
+    trainer's starting point; with knots Δt plays no part.
+    """
+
+    DEFAULT_KNOTS = 33  # 2·16 + 1: a 16 × 16 grid over the square for the trainer's path search
+
+    def __init__(self, knots: tuple[float, ...] = ()) -> None:
+        self.knots = tuple(float(k) for k in knots)
+        problems = check_knots(self.knots) if self.knots else []
+        if problems:
+            raise ValueError("semfirst_schedule_knots: " + "; ".join(problems))
+        self._tables: dict[tuple[float, torch.device, torch.dtype], tuple[Tensor, Tensor]] = {}
+
+    def with_knots(self, knots: tuple[float, ...]) -> Schedule:
+        return LearnedSchedule(knots)
+
+    def lead(self, delta_t: float) -> tuple[float, ...]:
+        """The lead profile d_k in use: the knots, or the offset path's for ``delta_t``."""
+        return self.knots or learned_initial_knots(delta_t, self.DEFAULT_KNOTS)
+
+    def _part_knots(self, delta_t: float, device: torch.device, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        """(t_tex_k, t_sem_k), each (K,), built once per (Δt, device, dtype): the samplers ask per call."""
+        key = (delta_t, device, dtype)
+        if key not in self._tables:
+            d = torch.tensor(self.lead(delta_t), dtype=torch.float64)
+            tau = torch.linspace(0.0, 1.0, len(d), dtype=torch.float64)
+            # cummax/clamp only absorb rounding of τ ± d/2; a valid profile is monotone already.
+            tex = (tau - d / 2).clamp(0.0, 1.0).cummax(0).values
+            sem = (tau + d / 2).clamp(0.0, 1.0).cummax(0).values
+            tex[0], sem[0], tex[-1], sem[-1] = 0.0, 0.0, 1.0, 1.0
+            self._tables[key] = (tex.to(device, dtype), sem.to(device, dtype))
+        return self._tables[key]
+
+    def _segment(self, tau: Tensor, k: int) -> tuple[Tensor, Tensor]:
+        """Index of each τ's segment (the right-hand one at a knot) and its position in it."""
+        pos = tau.clamp(0.0, 1.0) * (k - 1)
+        index = pos.floor().clamp(0, k - 2)
+        return index.long(), pos - index
+
+    def times(self, delta_t: float, tau: Tensor) -> tuple[Tensor, Tensor]:
+        tex_k, sem_k = self._part_knots(delta_t, tau.device, tau.dtype)
+        i, w = self._segment(tau, len(tex_k))
+        # lerp lands exactly on the right-hand knot at w = 1, so τ = 1 gives exactly (1, 1).
+        return torch.lerp(tex_k[i], tex_k[i + 1], w), torch.lerp(sem_k[i], sem_k[i + 1], w)
+
+    def rates(self, delta_t: float, tau: Tensor) -> tuple[Tensor, Tensor]:
+        tex_k, sem_k = self._part_knots(delta_t, tau.device, tau.dtype)
+        i, _ = self._segment(tau, len(tex_k))
+        n = len(tex_k) - 1
+        return (tex_k[i + 1] - tex_k[i]) * n, (sem_k[i + 1] - sem_k[i]) * n
+
+
 SCHEDULES.register("offset", OffsetSchedule())
 SCHEDULES.register("power", PowerSchedule())
+SCHEDULES.register("learned", LearnedSchedule())
+
+
+def learned_initial_knots(delta_t: float, num_knots: int = LearnedSchedule.DEFAULT_KNOTS) -> tuple[float, ...]:
+    """The offset path for ``delta_t`` as a lead profile: (0,0) → (0,Δt) → (1−Δt,1) → (1,1) in
+    (t_tex, t_sem) has lead min(2τ, Δt, 2(1−τ)) on the mean clock τ, sampled at ``num_knots``
+    points (exact at the knots; the two corners between knots are cut by the interpolation)."""
+    if num_knots < 2:
+        raise ValueError(f"a learned schedule needs at least 2 knots, got {num_knots}")
+    return tuple(min(2 * t, delta_t, 2 * (1 - t)) for t in (k / (num_knots - 1) for k in range(num_knots)))
+
+
+def check_knots(knots: tuple[float, ...] | list[float]) -> list[str]:
+    """Problems (empty if none) with a lead profile for :class:`LearnedSchedule`."""
+    k = len(knots)
+    if k < 2:
+        return [f"need at least 2 knots, got {k}"]
+    if not all(math.isfinite(x) for x in knots):
+        return ["knots must be finite"]
+    problems = []
+    tol = 1e-9  # rounding of stored floats; larger violations are real
+    if abs(knots[0]) > tol or abs(knots[-1]) > tol:
+        problems.append(f"the lead must be 0 at both ends (both parts start at noise and end at data), got {knots[0]}, {knots[-1]}")
+    if min(knots) < -tol:
+        problems.append(f"the lead t_sem − t_tex must be >= 0 (semantics first), got {min(knots)}")
+    steep = max(abs(b - a) for a, b in zip(knots, knots[1:]))
+    if steep > 2 / (k - 1) + tol:
+        problems.append(f"consecutive knots may differ by at most 2/(K−1) = {2 / (k - 1):.6g} (else a part runs backwards), got {steep:.6g}")
+    return problems
 
 
 def power_gamma(delta_t: float) -> float:
@@ -146,15 +248,16 @@ def power_gamma(delta_t: float) -> float:
     return 1.0 - math.log2(1.0 - delta_t)  # 1 − 2·(½)^γ = Δt
 
 
-def schedule_times(schedule: str, delta_t: float, tau: Tensor) -> tuple[Tensor, Tensor]:
+def schedule_times(schedule: str, delta_t: float, tau: Tensor, knots: tuple[float, ...] = ()) -> tuple[Tensor, Tensor]:
     """(t_tex, t_sem) at global clock ``tau`` under ``schedule`` (docs/method.md §4.2, §7.1).
 
     ``offset`` (the paper): t_sem = min(τ, 1), t_tex = max(τ − Δt, 0), τ ∈ [0, 1 + Δt].
     ``power`` (ours, smooth): t_tex = τ^γ, t_sem = 1 − (1 − τ)^γ, τ ∈ [0, 1], with γ from
     :func:`power_gamma` so that the largest lead is Δt. Both maps are monotone, t_sem ≥ t_tex,
-    and Δt = 0 gives t_tex = t_sem = τ in both. Others: :data:`SCHEDULES`.
+    and Δt = 0 gives t_tex = t_sem = τ in both. ``learned``: :class:`LearnedSchedule` with
+    ``knots``. Others: :data:`SCHEDULES`.
     """
-    return SCHEDULES[schedule].times(delta_t, tau)
+    return SCHEDULES[schedule].with_knots(knots).times(delta_t, tau)
 
 
 @dataclass(frozen=True)
@@ -164,6 +267,8 @@ class AsyncClock:
     ``schedule="offset"`` is the paper's: a constant lead ``delta_t``. ``"power"`` is a smooth
     member of the family of monotone maps τ ↦ (t_tex, t_sem) whose largest lead is ``delta_t``
     (:func:`schedule_times`); each part then moves with its own rate dt/dτ (:meth:`rates`).
+    ``"learned"`` follows ``knots`` (:class:`LearnedSchedule`; Δt only sets the path used when
+    there are none).
     ``semantic_chans`` counts the last channels of the composite latent. Δt > 0 needs semantic
     channels (the authors assert the same, docs/method.md §4.2); Δt ∈ [0, 1], where Δt = 1 is fully
     sequential generation (§4.3) and has an empty stage II.
@@ -172,6 +277,7 @@ class AsyncClock:
     delta_t: float = 0.3
     semantic_chans: int = 16
     schedule: str = "offset"
+    knots: tuple[float, ...] = ()  # the learned schedule's lead profile (model.semfirst_schedule_knots)
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.delta_t <= 1.0:
@@ -182,24 +288,32 @@ class AsyncClock:
             raise ValueError("delta_t > 0 needs semantic channels (semantic_chans > 0)")
         for problem in SCHEDULES[self.schedule].check(self.delta_t):
             raise ValueError(problem)
+        if self.knots and self.semantic_chans == 0:
+            raise ValueError("a learned lead (knots) needs semantic channels (semantic_chans > 0)")
+        self._schedule  # noqa: B018  refuse bad knots here, not at the first sampler call
+
+    @functools.cached_property
+    def _schedule(self) -> Schedule:
+        """The registered member, with this clock's knots (a fixed member is the registered object)."""
+        return SCHEDULES[self.schedule].with_knots(self.knots)
 
     @property
     def tau_end(self) -> float:
-        return SCHEDULES[self.schedule].tau_end(self.delta_t)
+        return self._schedule.tau_end(self.delta_t)
 
     def times(self, tau: Tensor) -> tuple[Tensor, Tensor]:
         """(t_tex, t_sem) at clock value ``tau`` (§4.2 step 3, §7.1); texture first."""
-        return schedule_times(self.schedule, self.delta_t, tau)
+        return self._schedule.times(self.delta_t, tau)
 
     def rates(self, tau: Tensor) -> tuple[Tensor, Tensor] | None:
         """(dt_tex/dτ, dt_sem/dτ), or None where every moving part has rate 1 (the offset
         schedule: its phases say which parts move, and a moving part moves with the clock)."""
-        return SCHEDULES[self.schedule].rates(self.delta_t, tau)
+        return self._schedule.rates(self.delta_t, tau)
 
     def phases(self) -> list[Phase]:
         """The non-empty phases I, II, III in order (a single phase [0, 1] when Δt = 0 or the
         schedule is smooth: both parts move all the way, at their own rates)."""
-        if self.delta_t == 0 or not SCHEDULES[self.schedule].phased:
+        if self.delta_t == 0 or not self._schedule.phased:
             return [Phase(0.0, 1.0, True, True)]
         dt = self.delta_t
         phases = [
@@ -236,12 +350,13 @@ def sample_training_times(
     mean: float = 0.0,
     std: float = 1.0,
     schedule: str = "offset",
+    knots: tuple[float, ...] = (),
 ) -> tuple[Tensor, Tensor]:
     """Draw (t_tex, t_sem), each (B,) float32, from one logit-normal draw (docs/method.md §4.2).
 
     u = σ(n), n ~ N(mean, std²); τ = u·(1+Δt); t_sem = min(τ, 1), t_tex = max(τ − Δt, 0), so
     t_sem ≥ t_tex always. Δt = 0 gives t_tex = t_sem = u. Another ``schedule`` maps u over its
-    own clock length instead (:func:`schedule_times`; ``power``: τ = u). The draw comes from ``generator``
+    own clock length instead (:func:`schedule_times`; ``power``, ``learned``: τ = u). The draw comes from ``generator``
     (torch RNG; the authors used unseeded scipy, §12.3 item 9) on the generator's device, so a
     seed gives the same times on any ``device``.
     """
@@ -250,8 +365,9 @@ def sample_training_times(
     rng_device = generator.device if generator is not None else device
     n = torch.randn(batch_size, generator=generator, device=rng_device)
     u = torch.sigmoid(n * std + mean)
-    tau = u * SCHEDULES[schedule].tau_end(delta_t)  # over the clock's length (× 1.0 is exact)
-    t_tex, t_sem = schedule_times(schedule, delta_t, tau)
+    member = SCHEDULES[schedule].with_knots(knots)
+    tau = u * member.tau_end(delta_t)  # over the clock's length (× 1.0 is exact)
+    t_tex, t_sem = member.times(delta_t, tau)
     return t_tex.to(device), t_sem.to(device)
 
 

@@ -650,7 +650,10 @@ def clock_for(cfg: ModelConfig, sampling: SamplingConfig) -> AsyncClock:
     delta_t = cfg.semfirst_delta_t if sampling.delta_t is None else sampling.delta_t
     if cfg.semantic_chans == 0:
         delta_t = 0.0 if sampling.delta_t is None else delta_t
-    return AsyncClock(delta_t=delta_t, semantic_chans=cfg.semantic_chans, schedule=cfg.semfirst_schedule)
+    return AsyncClock(
+        delta_t=delta_t, semantic_chans=cfg.semantic_chans, schedule=cfg.semfirst_schedule,
+        knots=cfg.semfirst_schedule_knots,
+    )
 
 
 @torch.no_grad()
