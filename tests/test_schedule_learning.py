@@ -11,7 +11,6 @@ config, resume bit for bit, and sample/grid.py samples along them.
 
 from __future__ import annotations
 
-import itertools
 import json
 import math
 from pathlib import Path
@@ -369,3 +368,40 @@ def test_tiny_run_learns_the_path_writes_it_resumes_exactly_and_samples(tmp_path
                "--per-class", "2", "-o", "method=heun", "-o", "num_steps=6", "--out", str(png)])
     assert png.is_file()
     assert json.loads(png.with_suffix(".json").read_text())["sampling"]["method"] == "heun"
+
+    # eval/plot.py draws the path of every checkpoint.
+    plot = load_script("eval/plot.py")
+    plot.main([str(tmp_path / "ref"), "--out", str(tmp_path / "plots")])
+    assert (tmp_path / "plots" / "schedule.png").is_file()
+
+    # Resuming with other knots on the command line keeps the checkpoint's (trained state), and says so.
+    cfg = trainer.resolve_config(trainer.parse_args([*argv(cache, tmp_path / "ref", "max_steps=20", *LEARN), *extra,
+                                                     "-o", "model.semfirst_schedule_knots=[0,0.25,0.5,0.25,0,0,0,0,0]"]))
+    from sfd.checkpoint import read_checkpoint
+
+    notes = trainer.check_resume(cfg, read_checkpoint(ckpt, prefer_ema=False, weights=False))
+    assert any("learned knots are kept" in n for n in notes)
+
+
+def test_torchrun_two_processes_learn_the_same_path(tmp_path: Path):
+    """The histogram rides on the step's all-reduce: two ranks move the knots as one process does."""
+    import subprocess
+    import sys
+
+    from tests.test_train import REPO, TRAIN, argv, losses, make_cache, run, subprocess_env
+
+    torch.set_num_threads(1)
+    cache = make_cache(tmp_path / "c.zarr").path
+    common = ("max_steps=4", "global_batch=8", "model.semfirst_schedule=learned", "schedule_update_every=2",
+              "schedule_grid=2", "schedule_explore=0.5", "schedule_decay=0.5")
+    run(cache, tmp_path / "one", *common)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(TRAIN),
+           *argv(cache, tmp_path / "two", *common, "micro_batch=2")]
+    done = subprocess.run(cmd, env=subprocess_env(), capture_output=True, text=True, timeout=180, cwd=REPO)
+    assert done.returncode == 0, done.stdout + done.stderr
+    one, two = (load_training_state(list_checkpoints(tmp_path / r)[-1][1])["schedule"] for r in ("one", "two"))
+    assert one["updates"] == two["updates"] == 2
+    torch.testing.assert_close(two["knots"], one["knots"], atol=1e-9, rtol=0)
+    torch.testing.assert_close(two["sums"], one["sums"], atol=1e-5, rtol=1e-5)
+    assert torch.equal(two["counts"], one["counts"])
+    assert list(losses(tmp_path / "one")) == list(losses(tmp_path / "two")) == [1, 2, 3, 4]

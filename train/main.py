@@ -72,7 +72,15 @@ from sfd.checkpoint import (
     save_training_checkpoint,
 )
 from sfd.cli import Parser, cli_status
-from sfd.config import TRAIN_PRESETS, ConfigError, ModelConfig, TrainConfig, to_dict, to_json, train_preset
+from sfd.config import (
+    TRAIN_PRESETS,
+    ConfigError,
+    ModelConfig,
+    TrainConfig,
+    to_dict,
+    to_json,
+    train_preset,
+)
 from sfd.data.cache import DATA_SHAPED, CacheError, LatentCache
 from sfd.data.reader import LatentBatch, LatentCacheReader
 from sfd.diffusion import AsyncClock, LossTerms, noise_composite, sample_training_times, sfd_loss
