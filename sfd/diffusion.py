@@ -179,7 +179,7 @@ class LearnedSchedule(Schedule):
         problems = check_knots(self.knots) if self.knots else []
         if problems:
             raise ValueError("semfirst_schedule_knots: " + "; ".join(problems))
-        self._tables: dict[tuple[float, torch.device, torch.dtype], tuple[Tensor, Tensor]] = {}
+        self._tables: dict[tuple[float, torch.device], tuple[Tensor, Tensor, Tensor]] = {}
 
     def with_knots(self, knots: tuple[float, ...]) -> Schedule:
         return LearnedSchedule(knots)
@@ -194,11 +194,12 @@ class LearnedSchedule(Schedule):
         """The control profile d_k in use: the knots, or the offset path's for ``delta_t``."""
         return self.knots or learned_initial_knots(delta_t, self.DEFAULT_KNOTS)
 
-    def _table(self, delta_t: float, device: torch.device, dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
+    def _table(self, delta_t: float, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
         """The profile extended by one knot past each end (odd reflection: d_{−1} = −d_1,
         d_K = −d_{K−2}) with its first and second running integrals at those K + 2 points;
-        float64, built once per (Δt, device): the samplers ask at every evaluation."""
-        key = (delta_t, device, dtype)
+        float64 (float32 on MPS, which has no float64), built once per (Δt, device): the samplers
+        ask at every evaluation."""
+        key = (delta_t, device)
         if key not in self._tables:
             d = torch.tensor(self.lead(delta_t), dtype=torch.float64)
             ext = torch.cat([-d[1:2], d, -d[-2:-1]])
@@ -207,7 +208,8 @@ class LearnedSchedule(Schedule):
             first = torch.cat([zero, ((ext[1:] + ext[:-1]) * (h / 2)).cumsum(0)])
             # Exact over a linear segment: ∫∫ = F_j·h + h²·(d_j/3 + d_{j+1}/6).
             second = torch.cat([zero, (first[:-1] * h + h * h * (ext[:-1] / 3 + ext[1:] / 6)).cumsum(0)])
-            self._tables[key] = (ext.to(device), first.to(device), second.to(device))
+            work = _work_dtype(device)
+            self._tables[key] = (ext.to(device, work), first.to(device, work), second.to(device, work))
         return self._tables[key]
 
     @staticmethod
@@ -226,26 +228,30 @@ class LearnedSchedule(Schedule):
         return f, g
 
     def _lead(self, delta_t: float, tau: Tensor) -> tuple[Tensor, Tensor]:
-        """D(τ) and D′(τ) in float64 as second differences of the integrals over ±h (the
+        """D(τ) and D′(τ) in float64 (MPS: float32) as second differences of the integrals over ±h (the
         triangle-weighted average); D is exactly 0 at (and beyond) both ends."""
-        table = self._table(delta_t, tau.device, tau.dtype)
-        t = tau.to(torch.float64).clamp(0.0, 1.0)
+        table = self._table(delta_t, tau.device)
+        t = tau.to(table[0].dtype).clamp(0.0, 1.0)
         h = 1.0 / (len(table[0]) - 3)
         (f_hi, g_hi), (f_mid, g_mid), (f_lo, g_lo) = (self._integrals(table, t + o) for o in (h, 0.0, -h))
         inside = (t > 0) & (t < 1)
         lead = (g_hi - 2 * g_mid + g_lo) / (h * h)
-        lead = torch.where(inside, lead, torch.zeros((), dtype=torch.float64, device=t.device))
+        lead = torch.where(inside, lead, torch.zeros((), dtype=t.dtype, device=t.device))
         return lead.clamp(min=0.0), (f_hi - 2 * f_mid + f_lo) / (h * h)
 
     def times(self, delta_t: float, tau: Tensor) -> tuple[Tensor, Tensor]:
         lead, _ = self._lead(delta_t, tau)
-        t = tau.to(torch.float64).clamp(0.0, 1.0)
+        t = tau.to(lead.dtype).clamp(0.0, 1.0)
         # The clamps only absorb rounding: mathematically 0 ≤ τ − D/2 ≤ τ + D/2 ≤ 1.
         return (t - lead / 2).clamp(0.0, 1.0).to(tau.dtype), (t + lead / 2).clamp(0.0, 1.0).to(tau.dtype)
 
     def rates(self, delta_t: float, tau: Tensor) -> tuple[Tensor, Tensor]:
         _, slope = self._lead(delta_t, tau)
         return (1 - slope / 2).clamp(0.0, 2.0).to(tau.dtype), (1 + slope / 2).clamp(0.0, 2.0).to(tau.dtype)
+
+
+def _work_dtype(device: torch.device) -> torch.dtype:
+    return torch.float32 if device.type == "mps" else torch.float64
 
 
 SCHEDULES.register("offset", OffsetSchedule())
