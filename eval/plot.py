@@ -3,7 +3,8 @@
 Reads ``<run>/metrics.jsonl`` (written by train/main.py: one ``"event": "train"`` line per log
 interval) and, if present, ``<run>/eval.jsonl`` (one line per evaluated checkpoint with a
 ``step`` and numeric metric fields, as written by the demo and the convergence study). Writes
-``<run>/plots/losses.png`` and ``<run>/plots/metrics.png``.
+``<run>/plots/losses.png`` and ``<run>/plots/metrics.png``, and for runs of the learned schedule
+``schedule.png``: the path t_sem against t_tex stored in each checkpoint's model config.
 
 Examples:
     python eval/plot.py runs/demo/train
@@ -111,6 +112,49 @@ def plot_metrics(runs: list[Path], labels: list[str], out: Path) -> Path | None:
     return path
 
 
+def plot_schedule(runs: list[Path], labels: list[str], out: Path) -> Path | None:
+    """The learned schedule's path (t_tex, t_sem) in every checkpoint of each run that learns one,
+    darker for later checkpoints, over the paper's offset path for the run's Δt; None when no
+    run uses ``model.semfirst_schedule=learned``."""
+    import torch
+
+    from sfd.checkpoint import list_checkpoints, read_checkpoint
+    from sfd.diffusion import AsyncClock
+
+    tau = torch.linspace(0.0, 1.0, 401, dtype=torch.float64)
+    panels = []
+    for run, label in zip(runs, labels):
+        configs = [(step, read_checkpoint(path, prefer_ema=True, weights=False).model_config) for step, path in list_checkpoints(run)]
+        configs = [(step, m) for step, m in configs if m is not None and m.semfirst_schedule == "learned"]
+        if configs:
+            panels.append((label, configs))
+    if not panels:
+        return None
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 4.0), squeeze=False)
+    for ax, (label, configs) in zip(axes[0], panels):
+        m0 = configs[0][1]
+        offset = AsyncClock(m0.semfirst_delta_t, m0.semantic_chans, "offset")
+        t_off = offset.times(tau * offset.tau_end)
+        ax.plot(*t_off, color="grey", linestyle="--", linewidth=1, label=f"offset Δt={m0.semfirst_delta_t:g}")
+        ax.plot([0, 1], [0, 1], color="grey", linestyle=":", linewidth=1, label="synchronous")
+        for n, (step, m) in enumerate(configs):
+            clock = AsyncClock(m.semfirst_delta_t, m.semantic_chans, "learned", m.semfirst_schedule_knots)
+            shade = plt.cm.viridis(n / max(len(configs) - 1, 1))
+            ax.plot(*clock.times(tau), color=shade, linewidth=1.4, label=f"step {step}")
+        ax.set_title(f"{label}: learned path")
+        ax.set_xlabel("t_tex (0 noise, 1 data)")
+        ax.set_ylabel("t_sem")
+        ax.set_aspect("equal")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "schedule.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = Parser(prog="eval/plot.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("runs", nargs="+", type=Path, help="run directories (holding metrics.jsonl / eval.jsonl)")
@@ -129,7 +173,8 @@ def main(argv: list[str] | None = None) -> None:
         if not run.is_dir():
             ap.error(f"no run directory at {run}")
     out = args.out or args.runs[0] / "plots"
-    made = [p for p in (plot_losses(args.runs, labels, out), plot_metrics(args.runs, labels, out)) if p]
+    plots = (plot_losses(args.runs, labels, out), plot_metrics(args.runs, labels, out), plot_schedule(args.runs, labels, out))
+    made = [p for p in plots if p]
     if not made:
         raise SystemExit(f"nothing to plot: no metrics.jsonl or eval.jsonl in {', '.join(map(str, args.runs))}")
     for p in made:

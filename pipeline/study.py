@@ -76,6 +76,12 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
     # Optional (issue 15 item 6): the smooth "power" member of the schedule family, its largest
     # lead 0.3, against the fixed offset Δt = 0.3 (sfd/diffusion.py schedule_times).
     "power0.3": ("power schedule, lead ≤ 0.3 (ours)", [*_dt(0.3), "schedule=power"]),
+    # Issue 22 item 3: the learned schedule (docs/decisions.md), starting on the Δt = 0.3 path; an
+    # 8 × 8 search grid, the path moved every 50 steps over the first half, then frozen.
+    "learned0.3": ("learned schedule from Δt=0.3 (ours)", [
+        *_dt(0.3), "schedule=learned", "schedule_grid=8", "schedule_update_every=50", "schedule_decay=0.98",
+        "schedule_learn_until=400",
+    ]),
     "no-semantic": ("no semantic channels", [
         "use_semantic=false", "model.in_channels=48", "model.semantic_chans=0", "delta_t=0", "model.semfirst_delta_t=0",
     ]),

@@ -242,6 +242,10 @@ class ModelConfig:
     # Δt; "power" = a smooth monotone pair whose largest lead is Δt (sfd/diffusion.py). Stored with
     # the weights like Δt, so every sampler follows the schedule the model was trained with.
     semfirst_schedule: str = "offset"
+    # Ours: the "learned" schedule's parameters, the lead t_sem − t_tex at K equally spaced values
+    # of the clock (sfd.diffusion.LearnedSchedule); the trainer fits and writes them (TrainConfig
+    # schedule_*). Empty = the offset path for Δt; must be empty for the fixed schedules.
+    semfirst_schedule_knots: tuple[float, ...] = ()
     # Our extension: how time enters the network. "dual" = two half-width embedders
     # concat[emb_sem(t_sem), emb_tex(t_tex)] (every SFD checkpoint); "single" = the authors'
     # single-timestep LightningDiT layout (`t_embedder.*`), which they silently use for Δt = 0.
@@ -257,6 +261,10 @@ class ModelConfig:
             from sfd.diffusion import SCHEDULES
 
             _raise([f"semfirst_delta_t: {p}" for p in SCHEDULES[self.semfirst_schedule].check(self.semfirst_delta_t)])
+            try:
+                SCHEDULES[self.semfirst_schedule].with_knots(self.semfirst_schedule_knots)
+            except ValueError as e:
+                raise ConfigError(f"semfirst_schedule={self.semfirst_schedule}: {e}") from e
         if self.timestep_embedding not in ("dual", "single"):
             raise ConfigError(f"timestep_embedding must be 'dual' or 'single', got {self.timestep_embedding!r}")
         if self.timestep_embedding == "dual" and self.hidden_size % 2:
@@ -595,6 +603,16 @@ class TrainConfig:
     repa_mode: str = "cos"  # cos | mse | cos_mse (sfd.diffusion.REPA_MODES)
     repa_targets: str = "stored"  # stored (cache's DINO tokens) | semvae (decoded from the semantic latent) | none (sfd.repa_targets.REPA_TARGET_SOURCES)
     mask_clamped: bool = False  # ours, off = faithful: drop the clamped parts from the loss (docs/method.md §12.3 item 7)
+    # Ours: fitting model.semfirst_schedule=learned while training (sfd/schedule_learning.py;
+    # ignored by the fixed schedules). The knots move every `schedule_update_every` steps (0 = they
+    # stay as given) until step `schedule_learn_until` (0 = the whole run).
+    schedule_update_every: int = 1000
+    schedule_explore: float = 0.25  # share of each batch drawn over the whole t_sem >= t_tex triangle while learning
+    schedule_decay: float = 0.999  # per-step decay of the error histogram
+    schedule_step: float = 0.5  # share of the way the knots move to each new best path
+    schedule_kinetic: float = 0.01  # weight of the clock's kinetic-energy penalty in the path search
+    schedule_learn_until: int = 0
+    schedule_grid: int = 16  # G: the search grid is G × G and the path has 2G + 1 knots (when the model has none)
     # Performance policy, decided once in main().
     precision: str = "bf16"  # bf16 autocast (CUDA or CPU autocast) | fp32
     # eager | compile (torch.compile of model + loss, before DDP) | triton (compile + the fused
@@ -645,6 +663,13 @@ class TrainConfig:
         if self.profile_steps and not _is_step_window(self.profile_steps):
             raise ConfigError(f"profile_steps must be A:B with 0 <= A < B (e.g. 20:25), got {self.profile_steps!r}")
         _raise(_choice("optimizer", self.optimizer, "sfd.optim:OPTIMIZERS"))
+        if self.schedule_update_every < 0 or self.schedule_learn_until < 0 or self.schedule_grid < 1:
+            raise ConfigError("schedule_update_every and schedule_learn_until must be >= 0, schedule_grid >= 1")
+        for name in ("schedule_explore", "schedule_decay", "schedule_step"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ConfigError(f"{name} must lie in [0, 1], got {getattr(self, name)}")
+        if self.schedule_kinetic < 0:
+            raise ConfigError(f"schedule_kinetic must be >= 0, got {self.schedule_kinetic}")
         _raise(_choice("eval_metric", self.eval_metric, "sfd.evaluators:EVALUATORS"))
         if self.eval_every < 0 or self.eval_samples < 0 or self.eval_num_steps < 0:
             raise ConfigError("eval_every, eval_samples and eval_num_steps must be >= 0")

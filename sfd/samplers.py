@@ -472,6 +472,11 @@ def _dopri5_exact_run(
     end = torch.full_like(tau, phase.end)
     k1 = drift(x, tau, phase)
     h = _dopri5_initial_step(drift, x, k1, tau, phase, rms, atol, rtol)
+    # A clock with features narrower than the controller can see (the learned schedule's rounded
+    # corners) caps the step, so no step jumps one unseen (schedules without the cap: None).
+    max_step = drift.clock.max_step
+    if max_step is not None:
+        h = h.clamp(max=max_step)
     n_acc = n_rej = 0
     done = tau >= end
     while not bool(done.all()):
@@ -485,6 +490,8 @@ def _dopri5_exact_run(
         ratio = _dopri5_error_ratio(rms, err, x, x_new, atol, rtol, tau)
         accept = (ratio <= 1) | done
         h = torch.where(done, h, _dopri5_next_h(h_step, ratio))
+        if max_step is not None:
+            h = h.clamp(max=max_step)
         a = accept.reshape(-1, *([1] * (x.ndim - 1)))
         x = torch.where(a, x_new, x)
         k1 = torch.where(a, ks[6], k1)
@@ -650,7 +657,10 @@ def clock_for(cfg: ModelConfig, sampling: SamplingConfig) -> AsyncClock:
     delta_t = cfg.semfirst_delta_t if sampling.delta_t is None else sampling.delta_t
     if cfg.semantic_chans == 0:
         delta_t = 0.0 if sampling.delta_t is None else delta_t
-    return AsyncClock(delta_t=delta_t, semantic_chans=cfg.semantic_chans, schedule=cfg.semfirst_schedule)
+    return AsyncClock(
+        delta_t=delta_t, semantic_chans=cfg.semantic_chans, schedule=cfg.semfirst_schedule,
+        knots=cfg.semfirst_schedule_knots,
+    )
 
 
 @torch.no_grad()

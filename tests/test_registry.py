@@ -100,7 +100,7 @@ REGISTRIES = {
     "sampler": (SAMPLERS, ("euler", "heun", "dopri5")),
     "grid": (GRIDS, ("exact", "authors")),
     "interval mode": (INTERVAL_MODES, ("both", "tex", "sem")),
-    "schedule": (SCHEDULES, ("offset", "power")),
+    "schedule": (SCHEDULES, ("offset", "power", "learned")),
     "REPA loss mode": (REPA_MODES, ("cos", "mse", "cos_mse")),
     "REPA target source": (REPA_TARGET_SOURCES, ("stored", "semvae", "none")),
     "reader mode": (MODES, ("memory", "pagecache")),
@@ -126,7 +126,7 @@ def test_unknown_names_through_configs_and_dispatch() -> None:
         train_preset("tiny", "data_mode=stream")
     with pytest.raises(ValueError, match=re.escape("choose one of euler | heun | dopri5")):
         sample(lambda x, *_: x, torch.zeros(1, 2, 1, 1), torch.zeros(1, dtype=torch.long), AsyncClock(0.0, 1), method="rk4")
-    with pytest.raises(ValueError, match=re.escape("unknown schedule 'cosine'; choose one of offset | power")):
+    with pytest.raises(ValueError, match=re.escape("unknown schedule 'cosine'; choose one of offset | power | learned")):
         AsyncClock(0.3, 4, "cosine")
 
 

@@ -81,6 +81,7 @@ from sfd.config import (
     SAMPLING_PRESETS,
     TRAIN_PRESETS,
     ConfigError,
+    ModelConfig,
     TrainConfig,
     to_dict,
     to_json,
@@ -100,6 +101,7 @@ from sfd.posthoc_ema import PowerEMA, drop_snapshots_after, parse_sigma_rels, wr
 from sfd.repa_targets import REPA_TARGET_SOURCES, RepaTargetSource
 from sfd.runlock import LockError, die_with_parent, hold_for_ranks, release_held_locks
 from sfd.runlog import MetricsLog, StepProfiler
+from sfd.schedule_learning import LearnSettings, ScheduleLearner, schedule_summary
 
 LOSS_KEYS = ("total", "mse", "cos", "repa")
 VERIFY_MODES = ("full", "lazy")  # cache checksums: all before step 1 | each file on first read
@@ -308,6 +310,7 @@ def main(argv: list[str] | None = None) -> None:
         except ValueError as e:
             raise TrainError(str(e)) from e
         runtime.set_rng_state(state["rng"], d.device)
+        train_step.load_state_dict(state)  # the learned schedule's knots and error histogram
         step, nan_total, nan_run = state["step"], state["nan_skips_total"], state["nan_skips_consecutive"]
         if sigma_rels:  # every rank checks (same files), so a refusal stops them all
             resume_posthoc(posthoc, start_dir, step, sigma_rels)
@@ -356,11 +359,11 @@ def main(argv: list[str] | None = None) -> None:
         state = {
             "step": step, "images_seen": step * cfg.global_batch, "optimizer": optimizer.state_dict(),
             "reader": reader_state, "rng": runtime.rng_state(d.device), "world_size": d.world_size,
-            "nan_skips_total": nan_total, "nan_skips_consecutive": nan_run,
+            "nan_skips_total": nan_total, "nan_skips_consecutive": nan_run, **train_step.state_dict(),
         }
         extra = {} if posthoc is None else {POSTHOC_STATE_FILE: lambda path: posthoc.save_state(path, step)}
-        path = save_training_checkpoint(
-            run_dir, step, model=model, ema=ema, state=state, kind="lightningdit", model_config=m,
+        path = save_training_checkpoint(  # the model config carries the learned schedule's current knots
+            run_dir, step, model=model, ema=ema, state=state, kind="lightningdit", model_config=train_step.model_config,
             run_config=run_config_dict(cfg), latent_stats=latent_stats, keep_last=cfg.keep_last,
             extra_files=extra,
         )
@@ -505,16 +508,42 @@ class TrainStep:
         trainable = [(p, e) for p, e in zip(model.parameters(), ema.parameters()) if p.requires_grad]
         self.params = [p for p, _ in trainable]
         self.ema_params = [e for _, e in trainable]
+        # The learned schedule's knots and error histogram (sfd/schedule_learning.py); None for
+        # the fixed schedules. The EMA model's config follows the knots, so its sample grids do.
+        self.ema, self.learner = ema, None
+        m = cfg.model
+        if m.semfirst_schedule == "learned":
+            knots = ScheduleLearner.initial_knots(m.semfirst_schedule_knots, cfg.delta_t, cfg.schedule_grid)
+            self.learner = ScheduleLearner(LearnSettings.of(cfg), knots, m.semantic_chans)
+            ema.cfg = self.model_config
+
+    @property
+    def model_config(self) -> ModelConfig:
+        """The model config to store: the run's, with the learned schedule's current knots."""
+        if self.learner is None:
+            return self.cfg.model
+        return dataclasses.replace(self.cfg.model, semfirst_schedule_knots=self.learner.knot_tuple)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {} if self.learner is None else {"schedule": self.learner.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if self.learner is not None and "schedule" in state:
+            self.learner.load_state_dict(state["schedule"])
+            self.ema.cfg = self.model_config
 
     def draws(self, step: int) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
         """(t_tex, t_sem, x0, drop) for the whole global batch of ``step`` (docs/method.md §4.2)."""
         cfg, m, device = self.cfg, self.cfg.model, self.d.device
         gen = torch.Generator(device=device).manual_seed(runtime.derive_seed("train", cfg.seed, step))
         B = cfg.global_batch
-        t_tex, t_sem = sample_training_times(
-            B, cfg.delta_t, generator=gen, device=device, mean=cfg.time_mean, std=cfg.time_std,
-            schedule=m.semfirst_schedule,
-        )
+        if self.learner is not None:  # along the learned path, plus exploring rows while it is learned
+            t_tex, t_sem = self.learner.draw_times(B, step, generator=gen, device=device, mean=cfg.time_mean, std=cfg.time_std)
+        else:
+            t_tex, t_sem = sample_training_times(
+                B, cfg.delta_t, generator=gen, device=device, mean=cfg.time_mean, std=cfg.time_std,
+                schedule=m.semfirst_schedule,
+            )
         x0 = torch.randn((B, m.in_channels, m.input_size, m.input_size), generator=gen, device=device)
         # Label dropout decided here, not inside the model, so it is seeded and rank-independent.
         drop = None
@@ -539,6 +568,8 @@ class TrainStep:
             )
         accum = len(mine) // self.micro_batch
         sums = torch.zeros(len(LOSS_KEYS), device=d.device)
+        learning = self.learner is not None and self.learner.settings.learning(step)
+        errors = torch.zeros(self.learner.increment_size if learning else 0, device=d.device)
         for a in range(accum):
             sel = slice(a * self.micro_batch, (a + 1) * self.micro_batch)
             g = mine[sel]
@@ -559,9 +590,18 @@ class TrainStep:
                 )
                 (terms.total / accum).backward()
             sums += torch.stack([terms.total, terms.mse, terms.cos, terms.repa]).detach() / accum
+            if learning:  # each part's velocity error, binned over (t_tex, t_sem)
+                errors += self.learner.observe(t_tex[g], t_sem[g], pred, target)
 
-        grad_norm, shared = self._update(sums, stop_requested)
+        # The error histogram rides on the step's one all-reduce, after the loss sums.
+        grad_norm, shared = self._update(torch.cat([sums, errors]), stop_requested)
         losses = {k: v / d.world_size for k, v in zip(LOSS_KEYS, shared)}
+        if learning:
+            if not shared[-1] > 0:
+                self.learner.accumulate(shared[len(LOSS_KEYS):-2])
+            if self.learner.maybe_update(step + 1):
+                self.ema.cfg = self.model_config
+                d.say(f"step {step + 1}: learned schedule update {self.learner.updates}: {schedule_summary(self.learner.knot_tuple)}")
         return StepResult(losses, float(grad_norm), shared[-1] > 0, shared[-2] > 0)
 
     def _update(self, sums: Tensor, stop_requested: bool) -> tuple[Tensor, list[float]]:
@@ -595,7 +635,12 @@ def check_run_config(cfg: TrainConfig) -> None:
     m = cfg.model
     problems = []
     try:
-        AsyncClock(cfg.delta_t, m.semantic_chans, m.semfirst_schedule)
+        AsyncClock(cfg.delta_t, m.semantic_chans, m.semfirst_schedule, m.semfirst_schedule_knots)
+        if m.semfirst_schedule == "learned":
+            knots = ScheduleLearner.initial_knots(m.semfirst_schedule_knots, cfg.delta_t, cfg.schedule_grid)
+            ScheduleLearner(LearnSettings.of(cfg), knots, m.semantic_chans)
+            if m.semantic_chans == 0:
+                problems.append("model.semfirst_schedule=learned needs semantic channels (model.semantic_chans > 0)")
     except ValueError as e:
         problems.append(str(e))
     if not cfg.use_semantic and (m.semantic_chans != 0 or cfg.delta_t != 0):
@@ -723,6 +768,11 @@ def check_same_checkpoint(d: runtime.Dist, ckpts: Sequence[tuple[int, Path]], ru
 def check_resume(cfg: TrainConfig, ckpt: Checkpoint) -> list[str]:
     """Refuse a checkpoint of another model; return notes on other fields that changed."""
     saved_model, now_model = to_dict(ckpt.model_config), to_dict(cfg.model)
+    notes = []
+    if cfg.model.semfirst_schedule == "learned":  # the knots are trained state: the checkpoint's are kept
+        saved_knots, now_knots = saved_model.pop("semfirst_schedule_knots", None), now_model.pop("semfirst_schedule_knots")
+        if now_knots and list(now_knots) != list(saved_knots or []):
+            notes.append("model.semfirst_schedule_knots: the checkpoint's learned knots are kept, not the given ones")
     if saved_model != now_model:
         diffs = [f"model.{k}: checkpoint {saved_model.get(k)!r}, now {v!r}" for k, v in now_model.items() if saved_model.get(k) != v]
         raise TrainError(
@@ -730,7 +780,7 @@ def check_resume(cfg: TrainConfig, ckpt: Checkpoint) -> list[str]:
             + "\nUse the same model settings to resume, or another --out-dir to start a new run"
         )
     saved, now = ckpt.run_config or {}, run_config_dict(cfg)
-    return [f"{k}: {saved.get(k)!r} -> {v!r}" for k, v in now.items() if saved.get(k) != v]
+    return notes + [f"{k}: {saved.get(k)!r} -> {v!r}" for k, v in now.items() if saved.get(k) != v]
 
 
 def run_config_dict(cfg: TrainConfig) -> dict[str, Any]:
