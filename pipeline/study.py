@@ -20,11 +20,12 @@ Budget: the defaults are sized to ≈ 60 min on 2 idle cores (``--jobs 2``: two 
 side, one thread each); docs/study.md has the arithmetic. Everything resumes: run the same
 command again after an interruption.
 
-Settings: StudyConfig below (presets ``full`` and ``tiny``; ``-o key=value`` for any field,
+Settings: StudyConfig below (presets ``full``, ``schedules`` and ``tiny``; ``-o key=value`` for any field,
 ``--dry-run`` prints them resolved).
 
 Example:
     python pipeline/study.py --out runs/study                       # the real study
+    python pipeline/study.py --out runs/study --preset schedules    # learned/power vs offset (reuses runs)
     python pipeline/study.py --out runs/study-tiny --preset tiny     # plumbing check (4 steps, 1 seed)
 """
 
@@ -88,13 +89,16 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
 }
 
 
-# The issue's design: the Δt grid and the no-semantic baseline (add power0.3 with --variants).
-DEFAULT_VARIANTS = [v for v in VARIANTS if not v.startswith("power")]
+# The Δt study: the Δt grid and the no-semantic baseline. The schedule study (preset
+# ``schedules``) puts the smooth and the learned schedule beside the offset they start from; run
+# in the same folder, it reuses the offset and synchronous runs (same seeds, same settings).
+DEFAULT_VARIANTS = [v for v in VARIANTS if not v.startswith(("power", "learned"))]
+SCHEDULE_VARIANTS = ["dt0", "dt0.3", "power0.3", "learned0.3"]
 
 
 @dataclass(frozen=True)
 class StudyConfig:
-    """The study's settings (presets: full, tiny)."""
+    """The study's settings (presets: full, schedules, tiny)."""
 
     out: str = "runs/study"  # study folder (everything goes here)
     steps: int = 800  # training steps of every run (equal for all variants)
@@ -135,6 +139,7 @@ class StudyConfig:
 
 STUDY_PRESETS = {
     "full": StudyConfig(),
+    "schedules": StudyConfig(variants=",".join(SCHEDULE_VARIANTS)),
     "tiny": StudyConfig(steps=4, evals=2, samples=12, seeds=1, variants="dt0,dt0.3,no-semantic", tiny=True,
                         guidance_scales="2,4", grid_per_class=1),
 }
