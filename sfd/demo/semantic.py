@@ -10,18 +10,24 @@ as a safetensors file whose metadata carries DINOv2's constructor arguments. The
 loads it through the same ``--dino`` path and the same timm conversion as the released
 ``dinov2_vitb14_reg4_pretrain.pth`` (sfd.encoding.dino_spec reads the config from the file).
 
-Objective (ours; DINOv2's self-distillation would need far more than a CPU minute): supervised,
-on the images' shape labels and the renderer's coverage masks,
+Objective: self-supervised, no labels and no masks (the trainer takes pixels only), DINOv2's
+recipe at toy scale (``SSLConfig``):
 
-- cross-entropy of a linear head on the final-norm CLS token;
-- cross-entropy of a linear head on the *mean of the final-norm patch tokens*, so every patch
-  token (what SFD actually uses; CLS and registers are dropped) is pushed to carry the class;
-- per-patch binary cross-entropy of a linear head predicting the shape's coverage of that patch,
-  so the tokens also say *where* the object is, as DINOv2 patch features do (their PCA
-  separates foreground from background).
+- DINO self-distillation: a student and an EMA teacher, a projection head to a softmax over K
+  normalised prototypes; the teacher sees 2 global crops, the student those and small local
+  crops, and each student view predicts the teacher's (sharpened, Sinkhorn-Knopp-centred)
+  distribution of the *other* global view. The loss is applied to the CLS token and to the
+  mean patch token (ours: SFD uses the patch tokens, not CLS);
+- iBOT's masked-patch term, as DINOv2 adds it: patches of the student's global views are
+  replaced by a learned mask token and predict the teacher's distribution at those patches;
+- KoLeo on the CLS features (DINOv2), spreading a batch apart.
 
-Augmentation: flips and 90° turns (every class is invariant to them). The heads are discarded.
-Quality is reported as a linear-probe accuracy of the mean patch token on held-out images.
+Augmentation: random resized crops, any rotation, mirror flips, colour jitter and a hue rotation
+by any angle, grey at random; the classes are invariant to all of them, so only the outline is
+shared between views. The teacher is the returned network; heads are discarded. Quality is a
+linear probe of the mean patch token on held-out images (the probe is where labels enter).
+A contrastive variant (``objective="contrastive"``, MoCo v3-style InfoNCE on the same views) is
+kept for comparison; docs/decisions.md ("The CPU demo") has both measured.
 """
 
 from __future__ import annotations
@@ -68,25 +74,29 @@ class SSLConfig:
     from are noted where they do.
     """
 
-    steps: int = 400
+    objective: str = "dino"  # "dino": DINO + iBOT; "contrastive": the same views, InfoNCE (MoCo v3-style)
+    steps: int = 200
     batch_size: int = 48
-    lr: float = 2e-3  # peak AdamW lr (one-cycle); DINO's 5e-4·B/256 is for 100+ epochs
+    lr: float = 3e-3  # peak AdamW lr (one-cycle); DINO's 5e-4·B/256 is for 100+ epochs
     weight_decay: float = 0.04
     global_scale: tuple[float, float] = (0.55, 1.0)  # area fraction; DINO's (0.32, 1) cuts a 24² shape in half
-    local_crops: int = 4
+    local_crops: int = 2  # DINO: 6–10; each costs a quarter of a global view here
     local_size: int = 12  # a 3×3 token grid at patch 4
     local_scale: tuple[float, float] = (0.15, 0.5)
-    prototypes: int = 256  # K of the softmax (DINO: 65536, for ImageNet's variety)
+    prototypes: int = 128  # K of the softmax (DINO: 65536, for ImageNet's variety)
     head_hidden: int = 256
     head_bottleneck: int = 64
     student_temp: float = 0.1
     teacher_temp: float = 0.04
-    center_momentum: float = 0.9
-    ema_start: float = 0.98  # teacher momentum, cosine to 1 (DINO: 0.996 over 100+ epochs)
+    centering: str = "sinkhorn"  # DINOv2's Sinkhorn-Knopp, or "ema": DINO's running-mean centre
+    center_momentum: float = 0.9  # for "ema"
+    koleo_weight: float = 0.1  # DINOv2's KoLeo spreading of the CLS features within a batch
+    ema_start: float = 0.95  # teacher momentum, cosine to 1 (DINO: 0.996 over 100+ epochs)
     mask_ratio: tuple[float, float] = (0.1, 0.5)  # iBOT: fraction of a global view's patches masked
     mask_prob: float = 0.5  # share of global views that are masked at all (iBOT's 0.5)
     ibot_weight: float = 1.0
     pooled_weight: float = 1.0  # DINO loss on the mean patch token too (ours: SFD uses the patch tokens)
+    contrast_temp: float = 0.2  # InfoNCE temperature ("contrastive"; MoCo v3's 0.2)
 
 
 class _Head(nn.Module):
@@ -101,6 +111,14 @@ class _Head(nn.Module):
         h = cfg.head_hidden
         self.mlp = nn.Sequential(nn.Linear(dim, h), nn.GELU(), nn.Linear(h, h), nn.GELU(), nn.Linear(h, cfg.head_bottleneck))
         self.prototypes = nn.Parameter(torch.randn(cfg.prototypes, cfg.head_bottleneck) * 0.02)
+        # MoCo v3's predictor (student only, "contrastive"): breaks the student/teacher symmetry.
+        self.predictor = nn.Sequential(nn.Linear(cfg.head_bottleneck, h), nn.GELU(), nn.Linear(h, cfg.head_bottleneck))
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.mlp(x), dim=-1)
+
+    def predict(self, x: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.predictor(self.embed(x)), dim=-1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.normalize(self.mlp(x), dim=-1) @ F.normalize(self.prototypes, dim=-1).t()
@@ -184,6 +202,35 @@ def _to_model_input(images: np.ndarray) -> torch.Tensor:
     return torch.as_tensor(np.asarray(images)).permute(0, 3, 1, 2).float() / 127.5 - 1
 
 
+def _sinkhorn(logits: torch.Tensor, temp: float, iters: int = 3) -> torch.Tensor:
+    """Teacher targets with equal mass per prototype over the batch (DINOv2's Sinkhorn-Knopp centering).
+
+    Rows are samples (M, K). Alternately normalising prototypes and samples makes the batch use
+    every prototype equally, which rules out the collapse to one prototype that a short run
+    with a running-mean centre fell into (measured: batch-mean teacher entropy 0.2 nats of 5.5).
+    """
+    q = torch.exp((logits - logits.max()) / temp).t()  # (K, M)
+    q = q / q.sum()
+    k, m = q.shape
+    for _ in range(iters):
+        q = q / q.sum(1, keepdim=True) / k
+        q = q / q.sum(0, keepdim=True) / m
+    return (q * m).t()
+
+
+def _koleo(x: torch.Tensor) -> torch.Tensor:
+    """KoLeo (DINOv2): −mean log distance of each L2-normalised feature to its nearest neighbour."""
+    x = F.normalize(x, dim=-1)
+    d = torch.cdist(x, x)
+    d = d + torch.eye(len(x)) * 1e3  # not one's own neighbour
+    return -torch.log(d.min(1).values + 1e-8).mean()
+
+
+def _info_nce(q: torch.Tensor, k: torch.Tensor, temp: float) -> torch.Tensor:
+    """Row i of ``q`` must pick row i of ``k`` among all rows of ``k`` (unit vectors)."""
+    return F.cross_entropy(q @ k.t() / temp, torch.arange(len(q)))
+
+
 def _cross_entropy(teacher_probs: torch.Tensor, student_logits: torch.Tensor) -> torch.Tensor:
     return -(teacher_probs * F.log_softmax(student_logits, dim=-1)).sum(-1)
 
@@ -208,10 +255,21 @@ def train_semantic_vit(
     head = _Head(vcfg.embed_dim, cfg)
     mask_token = nn.Parameter(torch.zeros(1, vcfg.embed_dim))
     teacher, teacher_head = copy.deepcopy(student).requires_grad_(False), copy.deepcopy(head).requires_grad_(False)
-    center = torch.zeros(cfg.prototypes)
-    center_patch = torch.zeros(cfg.prototypes)
+    if cfg.objective not in ("dino", "contrastive"):
+        raise ValueError(f"objective must be 'dino' or 'contrastive', got {cfg.objective!r}")
+    if cfg.centering not in ("sinkhorn", "ema"):
+        raise ValueError(f"centering must be 'sinkhorn' or 'ema', got {cfg.centering!r}")
+    centers = {k: torch.zeros(cfg.prototypes) for k in ("cls", "pool", "patch")}
+
+    def targets(name: str, logits: torch.Tensor) -> torch.Tensor:
+        flat = logits.reshape(-1, logits.shape[-1])
+        if cfg.centering == "sinkhorn":
+            return _sinkhorn(flat, cfg.teacher_temp).reshape(logits.shape)
+        centers[name].mul_(cfg.center_momentum).add_(flat.mean(0), alpha=1 - cfg.center_momentum)
+        return F.softmax((logits - centers[name]) / cfg.teacher_temp, -1)
+
     x_all = _to_model_input(images)
-    size, grid = vcfg.img_size, vcfg.grid_size
+    size, grid = vcfg.img_size, student.grid_size
     if tuple(x_all.shape[-2:]) != (size, size):
         raise ValueError(f"images are {tuple(x_all.shape[-2:])}, the ViT expects {size}²")
     params = [*student.parameters(), *head.parameters(), mask_token]
@@ -231,38 +289,55 @@ def train_semantic_vit(
         ratio = torch.rand(2 * b, generator=g) * (cfg.mask_ratio[1] - cfg.mask_ratio[0]) + cfg.mask_ratio[0]
         ratio = ratio * (torch.rand(2 * b, generator=g) < cfg.mask_prob)
         mask = torch.rand(2 * b, grid * grid, generator=g) < ratio[:, None]
+        npre = student.num_prefix_tokens
         with torch.no_grad():
             t_tok = _tokens(teacher, glob)
-            t_cls = teacher_head(t_tok[:, 0])  # (2B, K) logits
-            t_patch = teacher_head(t_tok[:, student.num_prefix_tokens :])  # (2B, N, K)
-            t_pool = teacher_head(t_tok[:, student.num_prefix_tokens :].mean(1))
-            t_cls_p = F.softmax((t_cls - center) / cfg.teacher_temp, -1).chunk(2)
-            t_pool_p = F.softmax((t_pool - center) / cfg.teacher_temp, -1).chunk(2)
-            t_patch_p = F.softmax((t_patch - center_patch) / cfg.teacher_temp, -1)
-        s_tok = _tokens(student, glob, mask, mask_token)
-        s_views = [s_tok]
+        s_views = [_tokens(student, glob, mask, mask_token)]
         if loc is not None:
             s_views.append(_tokens(student, loc))
-        s_cls = torch.cat([head(t[:, 0]) for t in s_views]).div(cfg.student_temp).chunk(2 + cfg.local_crops)
-        s_pool = torch.cat([head(t[:, student.num_prefix_tokens :].mean(1)) for t in s_views]).div(cfg.student_temp)
-        s_pool = s_pool.chunk(2 + cfg.local_crops)
-        # DINO: each teacher global view teaches every *other* student view (CLS, and the pooled patches).
-        dino, pooled, pairs = 0.0, 0.0, 0
-        for iq in range(2):
-            for v in range(2 + cfg.local_crops):
-                if v == iq:
-                    continue
-                dino = dino + _cross_entropy(t_cls_p[iq], s_cls[v]).mean()
-                pooled = pooled + _cross_entropy(t_pool_p[iq], s_pool[v]).mean()
-                pairs += 1
-        dino, pooled = dino / pairs, pooled / pairs
-        # iBOT: the student's masked patches predict the teacher's distribution at those patches.
-        s_patch = head(s_tok[:, student.num_prefix_tokens :]) / cfg.student_temp
-        per_patch = _cross_entropy(t_patch_p, s_patch)  # (2B, N)
+        s_tok = s_views[0]
+        nv = 2 + cfg.local_crops
         m = mask.float()
         has = m.sum(1) > 0
-        ibot = ((per_patch * m).sum(1)[has] / m.sum(1)[has]).mean() if has.any() else per_patch.sum() * 0
-        loss = dino + cfg.pooled_weight * pooled + cfg.ibot_weight * ibot
+        if cfg.objective == "dino":
+            with torch.no_grad():
+                t_cls = teacher_head(t_tok[:, 0])  # (2B, K) logits
+                t_patch = teacher_head(t_tok[:, npre:])  # (2B, N, K)
+                t_pool = teacher_head(t_tok[:, npre:].mean(1))
+                t_cls_p = targets("cls", t_cls).chunk(2)
+                t_pool_p = targets("pool", t_pool).chunk(2)
+                t_patch_p = targets("patch", t_patch)
+            s_cls = torch.cat([head(t[:, 0]) for t in s_views]).div(cfg.student_temp).chunk(nv)
+            s_pool = torch.cat([head(t[:, npre:].mean(1)) for t in s_views]).div(cfg.student_temp).chunk(nv)
+            # DINO: each teacher global view teaches every *other* student view (CLS, and the pooled patches).
+            pairs = [(iq, v) for iq in range(2) for v in range(nv) if v != iq]
+            dino = sum(_cross_entropy(t_cls_p[iq], s_cls[v]).mean() for iq, v in pairs) / len(pairs)
+            pooled = sum(_cross_entropy(t_pool_p[iq], s_pool[v]).mean() for iq, v in pairs) / len(pairs)
+            # iBOT: the student's masked patches predict the teacher's distribution at those patches.
+            per_patch = _cross_entropy(t_patch_p, head(s_tok[:, npre:]) / cfg.student_temp)  # (2B, N)
+            ibot = ((per_patch * m).sum(1)[has] / m.sum(1)[has]).mean() if has.any() else per_patch.sum() * 0
+        else:
+            with torch.no_grad():
+                k_cls = teacher_head.embed(t_tok[:, 0]).chunk(2)
+                k_pool = teacher_head.embed(t_tok[:, npre:].mean(1)).chunk(2)
+                k_patch = teacher_head.embed(t_tok[:, npre:])  # (2B, N, d)
+            q_cls = torch.cat([head.predict(t[:, 0]) for t in s_views]).chunk(nv)
+            q_pool = torch.cat([head.predict(t[:, npre:].mean(1)) for t in s_views]).chunk(nv)
+            pairs = [(iq, v) for iq in range(2) for v in range(nv) if v != iq]
+            dino = sum(_info_nce(q_cls[v], k_cls[iq], cfg.contrast_temp) for iq, v in pairs) / len(pairs)
+            pooled = sum(_info_nce(q_pool[v], k_pool[iq], cfg.contrast_temp) for iq, v in pairs) / len(pairs)
+            # Masked patches pick the teacher's token at the same place of the same view among
+            # every token of the batch (a dense InfoNCE in iBOT's place).
+            sel = mask.flatten()
+            if sel.any():
+                q = head.predict(s_tok[:, npre:]).flatten(0, 1)[sel]
+                keys = k_patch.flatten(0, 1)
+                logits = q @ keys.t() / cfg.contrast_temp
+                ibot = F.cross_entropy(logits, torch.nonzero(sel).squeeze(1))
+            else:
+                ibot = s_tok.sum() * 0
+        koleo = sum(_koleo(t) for t in s_tok[:, 0].chunk(2)) / 2 if cfg.koleo_weight else torch.zeros(())
+        loss = dino + cfg.pooled_weight * pooled + cfg.ibot_weight * ibot + cfg.koleo_weight * koleo
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 3.0)  # DINO's clip
@@ -272,15 +347,13 @@ def train_semantic_vit(
             mom = 1 - (1 - cfg.ema_start) * (math.cos(math.pi * step / max(cfg.steps - 1, 1)) + 1) / 2
             for pt, ps in zip([*teacher.parameters(), *teacher_head.parameters()], [*student.parameters(), *head.parameters()]):
                 pt.mul_(mom).add_(ps.detach(), alpha=1 - mom)
-            # Centering (teacher outputs' running mean) with the sharp teacher temperature keeps
-            # the teacher from collapsing to one prototype or to a uniform output.
-            center.mul_(cfg.center_momentum).add_(torch.cat([t_cls, t_pool]).mean(0), alpha=1 - cfg.center_momentum)
-            center_patch.mul_(cfg.center_momentum).add_(t_patch.mean((0, 1)), alpha=1 - cfg.center_momentum)
         if log_every and (step + 1) % log_every == 0:
-            ent = -(t_cls_p[0] * t_cls_p[0].clamp_min(1e-12).log()).sum(-1).mean().item()
+            # Collapse shows as few prototypes winning the teacher's raw logits across the batch
+            # (Sinkhorn targets are balanced by construction, so their entropy would not tell).
+            in_use = len(torch.unique(t_cls.argmax(-1))) if cfg.objective == "dino" else -1
             print(f"semantic ViT step {step + 1}/{cfg.steps}: loss {loss.item():.4f} (DINO {float(dino):.3f}, "
-                  f"pooled {float(pooled):.3f}, iBOT {float(ibot):.3f}; teacher entropy {ent:.2f} nats, "
-                  f"max {math.log(cfg.prototypes):.2f})", flush=True)
+                  f"pooled {float(pooled):.3f}, iBOT {float(ibot):.3f}, KoLeo {float(koleo):.3f}); "
+                  f"{in_use} prototypes win for {len(t_tok)} teacher views", flush=True)
     teacher.ssl_mask_token = mask_token.detach().clone()
     return teacher.eval().requires_grad_(False)
 
