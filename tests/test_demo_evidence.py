@@ -182,3 +182,13 @@ def test_sample_folder_labels_follow_eval_gen(tmp_path):
     (tmp_path / f"{len(imgs) - 1:06d}.png").unlink()
     with pytest.raises(ValueError, match="holds"):
         read_sample_folder(tmp_path)
+
+
+def test_contrastive_variant_runs_and_bad_settings_are_refused():
+    x, _, _ = render_arrays(2, IMAGE_SIZE, seed=0)
+    vit = train_semantic_vit(x, steps=2, batch_size=4, log_every=0, ssl=SSLConfig(objective="contrastive"))
+    assert vit.ssl_mask_token.shape == (1, DEMO_VIT["embed_dim"])
+    with pytest.raises(ValueError, match="objective"):
+        train_semantic_vit(x, steps=1, ssl=SSLConfig(objective="supervised"))
+    with pytest.raises(ValueError, match="centering"):
+        train_semantic_vit(x, steps=1, ssl=SSLConfig(centering="none"))
