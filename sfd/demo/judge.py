@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sfd.checkpoint import WeightsError, load_tensors, read_safetensors_metadata, save_safetensors
+from sfd.demo.shapes import CLASSES, IMAGE_SIZE
 from sfd.metrics import feature_stats, frechet_distance
 
 METRIC_ACCURACY = "judge_accuracy"
@@ -39,8 +40,8 @@ METRIC_FD = "FD_judge"
 
 @dataclass(frozen=True)
 class JudgeConfig:
-    num_classes: int = 6
-    image_size: int = 24
+    num_classes: int = len(CLASSES)
+    image_size: int = IMAGE_SIZE
     width: int = 32  # channels of the first stage; doubled at each of the 3 stages
     feature_dim: int = 128  # the penultimate features FD_judge is computed on
 
@@ -80,7 +81,11 @@ class Judge(nn.Module):
 
 
 def _augment(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
-    """Flips and 90° turns: every demo class is invariant to them, so they cost the judge nothing."""
+    """Flips and 90° turns: every demo class is invariant to them, so they cost the judge nothing.
+
+    The shapes are drawn at any angle already; these exact, lossless turns multiply the angles
+    the judge sees by 8 without the resampling blur an arbitrary-angle rotation would add.
+    """
     if torch.rand((), generator=g) < 0.5:
         x = x.flip(3)
     k = int(torch.randint(4, (), generator=g))

@@ -10,24 +10,33 @@ as a safetensors file whose metadata carries DINOv2's constructor arguments. The
 loads it through the same ``--dino`` path and the same timm conversion as the released
 ``dinov2_vitb14_reg4_pretrain.pth`` (sfd.encoding.dino_spec reads the config from the file).
 
-Objective (ours; DINOv2's self-distillation would need far more than a CPU minute): supervised,
-on the images' shape labels and the renderer's coverage masks,
+Objective: self-supervised, no labels and no masks (the trainer takes pixels only), DINOv2's
+recipe at toy scale (``SSLConfig``):
 
-- cross-entropy of a linear head on the final-norm CLS token;
-- cross-entropy of a linear head on the *mean of the final-norm patch tokens*, so every patch
-  token (what SFD actually uses; CLS and registers are dropped) is pushed to carry the class;
-- per-patch binary cross-entropy of a linear head predicting the shape's coverage of that patch,
-  so the tokens also say *where* the object is, as DINOv2 patch features do (their PCA
-  separates foreground from background).
+- DINO self-distillation: a student and an EMA teacher, a projection head to a softmax over K
+  normalised prototypes; the teacher sees 2 global crops, the student those and small local
+  crops, and each student view predicts the teacher's (sharpened, Sinkhorn-Knopp-centred)
+  distribution of the *other* global view. The loss is applied to the CLS token and to the
+  mean patch token (ours: SFD uses the patch tokens, not CLS);
+- iBOT's masked-patch term, as DINOv2 adds it: patches of the student's global views are
+  replaced by a learned mask token and predict the teacher's distribution at those patches;
+- KoLeo on the CLS features (DINOv2), spreading a batch apart.
 
-Augmentation: flips and 90° turns (every class is invariant to them). The heads are discarded.
-Quality is reported as a linear-probe accuracy of the mean patch token on held-out images.
+Augmentation: random resized crops, any rotation, mirror flips, colour jitter and a hue rotation
+by any angle, grey at random; the classes are invariant to all of them, so only the outline is
+shared between views. The teacher is the returned network; heads are discarded. Quality is a
+linear probe of the mean patch token on held-out images (the probe is where labels enter).
+A contrastive variant (``objective="contrastive"``, MoCo v3-style InfoNCE on the same views) is
+kept for comparison; docs/decisions.md ("The CPU demo") has both measured.
 """
 
 from __future__ import annotations
 
+import copy
 import json
+import math
 import os
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -37,12 +46,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from sfd.checkpoint import save_safetensors
+from sfd.demo.shapes import IMAGE_SIZE, VIT_PATCH
 from sfd.models.dino import DinoEncoder, dino_config_from_original
 
 # DINOv2's own constructor arguments (vision_transformer.vit_*), the metadata of the weight file.
-# 24² images at patch 4 give the 6×6 token grid of the demo's 6×6 texture latents (standin-f4).
+# The demo's images at its patch size give the token grid of its texture latents (sfd/demo/shapes.py:
+# 24² at patch 4 = 6×6, the f4 autoencoder's grid).
 DEMO_VIT: dict[str, Any] = {
-    "img_size": 24, "patch_size": 4, "embed_dim": 64, "depth": 4, "num_heads": 4, "mlp_ratio": 4,
+    "img_size": IMAGE_SIZE, "patch_size": VIT_PATCH, "embed_dim": 64, "depth": 4, "num_heads": 4, "mlp_ratio": 4,
     "init_values": 1.0, "block_chunks": 0, "num_register_tokens": 4,
     "interpolate_antialias": True, "interpolate_offset": 0.0,
 }
@@ -55,19 +66,135 @@ def build_vit(original: dict[str, Any] | None = None, seed: int = 0) -> DinoEnco
     return DinoEncoder(dino_config_from_original(original, img_size=int(original["img_size"])))
 
 
-class _Heads(nn.Module):
-    def __init__(self, dim: int, num_classes: int) -> None:
+@dataclass(frozen=True)
+class SSLConfig:
+    """Self-distillation settings (DINO + iBOT, as DINOv2 combines them), sized for ~2 CPU-minutes.
+
+    Chosen on the ``val`` split (docs/decisions.md, "The CPU demo"); the paper values they depart
+    from are noted where they do.
+    """
+
+    objective: str = "dino"  # "dino": DINO + iBOT; "contrastive": the same views, InfoNCE (MoCo v3-style)
+    steps: int = 200
+    batch_size: int = 48
+    lr: float = 3e-3  # peak AdamW lr (one-cycle); DINO's 5e-4·B/256 is for 100+ epochs
+    weight_decay: float = 0.04
+    global_scale: tuple[float, float] = (0.55, 1.0)  # area fraction; DINO's (0.32, 1) cuts a 24² shape in half
+    local_crops: int = 2  # DINO: 6–10; each costs a quarter of a global view here
+    local_size: int = 12  # a 3×3 token grid at patch 4
+    local_scale: tuple[float, float] = (0.15, 0.5)
+    prototypes: int = 128  # K of the softmax (DINO: 65536, for ImageNet's variety)
+    head_hidden: int = 256
+    head_bottleneck: int = 64
+    student_temp: float = 0.1
+    teacher_temp: float = 0.04
+    centering: str = "sinkhorn"  # DINOv2's Sinkhorn-Knopp, or "ema": DINO's running-mean centre
+    center_momentum: float = 0.9  # for "ema"
+    koleo_weight: float = 0.1  # DINOv2's KoLeo spreading of the CLS features within a batch
+    ema_start: float = 0.95  # teacher momentum, cosine to 1 (DINO: 0.996 over 100+ epochs)
+    mask_ratio: tuple[float, float] = (0.1, 0.5)  # iBOT: fraction of a global view's patches masked
+    mask_prob: float = 0.5  # share of global views that are masked at all (iBOT's 0.5)
+    ibot_weight: float = 1.0
+    pooled_weight: float = 1.0  # DINO loss on the mean patch token too (ours: SFD uses the patch tokens)
+    contrast_temp: float = 0.2  # InfoNCE temperature ("contrastive"; MoCo v3's 0.2)
+
+
+class _Head(nn.Module):
+    """DINO's projection head: MLP → L2-normalised bottleneck → cosine to K prototypes.
+
+    The prototypes are normalised (DINO's weight-normalised last layer with the norm frozen at 1),
+    so logits are cosines divided by the temperature.
+    """
+
+    def __init__(self, dim: int, cfg: SSLConfig) -> None:
         super().__init__()
-        self.cls = nn.Linear(dim, num_classes)
-        self.mean_patch = nn.Linear(dim, num_classes)
-        self.cover = nn.Linear(dim, 1)
+        h = cfg.head_hidden
+        self.mlp = nn.Sequential(nn.Linear(dim, h), nn.GELU(), nn.Linear(h, h), nn.GELU(), nn.Linear(h, cfg.head_bottleneck))
+        self.prototypes = nn.Parameter(torch.randn(cfg.prototypes, cfg.head_bottleneck) * 0.02)
+        # MoCo v3's predictor (student only, "contrastive"): breaks the student/teacher symmetry.
+        self.predictor = nn.Sequential(nn.Linear(cfg.head_bottleneck, h), nn.GELU(), nn.Linear(h, cfg.head_bottleneck))
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.mlp(x), dim=-1)
+
+    def predict(self, x: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.predictor(self.embed(x)), dim=-1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.mlp(x), dim=-1) @ F.normalize(self.prototypes, dim=-1).t()
 
 
-def _augment(x: torch.Tensor, m: torch.Tensor, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    if torch.rand((), generator=g) < 0.5:
-        x, m = x.flip(3), m.flip(2)
-    k = int(torch.randint(4, (), generator=g))
-    return torch.rot90(x, k, (2, 3)), torch.rot90(m, k, (1, 2))
+def _tokens(vit: DinoEncoder, x_normed: torch.Tensor, mask: torch.Tensor | None = None,
+            mask_token: torch.Tensor | None = None) -> torch.Tensor:
+    """timm's ``forward_features`` at any multiple of the patch size, with iBOT's patch masking.
+
+    The timm model is built for one size (the position grid is resampled at load, not per call),
+    but local crops are smaller: their position embeddings are resampled here (bicubic,
+    antialiased, as DINOv2 does per forward). Masked patches have their embedding replaced by the
+    learned ``mask_token`` before the position embedding is added, as in DINOv2.
+    Output: final-norm tokens (B, 1 + R + N, D), CLS first, then registers, then patches.
+    """
+    v = vit.vit
+    x = v.patch_embed.proj(x_normed)  # (B, D, g, g): the PatchEmbed conv without its size check
+    g = x.shape[-1]
+    x = x.flatten(2).transpose(1, 2)
+    if mask is not None:
+        x = torch.where(mask[..., None], mask_token.to(x.dtype), x)
+    pos = v.pos_embed
+    g0 = vit.grid_size
+    if g != g0:
+        pos = F.interpolate(pos.reshape(1, g0, g0, -1).permute(0, 3, 1, 2), size=(g, g), mode="bicubic",
+                            align_corners=False, antialias=True).permute(0, 2, 3, 1).reshape(1, g * g, -1)
+    x = torch.cat([v.cls_token.expand(len(x), -1, -1), v.reg_token.expand(len(x), -1, -1), x + pos], dim=1)
+    return v.norm(v.blocks(v.norm_pre(x)))
+
+
+def _views(x: torch.Tensor, n: int, size: int, scale: tuple[float, float], g: torch.Generator) -> torch.Tensor:
+    """``n`` augmented views per image of a [-1, 1] batch, stacked view-major: (n·B, 3, size, size).
+
+    Geometry (one affine resampling per view): random resized crop (area fraction in ``scale``,
+    aspect 3/4–4/3), a rotation by any angle and a mirror flip with p = 0.5. Colour: with p = 0.8
+    brightness, contrast and saturation jitter and a hue rotation by any angle; grey with
+    p = 0.2. Every class is invariant to all of these; colour, fill, position and size are not
+    class information, so the views agree only on the outline.
+    """
+    b = len(x)
+    x = x.repeat(n, 1, 1, 1)
+    m = n * b
+
+    def u(lo: float, hi: float) -> torch.Tensor:
+        return torch.rand(m, generator=g) * (hi - lo) + lo
+
+    area = u(*scale)
+    aspect = torch.exp(u(math.log(3 / 4), math.log(4 / 3)))
+    half_w = (area * aspect).sqrt().clamp(max=1.0)  # half-extents in normalised [-1, 1] coordinates
+    half_h = (area / aspect).sqrt().clamp(max=1.0)
+    cx, cy = u(-1, 1) * (1 - half_w), u(-1, 1) * (1 - half_h)
+    angle = u(0, 2 * math.pi)
+    flip = torch.where(torch.rand(m, generator=g) < 0.5, -1.0, 1.0)
+    cos, sin = torch.cos(angle), torch.sin(angle)
+    theta = torch.stack([torch.stack([cos * half_w * flip, -sin * half_h, cx], 1),
+                         torch.stack([sin * half_w * flip, cos * half_h, cy], 1)], 1)
+    grid = F.affine_grid(theta, [m, 3, size, size], align_corners=False)
+    # Border padding: a turned crop's corners repeat the dark ground instead of a grey wedge.
+    x = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+    x = (x + 1) / 2
+    jitter = (torch.rand(m, generator=g) < 0.8)[:, None, None, None]
+    y = x * u(0.6, 1.4)[:, None, None, None]
+    y = (y - y.mean((1, 2, 3), keepdim=True)) * u(0.6, 1.4)[:, None, None, None] + y.mean((1, 2, 3), keepdim=True)
+    grey_y = y.mean(1, keepdim=True)
+    y = grey_y + (y - grey_y) * u(0.0, 1.5)[:, None, None, None]
+    # Hue: a rotation of RGB about the grey axis (Rodrigues), by any angle.
+    a = u(-math.pi, math.pi)
+    k = torch.full((3,), 1 / math.sqrt(3))
+    kx = torch.tensor([[0.0, -k[2], k[1]], [k[2], 0.0, -k[0]], [-k[1], k[0], 0.0]])
+    rot = (torch.eye(3) + torch.sin(a)[:, None, None] * kx + (1 - torch.cos(a))[:, None, None] * (kx @ kx))
+    y = torch.einsum("mij,mjhw->mihw", rot, y)
+    x = torch.where(jitter, y, x)
+    to_grey = (torch.rand(m, generator=g) < 0.2)[:, None, None, None]
+    x = torch.where(to_grey, x.mean(1, keepdim=True).expand_as(x), x)
+    return x.clamp(0, 1) * 2 - 1
 
 
 def _to_model_input(images: np.ndarray) -> torch.Tensor:
@@ -75,45 +202,160 @@ def _to_model_input(images: np.ndarray) -> torch.Tensor:
     return torch.as_tensor(np.asarray(images)).permute(0, 3, 1, 2).float() / 127.5 - 1
 
 
+def _sinkhorn(logits: torch.Tensor, temp: float, iters: int = 3) -> torch.Tensor:
+    """Teacher targets with equal mass per prototype over the batch (DINOv2's Sinkhorn-Knopp centering).
+
+    Rows are samples (M, K). Alternately normalising prototypes and samples makes the batch use
+    every prototype equally, which rules out the collapse to one prototype that a short run
+    with a running-mean centre fell into (measured: batch-mean teacher entropy 0.2 nats of 5.5).
+    """
+    q = torch.exp((logits - logits.max()) / temp).t()  # (K, M)
+    q = q / q.sum()
+    k, m = q.shape
+    for _ in range(iters):
+        q = q / q.sum(1, keepdim=True) / k
+        q = q / q.sum(0, keepdim=True) / m
+    return (q * m).t()
+
+
+def _koleo(x: torch.Tensor) -> torch.Tensor:
+    """KoLeo (DINOv2): −mean log distance of each L2-normalised feature to its nearest neighbour."""
+    x = F.normalize(x, dim=-1)
+    d = torch.cdist(x, x)
+    d = d + torch.eye(len(x)) * 1e3  # not one's own neighbour
+    return -torch.log(d.min(1).values + 1e-8).mean()
+
+
+def _info_nce(q: torch.Tensor, k: torch.Tensor, temp: float) -> torch.Tensor:
+    """Row i of ``q`` must pick row i of ``k`` among all rows of ``k`` (unit vectors)."""
+    return F.cross_entropy(q @ k.t() / temp, torch.arange(len(q)))
+
+
+def _cross_entropy(teacher_probs: torch.Tensor, student_logits: torch.Tensor) -> torch.Tensor:
+    return -(teacher_probs * F.log_softmax(student_logits, dim=-1)).sum(-1)
+
+
 def train_semantic_vit(
-    images: np.ndarray, labels: np.ndarray, masks: np.ndarray, *, steps: int = 300, batch_size: int = 64,
-    lr: float = 2e-3, seed: int = 0, log_every: int = 100, original: dict[str, Any] | None = None,
+    images: np.ndarray, *, steps: int | None = None, batch_size: int | None = None, lr: float | None = None,
+    seed: int = 0, log_every: int = 100, original: dict[str, Any] | None = None, ssl: SSLConfig | None = None,
 ) -> DinoEncoder:
-    """Train the ViT on (images, labels, coverage masks); returns it in eval mode, heads dropped."""
-    vit = build_vit(original, seed)
-    cfg = vit.cfg
-    grid = cfg.img_size // cfg.patch_size
-    heads = _Heads(cfg.embed_dim, int(labels.max()) + 1)
-    x_all, y_all = _to_model_input(images), torch.as_tensor(labels)
-    m_all = torch.as_tensor(masks, dtype=torch.float32)
-    params = [*vit.parameters(), *heads.parameters()]
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.05)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1)
+    """Self-distillation (DINO + iBOT) on unlabelled ``images`` (uint8 N×H×W×3); the teacher, in eval mode.
+
+    No labels and no masks: the function sees pixels only. ``steps``/``batch_size``/``lr``
+    override the ``ssl`` settings. Returns the EMA teacher (DINO's evaluated network), heads
+    dropped; its learned ``mask_token`` rides along as ``vit.ssl_mask_token`` for the file.
+    """
+    cfg = ssl or SSLConfig()
+    cfg = replace(cfg, **{k: v for k, v in (("steps", steps), ("batch_size", batch_size), ("lr", lr)) if v is not None})
+    student = build_vit(original, seed)
+    vcfg = student.cfg
+    if cfg.local_size % vcfg.patch_size:
+        raise ValueError(f"local_size {cfg.local_size} is not a multiple of the patch size {vcfg.patch_size}")
+    torch.manual_seed(seed)
+    head = _Head(vcfg.embed_dim, cfg)
+    mask_token = nn.Parameter(torch.zeros(1, vcfg.embed_dim))
+    teacher, teacher_head = copy.deepcopy(student).requires_grad_(False), copy.deepcopy(head).requires_grad_(False)
+    if cfg.objective not in ("dino", "contrastive"):
+        raise ValueError(f"objective must be 'dino' or 'contrastive', got {cfg.objective!r}")
+    if cfg.centering not in ("sinkhorn", "ema"):
+        raise ValueError(f"centering must be 'sinkhorn' or 'ema', got {cfg.centering!r}")
+    centers = {k: torch.zeros(cfg.prototypes) for k in ("cls", "pool", "patch")}
+
+    def targets(name: str, logits: torch.Tensor) -> torch.Tensor:
+        flat = logits.reshape(-1, logits.shape[-1])
+        if cfg.centering == "sinkhorn":
+            return _sinkhorn(flat, cfg.teacher_temp).reshape(logits.shape)
+        centers[name].mul_(cfg.center_momentum).add_(flat.mean(0), alpha=1 - cfg.center_momentum)
+        return F.softmax((logits - centers[name]) / cfg.teacher_temp, -1)
+
+    x_all = _to_model_input(images)
+    size, grid = vcfg.img_size, student.grid_size
+    if tuple(x_all.shape[-2:]) != (size, size):
+        raise ValueError(f"images are {tuple(x_all.shape[-2:])}, the ViT expects {size}²")
+    params = [*student.parameters(), *head.parameters(), mask_token]
+    decay = [p for p in params if p.ndim >= 2 and p is not mask_token]
+    no_decay = [p for p in params if p.ndim < 2 or p is mask_token]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=cfg.steps, pct_start=0.1)
     g = torch.Generator().manual_seed(seed)
-    vit.train()
-    for step in range(steps):
-        idx = torch.randint(len(x_all), (batch_size,), generator=g)
-        x, m = _augment(x_all[idx], m_all[idx], g)
-        feats = vit._features(vit.preprocess(x))
-        patches = feats["x_norm_patchtokens"]  # (B, grid², D)
-        cover = F.adaptive_avg_pool2d(m[:, None], grid).flatten(1)  # (B, grid²) fraction covered
-        y = y_all[idx]
-        loss_cls = F.cross_entropy(heads.cls(feats["x_norm_clstoken"]), y)
-        loss_mean = F.cross_entropy(heads.mean_patch(patches.mean(1)), y)
-        loss_cover = F.binary_cross_entropy_with_logits(heads.cover(patches).squeeze(-1), cover)
-        # Class of each patch the shape covers (weighted by coverage): the part-level semantics.
-        per_patch = F.cross_entropy(heads.mean_patch(patches).flatten(0, 1), y.repeat_interleave(grid * grid), reduction="none")
-        loss_part = (per_patch * cover.flatten()).sum() / cover.sum().clamp_min(1e-6)
-        loss = loss_cls + loss_mean + loss_cover + loss_part
+    student.train()
+    b = cfg.batch_size
+    for step in range(cfg.steps):
+        idx = torch.randint(len(x_all), (b,), generator=g)
+        x = x_all[idx]
+        glob = student.preprocess(_views(x, 2, size, cfg.global_scale, g))  # (2B, 3, S, S)
+        loc = student.preprocess(_views(x, cfg.local_crops, cfg.local_size, cfg.local_scale, g)) if cfg.local_crops else None
+        # iBOT masks: half the global views get a random share of their patches masked.
+        ratio = torch.rand(2 * b, generator=g) * (cfg.mask_ratio[1] - cfg.mask_ratio[0]) + cfg.mask_ratio[0]
+        ratio = ratio * (torch.rand(2 * b, generator=g) < cfg.mask_prob)
+        mask = torch.rand(2 * b, grid * grid, generator=g) < ratio[:, None]
+        npre = student.num_prefix_tokens
+        with torch.no_grad():
+            t_tok = _tokens(teacher, glob)
+        s_views = [_tokens(student, glob, mask, mask_token)]
+        if loc is not None:
+            s_views.append(_tokens(student, loc))
+        s_tok = s_views[0]
+        nv = 2 + cfg.local_crops
+        m = mask.float()
+        has = m.sum(1) > 0
+        if cfg.objective == "dino":
+            with torch.no_grad():
+                t_cls = teacher_head(t_tok[:, 0])  # (2B, K) logits
+                t_patch = teacher_head(t_tok[:, npre:])  # (2B, N, K)
+                t_pool = teacher_head(t_tok[:, npre:].mean(1))
+                t_cls_p = targets("cls", t_cls).chunk(2)
+                t_pool_p = targets("pool", t_pool).chunk(2)
+                t_patch_p = targets("patch", t_patch)
+            s_cls = torch.cat([head(t[:, 0]) for t in s_views]).div(cfg.student_temp).chunk(nv)
+            s_pool = torch.cat([head(t[:, npre:].mean(1)) for t in s_views]).div(cfg.student_temp).chunk(nv)
+            # DINO: each teacher global view teaches every *other* student view (CLS, and the pooled patches).
+            pairs = [(iq, v) for iq in range(2) for v in range(nv) if v != iq]
+            dino = sum(_cross_entropy(t_cls_p[iq], s_cls[v]).mean() for iq, v in pairs) / len(pairs)
+            pooled = sum(_cross_entropy(t_pool_p[iq], s_pool[v]).mean() for iq, v in pairs) / len(pairs)
+            # iBOT: the student's masked patches predict the teacher's distribution at those patches.
+            per_patch = _cross_entropy(t_patch_p, head(s_tok[:, npre:]) / cfg.student_temp)  # (2B, N)
+            ibot = ((per_patch * m).sum(1)[has] / m.sum(1)[has]).mean() if has.any() else per_patch.sum() * 0
+        else:
+            with torch.no_grad():
+                k_cls = teacher_head.embed(t_tok[:, 0]).chunk(2)
+                k_pool = teacher_head.embed(t_tok[:, npre:].mean(1)).chunk(2)
+                k_patch = teacher_head.embed(t_tok[:, npre:])  # (2B, N, d)
+            q_cls = torch.cat([head.predict(t[:, 0]) for t in s_views]).chunk(nv)
+            q_pool = torch.cat([head.predict(t[:, npre:].mean(1)) for t in s_views]).chunk(nv)
+            pairs = [(iq, v) for iq in range(2) for v in range(nv) if v != iq]
+            dino = sum(_info_nce(q_cls[v], k_cls[iq], cfg.contrast_temp) for iq, v in pairs) / len(pairs)
+            pooled = sum(_info_nce(q_pool[v], k_pool[iq], cfg.contrast_temp) for iq, v in pairs) / len(pairs)
+            # Masked patches pick the teacher's token at the same place of the same view among
+            # every token of the batch (a dense InfoNCE in iBOT's place).
+            sel = mask.flatten()
+            if sel.any():
+                q = head.predict(s_tok[:, npre:]).flatten(0, 1)[sel]
+                keys = k_patch.flatten(0, 1)
+                logits = q @ keys.t() / cfg.contrast_temp
+                ibot = F.cross_entropy(logits, torch.nonzero(sel).squeeze(1))
+            else:
+                ibot = s_tok.sum() * 0
+        koleo = sum(_koleo(t) for t in s_tok[:, 0].chunk(2)) / 2 if cfg.koleo_weight else torch.zeros(())
+        loss = dino + cfg.pooled_weight * pooled + cfg.ibot_weight * ibot + cfg.koleo_weight * koleo
         opt.zero_grad(set_to_none=True)
         loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 3.0)  # DINO's clip
         opt.step()
         sched.step()
+        with torch.no_grad():
+            mom = 1 - (1 - cfg.ema_start) * (math.cos(math.pi * step / max(cfg.steps - 1, 1)) + 1) / 2
+            for pt, ps in zip([*teacher.parameters(), *teacher_head.parameters()], [*student.parameters(), *head.parameters()]):
+                pt.mul_(mom).add_(ps.detach(), alpha=1 - mom)
         if log_every and (step + 1) % log_every == 0:
-            print(f"semantic ViT step {step + 1}/{steps}: loss {loss.item():.4f} "
-                  f"(cls {loss_cls.item():.3f}, mean-patch {loss_mean.item():.3f}, coverage {loss_cover.item():.3f}, "
-                  f"covered-patch class {loss_part.item():.3f})", flush=True)
-    return vit.eval().requires_grad_(False)
+            # Collapse shows as few prototypes winning the teacher's raw logits across the batch
+            # (Sinkhorn targets are balanced by construction, so their entropy would not tell).
+            in_use = len(torch.unique(t_cls.argmax(-1))) if cfg.objective == "dino" else -1
+            print(f"semantic ViT step {step + 1}/{cfg.steps}: loss {loss.item():.4f} (DINO {float(dino):.3f}, "
+                  f"pooled {float(pooled):.3f}, iBOT {float(ibot):.3f}, KoLeo {float(koleo):.3f}); "
+                  f"{in_use} prototypes win for {len(t_tok)} teacher views", flush=True)
+    teacher.ssl_mask_token = mask_token.detach().clone()
+    return teacher.eval().requires_grad_(False)
 
 
 def to_dinov2_state_dict(vit: DinoEncoder) -> dict[str, torch.Tensor]:
@@ -122,7 +364,7 @@ def to_dinov2_state_dict(vit: DinoEncoder) -> dict[str, torch.Tensor]:
     timm keeps the CLS position folded into ``cls_token`` and position embeddings for patches
     only; DINOv2 stores a CLS slot in ``pos_embed``. Writing the folded token with a zero CLS
     slot round-trips exactly (conversion adds them back). ``mask_token`` is unused at
-    inference; DINOv2 files carry one, so we write zeros.
+    inference (the loader drops it); DINOv2 files carry their trained one, and so does ours.
     """
     sd = {k: v.detach().clone().contiguous() for k, v in vit.vit.state_dict().items()}
     out: dict[str, torch.Tensor] = {}
@@ -133,7 +375,9 @@ def to_dinov2_state_dict(vit: DinoEncoder) -> dict[str, torch.Tensor]:
             out["pos_embed"] = torch.cat([torch.zeros_like(v[:, :1]), v], dim=1)
         else:
             out[k] = v
-    out["mask_token"] = torch.zeros(1, vit.cfg.embed_dim)
+    # The learned one when self-distillation trained it (DINOv2 files carry theirs), else zeros.
+    mask_token = getattr(vit, "ssl_mask_token", None)
+    out["mask_token"] = (mask_token if mask_token is not None else torch.zeros(1, vit.cfg.embed_dim)).detach().clone().contiguous()
     return out
 
 
