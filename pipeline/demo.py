@@ -1,27 +1,34 @@
-"""The whole SFD system on a laptop, and evidence that it learns: data → semantic ViT → Ray encode
-→ torchrun training → grid → judged samples.
+"""The whole SFD system on a laptop, and evidence that it learns: data → semantic ViT + texture
+autoencoder → Ray encode → torchrun training → guidance chosen on validation → judged samples.
 
-Runs the same entry points as the full-scale ImageNet recipe, sized for ≤ 10 minutes on 2 idle CPU cores (6.9 min measured; docs/decisions.md),
-with no download and no weight file:
+Runs the same entry points as the full-scale ImageNet recipe, sized for ≤ 10 minutes on 2 idle
+CPU cores (docs/decisions.md, "The CPU demo"), with no download and no weight file:
 
-1. a procedural class-conditional image set: 6 shapes (the classes) drawn with random position,
-   size, colour and fill texture (upright), 24² (sfd/demo/shapes.py), plus held-out splits;
-2. a judge (small CNN classifier, sfd/demo/judge.py) trained on the training images, and a
-   DINOv2-architecture ViT trained on them as the semantic encoder (sfd/demo/semantic.py),
-   written in DINOv2's own weight layout (``pipeline/demo_models.py``);
-3. ``pipeline/encode.py`` (the Ray job) into a real Zarr cache, loading that ViT through the
-   same ``--dino`` path as DINOv2, Semantic-VAE training included;
-4. ``train/main.py`` under ``torchrun`` with 2 processes (gloo), Δt = 0.3;
-5. ``sample/grid.py`` for a labelled PNG grid from the EMA weights (with the demo's CFG);
-6. ``eval/fid.py gen`` for class-balanced samples with and without guidance, scored by the judge:
-   class accuracy and ``FD_judge`` (Fréchet distance on the judge's features; not FID), next to
-   the same numbers for real held-out images (the ceiling);
-7. ``eval/plot.py`` for the loss curves.
+1. a procedural class-conditional image set: 10 shapes (the classes) drawn at any angle, with
+   random position, size, colour and fill, 24² (sfd/demo/shapes.py), in four splits: train
+   (every network), val (every choice), test (every reported number), ceiling (real images
+   scored like samples);
+2. a judge (small CNN classifier, sfd/demo/judge.py), a DINOv2-architecture ViT trained
+   *without labels* (DINO + iBOT self-distillation, sfd/demo/semantic.py) as the semantic
+   encoder, written in DINOv2's own weight layout, and a KL autoencoder (LDM ``AutoencoderKL``,
+   f4, 8 channels, sfd/demo/texture.py) as the texture VAE, written in the LDM layout — side by
+   side, on the training split;
+3. ``pipeline/encode.py`` (the Ray job) into a real Zarr cache, loading the ViT through ``--dino``
+   and the autoencoder through ``--texture-vae`` like the released files, Semantic-VAE training
+   included: the model diffuses learned latents (8 texture + 4 semantic channels, 6×6);
+4. ``train/main.py`` under ``torchrun`` with 2 processes (gloo), Δt = 0.3, judging its EMA on the
+   validation split during training (``eval_every``) and keeping post-hoc EMA profiles;
+5. the guidance chosen on the validation split among a few CFG settings;
+6. ``sample/grid.py`` for a labelled PNG grid with that guidance;
+7. ``eval/fid.py gen`` for class-balanced samples with and without guidance, scored by the judge
+   against real test images: class accuracy and ``FD_judge`` (Fréchet distance on the judge's
+   features; not FID), next to real test images (the ceiling) and real images through the
+   autoencoder (the ceiling of anything its decoder draws);
+8. ``eval/posthoc_ema.py``: EMA widths rebuilt after training, judged on validation, plotted;
+9. ``eval/plot.py`` for the loss and quality curves.
 
-What remains a stand-in, and every output says so: the texture VAE is an invertible
-pixel-unshuffle "autoencoder" (the demo then diffuses in pixel space, 48×6×6), and the semantic
-encoder is a small ViT trained here on labels, not DINOv2. Settings and their reasons:
-docs/decisions.md ("The CPU demo").
+What remains a stand-in, and every output says so: the texture VAE, the semantic encoder and the
+judge are small networks trained here, not the released LDM VAE, DINOv2 or Inception.
 
 Settings: DemoConfig below (presets ``full`` and ``quick``; ``-o key=value`` for any field,
 ``--dry-run`` prints them resolved).
@@ -50,33 +57,39 @@ REPO = Path(__file__).resolve().parents[1]
 from sfd.cli import Arg, config_parser, parse_config, print_config, run_cli  # noqa: E402
 from sfd.config import ConfigError  # noqa: E402
 from sfd.demo.judge import METRIC_ACCURACY, METRIC_FD  # noqa: E402
-from sfd.demo.shapes import CLASSES, write_split  # noqa: E402
+from sfd.demo.shapes import CLASSES, IMAGE_SIZE, SPLITS, VIT_PATCH, write_split  # noqa: E402
 
 STANDINS = {
-    "texture encoder": "pixel-unshuffle-f4 (stand-in, not a VAE: the demo diffuses pixels)",
-    "semantic encoder": "DINOv2-architecture ViT (64 wide, 4 blocks) trained here on the demo's labels (not DINOv2)",
+    "texture encoder": "KL autoencoder (LDM AutoencoderKL layout, f4, 8 channels) trained here on the demo's training images (not the released f16d32 VAE)",
+    "semantic encoder": "DINOv2-architecture ViT (64 wide, 4 blocks) trained here without labels (DINO + iBOT self-distillation; not DINOv2)",
     "judge": "CNN classifier trained on the demo's training images: judge_accuracy and FD_judge (not FID)",
 }
 
-IMAGE_SIZE = 24
 NUM_CLASSES = len(CLASSES)
-# The seed of each split: train for every network, val for every choice (lr, steps, guidance),
-# test only for reported numbers, ceiling = real test images scored like samples.
-SPLITS = {"train": 0, "val": 1, "test": 2, "ceiling": 3}
-TEXTURE = "standin-f4"  # 24² RGB → 48×6×6 (pixel-unshuffle); the ViT's patch-4 grid is 6×6 too
-# The demo's model on the 6×6 latents (48 texture + 4 semantic channels); the study changes
-# only the latent channels, Δt and the seed (pipeline/study.py). Choices: docs/decisions.md.
+FACTOR = VIT_PATCH  # the texture autoencoder's downsampling = the ViT's patch: one 6×6 grid for both
+GRID = IMAGE_SIZE // FACTOR  # 6×6 latents and tokens
+TEXTURE_CHANNELS, SEMANTIC_CHANNELS = 8, 4  # the autoencoder's latent; the tiny SemVAE's bottleneck
+# The demo's model on the 6×6 latents; the study changes only the latent channels, Δt, the
+# schedule and the seed (pipeline/study.py). Choices: docs/decisions.md.
 TINY_MODEL = [
-    "model.input_size=6", f"model.num_classes={len(CLASSES)}", "model.repa_target_dim=64",
+    f"model.input_size={GRID}", f"model.num_classes={NUM_CLASSES}", "model.repa_target_dim=64",
     "model.hidden_size=128", "model.depth=4", "model.num_heads=4", "model.repa_projector_dim=128",
     "global_batch=64", "lr=4e-3", "lr_decay_start=0.5", "ema_decay=0.995", "grad_clip=1.0",
 ]
-SEMANTIC = ["model.in_channels=52", "model.semantic_chans=4"]
+SEMANTIC = [f"model.in_channels={TEXTURE_CHANNELS + SEMANTIC_CHANNELS}", f"model.semantic_chans={SEMANTIC_CHANNELS}"]
+NO_SEMANTIC = [f"model.in_channels={TEXTURE_CHANNELS}", "model.semantic_chans=0"]
 SAMPLER = ["-o", "method=heun", "-o", "num_steps=16"]
-# The demo's guidance: classifier-free guidance with its own scale per part (the samplers' per-part
-# CFG): 3 on the texture channels, 8 on the semantic ones, which carry the class. Measured against
-# one scale for both: docs/decisions.md ("The CPU demo").
-CFG_TEX, CFG_SEM = 3.0, 8.0
+# Guidance settings the demo tries on the validation split after training (classifier-free
+# guidance, one scale on both parts, or per part: texture / semantic); the one with the lowest
+# validation FD_judge draws the reported guided samples on the test split.
+GUIDANCE_CANDIDATES: dict[str, list[str]] = {
+    "cfg1.5": ["-o", "cfg_scale=1.5"],
+    "cfg2": ["-o", "cfg_scale=2"],
+    "cfg3": ["-o", "cfg_scale=3"],
+    "cfg4.5": ["-o", "cfg_scale=4.5"],
+    "tex2-sem6": ["-o", "cfg_scale_tex=2", "-o", "cfg_scale_sem=6"],
+}
+POSTHOC_WIDTHS = "0.03,0.05,0.08,0.12,0.2"  # σ_rel rebuilt after training and judged on validation
 
 
 def demo_env() -> dict[str, str]:
@@ -86,8 +99,8 @@ def demo_env() -> dict[str, str]:
     }
 
 
-def encode_command(train_dir: Path, cache: Path, dino: Path, semvae_steps: int, semvae_lr: float = 1e-3) -> list[str]:
-    """The real encode job on the demo images: stand-in texture AE, the trained ViT as DINO, SemVAE trained here.
+def encode_command(train_dir: Path, cache: Path, dino: Path, vae: Path, semvae_steps: int, semvae_lr: float = 1e-3) -> list[str]:
+    """The real encode job on the demo images: the trained autoencoder as the texture VAE, the trained ViT as DINO, SemVAE trained here.
 
     The SemVAE gets lr ``semvae_lr`` after 30 warm-up steps: the authors' 5e-5 (with 500 warm-up
     steps) is a rate for 1M steps; in the demo's 300 it left the per-token cosine of the
@@ -95,7 +108,7 @@ def encode_command(train_dir: Path, cache: Path, dino: Path, semvae_steps: int, 
     """
     return [
         sys.executable, "pipeline/encode.py", "--images", str(train_dir), "--out", str(cache),
-        "--image-size", str(IMAGE_SIZE), "--texture", TEXTURE, "--dino", str(dino), "-o", "semvae_preset=tiny",
+        "--image-size", str(IMAGE_SIZE), "--texture-vae", str(vae), "--dino", str(dino), "-o", "semvae_preset=tiny",
         "-o", f"semvae_steps={semvae_steps}", "-o", f"semvae_args=-o lr={semvae_lr:g} -o warmup_steps=30",
         "-o", "rows_per_shard=256", "-o", "rows_per_chunk=64", "-o", "stats_samples=2000",
     ]
@@ -142,14 +155,14 @@ class Sizes:
 
     per_class: int = 200  # training images per class
     held_out: int = 100  # validation and test images per class (each split; FD_judge reference, accuracies)
-    ceiling: int = 40  # a second real test set per class: the real-image ceiling (= samples per class)
+    ceiling: int = 24  # a second real test set per class: the real-image ceiling (= samples per class)
     semvae_steps: int = 300
-    vit_steps: int = 1000
-    vit_lr: float = 4e-3
-    judge_steps: int = 250
+    vit_steps: int = 0  # 0: pipeline/demo_models.py semantic's default (its measured setting)
+    judge_steps: int = 400
+    ae_steps: int = 400
 
 
-QUICK = Sizes(per_class=40, held_out=20, ceiling=4, semvae_steps=20, vit_steps=20, judge_steps=60)
+QUICK = Sizes(per_class=60, held_out=20, ceiling=4, semvae_steps=60, vit_steps=40, judge_steps=200, ae_steps=120)
 
 
 @dataclass(frozen=True)
@@ -159,31 +172,41 @@ class DemoConfig:
     out: str = "runs/demo"  # run folder (everything goes here)
     quick: bool = False  # the smaller data sizes (Sizes vs QUICK above): the CI smoke of the same path
     steps: int = 1200  # training steps
-    samples: int = 240  # judged samples per guidance setting (a multiple of the 6 classes)
-    cfg_scale_tex: float = CFG_TEX  # CFG scale on the texture channels (grid and guided samples)
-    cfg_scale_sem: float = CFG_SEM  # CFG scale on the semantic channels (grid and guided samples)
+    samples: int = 240  # judged samples per setting on the test split (a multiple of the classes)
+    val_samples: int = 100  # samples per candidate setting on the validation split (guidance, EMA width)
+    eval_every: int = 200  # quality during training: judged EMA samples every N steps (0 = off)
+    eval_samples: int = 60  # samples per evaluation during training (validation split)
+    posthoc: bool = True  # post-hoc EMA: profiles in training, widths rebuilt and judged after it
     nproc: int = 2  # training processes under torchrun
     fresh: bool = False  # delete the run folder first (otherwise every stage resumes)
 
     def __post_init__(self) -> None:
-        if self.samples <= 0 or self.samples % len(CLASSES):
-            raise ConfigError(f"samples must be a positive multiple of {len(CLASSES)} (class-balanced), got {self.samples}")
+        for name in ("samples", "val_samples", "eval_samples"):
+            n = getattr(self, name)
+            if n <= 0 or n % NUM_CLASSES:
+                raise ConfigError(f"{name} must be a positive multiple of {NUM_CLASSES} (class-balanced), got {n}")
+        if self.steps < 1 or self.eval_every < 0:
+            raise ConfigError("steps must be >= 1 and eval_every >= 0")
 
 
-DEMO_PRESETS = {"full": DemoConfig(), "quick": DemoConfig(quick=True, steps=40, samples=24)}
+DEMO_PRESETS = {
+    "full": DemoConfig(),
+    # The CI run of the same path, sized for minutes: the post-hoc EMA sweep is left out (its maths
+    # is tested exactly in tests/test_posthoc_ema.py; the full demo draws its plot).
+    "quick": DemoConfig(quick=True, steps=300, samples=60, val_samples=20, eval_every=150, eval_samples=20, posthoc=False),
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
     return config_parser(
         DemoConfig, prog="pipeline/demo.py", description=__doc__, presets=DEMO_PRESETS, default_preset="full",
         args=(Arg("--out", metavar="PATH"), Arg("--fresh")),
-        deprecated={"--quick": "--preset quick", "--steps": "steps", "--samples": "samples",
-                    "--cfg-scale-tex": "cfg_scale_tex", "--cfg-scale-sem": "cfg_scale_sem", "--nproc": "nproc"},
+        deprecated={"--quick": "--preset quick", "--steps": "steps", "--samples": "samples", "--nproc": "nproc"},
     )
 
 
 def prepare(out: Path, sizes: Sizes, log: Path, env: dict[str, str], timings: dict[str, float]) -> dict[str, Path]:
-    """Data splits, judge, semantic ViT and latent cache under ``out`` (each skipped when done)."""
+    """Data splits, judge, semantic ViT, texture autoencoder and latent cache under ``out`` (each skipped when done)."""
     py = sys.executable
     # 1. Data, four splits from distinct seeds: train (every network), val (every choice), test
     # (every reported number: FD_judge reference, accuracies) and ceiling (a second real test set,
@@ -192,34 +215,83 @@ def prepare(out: Path, sizes: Sizes, log: Path, env: dict[str, str], timings: di
     data = out / "data"
     counts = {"train": sizes.per_class, "val": sizes.held_out, "test": sizes.held_out, "ceiling": sizes.ceiling}
     dirs = {name: write_split(data / name, n, IMAGE_SIZE, seed=SPLITS[name]) for name, n in counts.items()}
-    train_dir, ref_dir = dirs["train"], dirs["test"]
+    train_dir = dirs["train"]
     timings["data"] = time.perf_counter() - t0
-    print(f"\n== data: {NUM_CLASSES} classes ({', '.join(CLASSES)}), per class {sizes.per_class} train, "
+    print(f"\n== data: {NUM_CLASSES} classes ({', '.join(CLASSES)}) at any angle, per class {sizes.per_class} train, "
           f"{sizes.held_out} val, {sizes.held_out} test and {sizes.ceiling} ceiling images, {IMAGE_SIZE}x{IMAGE_SIZE}")
 
-    # 2. The judge and the semantic encoder, both trained on the training split only, side by
-    # side (one thread each: two cores, and neither waits for the other).
+    # 2. The judge, the semantic encoder and the texture autoencoder, all trained on the training
+    # split only, side by side (one thread each). Each reports on the test split (the settings
+    # behind them were chosen on the validation split: docs/decisions.md).
     judge_file, vit_file = out / "judge" / "judge.safetensors", out / "semantic" / "demo-vit.safetensors"
+    vae_file = out / "texture" / "demo-vae.safetensors"
+    test_seed = str(SPLITS["test"])
     jobs = {
-        "judge": [py, "pipeline/demo_models.py", "judge", "--train", str(train_dir), "--ref", str(ref_dir),
+        "judge": [py, "pipeline/demo_models.py", "judge", "--train", str(train_dir), "--ref", str(dirs["test"]),
                   "--out", str(judge_file), "--steps", str(sizes.judge_steps)],
         "semantic ViT": [py, "pipeline/demo_models.py", "semantic", "--out", str(vit_file), "--per-class", str(sizes.per_class),
-                         "--size", str(IMAGE_SIZE), "--heldout-per-class", str(sizes.held_out), "--heldout-seed", str(SPLITS["test"]), "--steps", str(sizes.vit_steps),
-                         "--lr", str(sizes.vit_lr)],
+                         "--size", str(IMAGE_SIZE), "--seed", str(SPLITS["train"]), "--heldout-per-class", str(sizes.held_out),
+                         "--heldout-seed", test_seed, *(["--steps", str(sizes.vit_steps)] if sizes.vit_steps else [])],
+        "texture autoencoder": [py, "pipeline/demo_models.py", "autoencoder", "--out", str(vae_file), "--per-class", str(sizes.per_class),
+                                "--size", str(IMAGE_SIZE), "--factor", str(FACTOR), "--z-channels", str(TEXTURE_CHANNELS),
+                                "--seed", str(SPLITS["train"]), "--heldout-per-class", str(sizes.held_out), "--heldout-seed", test_seed,
+                                "--steps", str(sizes.ae_steps)],
     }
     t0 = time.perf_counter()
-    with ThreadPoolExecutor(max_workers=2) as pool:
+    with ThreadPoolExecutor(max_workers=len(jobs)) as pool:
         done = dict(zip(jobs, pool.map(lambda kv: run(kv[0], kv[1], log, env, echo=False), jobs.items())))
     timings.update(done)
-    timings["judge + semantic ViT (side by side)"] = time.perf_counter() - t0
+    timings["judge + semantic ViT + autoencoder (side by side)"] = time.perf_counter() - t0
+    vae_rec = json.loads(vae_file.with_suffix(".json").read_text())["heldout"]
     for name, f, key, what in (("judge", judge_file, "heldout_accuracy", "accuracy"),
                                ("semantic ViT", vit_file, "linear_probe_heldout_accuracy", "linear probe")):
-        print(f"   {name}: held-out {what} {json.loads(f.with_suffix('.json').read_text())[key]:.1%} ({f})")
+        print(f"   {name}: test-split {what} {json.loads(f.with_suffix('.json').read_text())[key]:.1%} ({f})")
+    print(f"   texture autoencoder: test-split PSNR {vae_rec['autoencoder_posterior_mean']['psnr_db']} dB "
+          f"(bilinear f{FACTOR}: {vae_rec[f'bilinear_f{FACTOR}_baseline']['psnr_db']} dB) ({vae_file})")
 
-    # 3. Encode with the real Ray job; the ViT goes in through --dino like DINOv2.
+    # 3. Encode with the real Ray job; the autoencoder goes in through --texture-vae and the ViT
+    # through --dino, like the released LDM VAE and DINOv2.
     cache = out / "cache"
-    timings["encode"] = run("encode", encode_command(train_dir, cache, vit_file, sizes.semvae_steps), log, env)
-    return {**dirs, "judge": judge_file, "vit": vit_file, "cache": cache}
+    timings["encode"] = run("encode", encode_command(train_dir, cache, vit_file, vae_file, sizes.semvae_steps), log, env)
+    return {**dirs, "judge": judge_file, "vit": vit_file, "vae": vae_file, "cache": cache}
+
+
+def best_setting(eval_log: Path, settings: Sequence[str], step: int) -> tuple[str, dict[str, dict[str, float]]]:
+    """The setting with the lowest validation FD_judge at ``step`` among ``settings`` (and every row)."""
+    rows = {}
+    for line in eval_log.read_text().splitlines():
+        r = json.loads(line)
+        if r["step"] == step and r["setting"] in settings:
+            rows[r["setting"]] = {METRIC_ACCURACY: r[METRIC_ACCURACY], METRIC_FD: r[METRIC_FD]}
+    missing = [x for x in settings if x not in rows]
+    if missing:
+        raise ConfigError(f"{eval_log} lacks validation results for {missing}; delete it and run the demo again")
+    return min(rows, key=lambda x: rows[x][METRIC_FD]), rows
+
+
+def plot_posthoc(path: Path, scores: dict[str, dict[str, float]], classic: dict[str, float] | None) -> None:
+    """FD_judge (and accuracy) against the post-hoc EMA width, the run's fixed-decay EMA as a line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    widths = sorted((float(k.split("-", 1)[1]), v) for k, v in scores.items())
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.4))
+    for ax, m, label in ((axes[0], METRIC_FD, "FD_judge, validation (lower is better; not FID)"),
+                         (axes[1], METRIC_ACCURACY, "judge class accuracy, validation")):
+        ax.plot([w for w, _ in widths], [v[m] for _, v in widths], marker="o", label="post-hoc EMA (rebuilt)")
+        if classic is not None:
+            ax.axhline(classic[m], color="k", ls="--", lw=1, label="fixed-decay EMA 0.995")
+        ax.set_xscale("log")
+        ax.set_xlabel("EMA width σ_rel")
+        ax.set_title(label, fontsize=9)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
+    fig.suptitle("One demo run, its EMA chosen after training (EDM2 post-hoc EMA), unguided samples", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -227,7 +299,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if ns.dry_run:
         return print_config(args)
     steps, samples = args.steps, args.samples
-    sizes = replace(QUICK if args.quick else Sizes(), ceiling=samples // len(CLASSES))
+    sizes = replace(QUICK if args.quick else Sizes(), ceiling=samples // NUM_CLASSES)
     out = Path(args.out).resolve()
     if args.fresh and out.exists():
         shutil.rmtree(out)
@@ -243,72 +315,129 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"  {what}: {name}")
 
     inputs = prepare(out, sizes, log, env, timings)
-    ref_dir, ceiling_dir = inputs["test"], inputs["ceiling"]
-    judge_file, vit_file, cache = inputs["judge"], inputs["vit"], inputs["cache"]
+    val_dir, test_dir, ceiling_dir = inputs["val"], inputs["test"], inputs["ceiling"]
+    judge_file, vit_file, vae_file, cache = inputs["judge"], inputs["vit"], inputs["vae"], inputs["cache"]
+    vae_flag = ["--vae", str(vae_file)]
 
-    # 4. Train the SFD model (Δt = 0.3, REPA on the ViT's tokens) with torchrun, 2 processes.
+    # 4. Train the SFD model (Δt = 0.3, REPA on the ViT's tokens) with torchrun, 2 processes; the
+    # EMA's quality is judged on the validation split every eval_every steps, and two post-hoc EMA
+    # profiles are kept so the EMA width can be chosen after training.
     train = out / "train"
+    quality = ["eval_every=" + str(args.eval_every), f"eval_samples={args.eval_samples}", "eval_metric=judge",
+               f"eval_judge={judge_file}", f"eval_judge_ref={val_dir}", "eval_num_steps=16"] if args.eval_every else []
+    posthoc = ["posthoc_ema_sigma_rel=0.05,0.1", f"ema_snapshot_every={max(steps // 12, 1)}"] if args.posthoc else []
     timings["train"] = run("train", [
         py, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}", "train/main.py",
         "--preset", "tiny", "--cache", str(cache), "--out-dir", str(train),
-        *[a for o in (*SEMANTIC, *TINY_MODEL) for a in ("-o", o)],
-        "-o", f"max_steps={steps}", "-o", f"ckpt_every={max(steps // 3, 1)}", "-o", f"log_every={max(steps // 30, 1)}",
-        "-o", "sample_every=0",
+        *[a for o in (*SEMANTIC, *TINY_MODEL, *quality, *posthoc) for a in ("-o", o)],
+        "-o", f"texture_vae={vae_file}", "-o", f"max_steps={steps}", "-o", f"ckpt_every={max(steps // 3, 1)}",
+        "-o", f"log_every={max(steps // 30, 1)}", "-o", "sample_every=0",
     ], log, env)
 
     # Sampling and scoring run alone: let them use both cores (training and encoding run one
     # thread per process).
     env_solo = {**env, "OMP_NUM_THREADS": str(os.cpu_count() or 1)}
-    cfg = ["-o", f"cfg_scale_tex={args.cfg_scale_tex}", "-o", f"cfg_scale_sem={args.cfg_scale_sem}"]
-    guided = f"samples (CFG texture {args.cfg_scale_tex:g}, semantic {args.cfg_scale_sem:g})"
 
-    # 5. A labelled grid from the EMA weights: every class (full names), with the demo's guidance,
-    #    each row led by a held-out real image of its class.
+    # 5. The guidance, chosen on the validation split: every candidate judged at the last step.
+    t0 = time.perf_counter()
+    names = list(GUIDANCE_CANDIDATES)
+    run("guidance on validation", [
+        py, "pipeline/demo_models.py", "evaluate", "--run", str(train), "--cache", str(cache), "--judge", str(judge_file),
+        "--ref", str(val_dir), "--ref-name", "val", "--samples", str(args.val_samples), "--last",
+        *[a for n in names for a in ("--setting", n, "--flags", " ".join([*SAMPLER, *GUIDANCE_CANDIDATES[n], *vae_flag]))],
+    ], log, env_solo)
+    chosen, val_rows = best_setting(train / "eval.jsonl", names, steps)
+    cfg = GUIDANCE_CANDIDATES[chosen]
+    timings["guidance (validation)"] = time.perf_counter() - t0
+    print(f"   guidance chosen on validation: {chosen} ({' '.join(cfg)}); "
+          + ", ".join(f"{n} {r[METRIC_FD]:.2f}" for n, r in val_rows.items()))
+
+    # 6. A labelled grid from the EMA weights: every class (full names), with the chosen guidance,
+    #    each row led by a real test image of its class.
     grid = out / "grid.png"
     timings["grid"] = run("grid", [
-        py, "sample/grid.py", "--ckpt", str(train), "--stats", str(cache),
-        "--classes", ",".join(str(i) for i in range(len(CLASSES))), "--per-class", "8",
-        *SAMPLER, *cfg, "--out", str(grid), "-o", "device=cpu", "--real-images", str(inputs["test"]),
+        py, "sample/grid.py", "--ckpt", str(train), "--stats", str(cache), *vae_flag,
+        "--classes", ",".join(str(i) for i in range(NUM_CLASSES)), "--per-class", "8",
+        *SAMPLER, *cfg, "--out", str(grid), "-o", "device=cpu", "--real-images", str(test_dir),
     ], log, env_solo)
 
-    # 6. Class-balanced samples with and without guidance, judged against held-out real images.
+    # 7. Class-balanced samples with and without guidance on the test split's terms, judged
+    #    against real test images, beside real images (the ceiling) and real images through the
+    #    autoencoder (the ceiling of anything its decoder draws).
     folders = {"guided": out / "samples-cfg", "unguided": out / "samples-noguide"}
     t0 = time.perf_counter()
     for name, folder in folders.items():
         run(f"samples {name}", [
-            py, "eval/fid.py", "gen", "--ckpt", str(train), "--stats", str(cache), "--out", str(folder),
-            "--num-samples", str(samples), "-o", f"num_classes={len(CLASSES)}", *SAMPLER,
+            py, "eval/fid.py", "gen", "--ckpt", str(train), "--stats", str(cache), *vae_flag, "--out", str(folder),
+            "--num-samples", str(samples), "-o", f"num_classes={NUM_CLASSES}", *SAMPLER,
             *(cfg if name == "guided" else []), "-o", f"batch_size={samples}", "-o", "device=cpu",
         ], log, env_solo)
+    recon_dir = out / "data" / "ceiling-through-vae"
+    run("reconstructions", [py, "pipeline/demo_models.py", "reconstruct", "--vae", str(vae_file), "--split", str(ceiling_dir),
+                            "--out", str(recon_dir)], log, env_solo)
     scores_file = out / "judge_scores.json"
     run("judge scores", [
-        py, "pipeline/demo_models.py", "score", "--judge", str(judge_file), "--ref", str(ref_dir),
-        str(folders["guided"]), str(folders["unguided"]), str(ceiling_dir), "--out", str(scores_file),
+        py, "pipeline/demo_models.py", "score", "--judge", str(judge_file), "--ref", str(test_dir),
+        str(folders["guided"]), str(folders["unguided"]), str(ceiling_dir), str(recon_dir), "--out", str(scores_file),
     ], log, env_solo)
     timings["samples+judge"] = time.perf_counter() - t0
 
-    # 7. Loss curves.
+    # 8. Post-hoc EMA: widths rebuilt from the snapshots, judged unguided on validation, plotted.
+    posthoc_png = out / "posthoc_ema.png"
+    posthoc_scores: dict[str, dict[str, float]] = {}
+    if args.posthoc:
+        t0 = time.perf_counter()
+        run("post-hoc EMA", [py, "eval/posthoc_ema.py", str(train), "--sigma-rel", POSTHOC_WIDTHS,
+                             "--out", str(out / "posthoc")], log, env_solo)
+        ckpts = [out / "posthoc" / f"sigma_rel-{w}" for w in POSTHOC_WIDTHS.split(",")]
+        posthoc_file = out / "posthoc_scores.json"
+        run("post-hoc EMA judged", [
+            py, "pipeline/demo_models.py", "judge-ckpts", *[a for c in ckpts for a in ("--ckpt", str(c))], "--cache", str(cache),
+            "--judge", str(judge_file), "--ref", str(val_dir), "--samples", str(args.val_samples),
+            "--flags", " ".join([*SAMPLER, *vae_flag]), "--out", str(posthoc_file),
+        ], log, env_solo)
+        posthoc_scores = {k: {m: v[m] for m in (METRIC_ACCURACY, METRIC_FD)} for k, v in json.loads(posthoc_file.read_text()).items()}
+        run("fixed-decay EMA judged", [
+            py, "pipeline/demo_models.py", "evaluate", "--run", str(train), "--cache", str(cache), "--judge", str(judge_file),
+            "--ref", str(val_dir), "--ref-name", "val", "--samples", str(args.val_samples), "--last",
+            "--setting", "unguided-val", "--flags", " ".join([*SAMPLER, *vae_flag]),
+        ], log, env_solo)
+        _, classic = best_setting(train / "eval.jsonl", ["unguided-val"], steps)
+        plot_posthoc(posthoc_png, posthoc_scores, classic["unguided-val"])
+        timings["post-hoc EMA"] = time.perf_counter() - t0
+
+    # 9. Loss curves and the quality-during-training curve.
     timings["plot"] = run("plot", [py, "eval/plot.py", str(train)], log, env)
 
     total, cpu = time.perf_counter() - t_start, cpu_seconds() - cpu_start
     scores = json.loads(scores_file.read_text())
     judge_rec = json.loads(judge_file.with_suffix(".json").read_text())
     vit_rec = json.loads(vit_file.with_suffix(".json").read_text())
+    vae_rec = json.loads(vae_file.with_suffix(".json").read_text())
     keep = (METRIC_ACCURACY, METRIC_FD, "num_images", "per_class_accuracy")
+    guided = f"samples, guided ({chosen}, chosen on validation)"
     metrics = {
         guided: {k: scores[str(folders["guided"])][k] for k in keep},
-        "samples (no guidance)": {k: scores[str(folders["unguided"])][k] for k in keep},
+        "samples, no guidance": {k: scores[str(folders["unguided"])][k] for k in keep},
         "real test images (ceiling)": {k: scores[str(ceiling_dir)][k] for k in keep},
+        "real test images through the autoencoder": {k: scores[str(recon_dir)][k] for k in keep},
     }
+    during = [json.loads(x) for x in (train / "metrics.jsonl").read_text().splitlines() if '"event": "eval"' in x]
     summary = {
         "run": str(out), "wall_seconds": round(total, 1), "cpu_seconds": round(cpu, 1),
         "stage_seconds": {k: round(v, 1) for k, v in timings.items()},
         "stage_cpu_seconds": {k: round(v, 1) for k, v in STAGE_CPU.items()},
         "cpu_note": "user+system CPU of the stage processes and their waited-for descendants (RUSAGE_CHILDREN); Ray's daemons and actors may escape it: measure the whole run with /usr/bin/time -v",
-        "training_steps": steps, "cfg_scale": {"texture": args.cfg_scale_tex, "semantic": args.cfg_scale_sem}, "sampler": " ".join(SAMPLER),
+        "splits": "every network trained on 'train'; guidance and EMA width judged on 'val'; every reported number on 'test'",
+        "chance_accuracy": 1 / NUM_CLASSES,
+        "training_steps": steps, "sampler": " ".join(SAMPLER),
+        "guidance": {"chosen": chosen, "flags": " ".join(cfg), "validation": val_rows},
         "metrics": metrics,
+        "quality_during_training": [{k: r.get(k) for k in ("step", METRIC_ACCURACY, METRIC_FD, "seconds")} for r in during],
+        "posthoc_ema": {"validation": posthoc_scores, "plot": str(posthoc_png)} if args.posthoc else None,
         "judge": {"heldout_accuracy": judge_rec["heldout_accuracy"], "heldout_images": judge_rec["heldout_images"], "file": str(judge_file)},
         "semantic_encoder": {k: vit_rec[k] for k in ("linear_probe_heldout_accuracy", "linear_probe_heldout_accuracy_random_init", "probe", "objective", "file")},
+        "texture_autoencoder": {"file": str(vae_file), "test_split": vae_rec["heldout"], "parameters": vae_rec["parameters"]},
         "grid_png": str(grid), "loss_curves_png": str(train / "plots" / "losses.png"), "judge_scores": str(scores_file),
         "checkpoints": str(train / "checkpoints"), "cache": str(cache), "log": str(log), "stand_ins": STANDINS,
     }
@@ -316,14 +445,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     print("\n" + "=" * 78)
     print(f"SFD demo finished in {total / 60:.1f} min wall, {cpu:.0f} CPU-s "
           f"({', '.join(f'{k} {v:.0f}s' for k, v in timings.items())})")
-    print(f"  judge (CNN trained on the training images): {judge_rec['heldout_accuracy']:.1%} on {judge_rec['heldout_images']} held-out images")
-    print(f"  semantic ViT linear probe on held-out images: {vit_rec['linear_probe_heldout_accuracy']:.1%} "
-          f"(random-init ViT {vit_rec['linear_probe_heldout_accuracy_random_init']:.1%})")
-    print(f"  {'':40}{'class accuracy':>16}{METRIC_FD + ' (not FID)':>22}")
+    print(f"  judge (CNN trained on the training images): {judge_rec['heldout_accuracy']:.1%} on {judge_rec['heldout_images']} test images")
+    print(f"  semantic ViT (no labels) linear probe on test images: {vit_rec['linear_probe_heldout_accuracy']:.1%} "
+          f"(random-init ViT {vit_rec['linear_probe_heldout_accuracy_random_init']:.1%}; chance {1 / NUM_CLASSES:.0%})")
+    ae = vae_rec["heldout"]
+    print(f"  texture autoencoder on test images: PSNR {ae['autoencoder_posterior_mean']['psnr_db']} dB "
+          f"(bilinear f{FACTOR} down/up {ae[f'bilinear_f{FACTOR}_baseline']['psnr_db']} dB)")
+    print(f"  test split ({samples} samples each){'':10}{'class accuracy':>16}{METRIC_FD + ' (not FID)':>22}")
     for name, m in metrics.items():
-        print(f"  {name:40}{m[METRIC_ACCURACY]:>16.1%}{m[METRIC_FD]:>22.3f}")
+        print(f"  {name:48}{m[METRIC_ACCURACY]:>16.1%}{m[METRIC_FD]:>22.3f}")
+    print(f"  chance accuracy  {1 / NUM_CLASSES:.0%}")
+    if during:
+        print("  during training (validation, EMA, unguided): " + ", ".join(
+            f"step {r['step']} {r.get(METRIC_ACCURACY, float('nan')):.0%}/{r.get(METRIC_FD, float('nan')):.1f}" for r in during))
     print(f"  sample grid      {grid}")
     print(f"  loss curves      {summary['loss_curves_png']}")
+    if args.posthoc:
+        print(f"  post-hoc EMA     {posthoc_png}")
     print(f"  summary          {out / 'summary.json'}")
     print(f"  checkpoints      {summary['checkpoints']}")
     print(f"  latent cache     {cache}")

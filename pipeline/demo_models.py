@@ -221,6 +221,55 @@ def cmd_autoencoder(args: argparse.Namespace) -> dict[str, Any]:
     return report
 
 
+def cmd_judge_ckpts(args: argparse.Namespace) -> dict[str, Any]:
+    """Judge a list of checkpoint files or folders (e.g. post-hoc EMA widths), resumable by name."""
+    from sfd.demo.evaluate import judge_checkpoint
+
+    out = Path(args.out)
+    reports: dict[str, Any] = json.loads(out.read_text()) if out.is_file() else {}
+    judge = load_judge(args.judge)
+    xr, _ = read_split(args.ref)
+    _, ref_feats = judge_outputs(judge, xr)
+    for ckpt in args.ckpt:
+        name = Path(ckpt).name
+        if name in reports:
+            continue
+        t0 = time.perf_counter()
+        r = judge_checkpoint(judge, ref_feats, ckpt, args.cache, args.samples, args.num_classes, args.flags.split())
+        reports[name] = {METRIC_ACCURACY: r[METRIC_ACCURACY], METRIC_FD: r[METRIC_FD], "num_samples": args.samples,
+                         "ckpt": str(ckpt), "ref": str(args.ref), "sampling": args.flags,
+                         "seconds": round(time.perf_counter() - t0, 1)}
+        _write(out, reports)
+        print(f"{name}: {METRIC_ACCURACY} {r[METRIC_ACCURACY]:.3f}  {METRIC_FD} {r[METRIC_FD]:.3f}", flush=True)
+    return reports
+
+
+def cmd_reconstruct(args: argparse.Namespace) -> None:
+    """Real images through the texture autoencoder (posterior mean), as a class-folder split:
+    what the judge says of them is the ceiling of anything decoded by that autoencoder."""
+    from PIL import Image
+
+    from sfd.demo.texture import reconstruct
+    from sfd.models.autoencoder import load_texture_vae
+
+    out = Path(args.out)
+    if (out / ".done").is_file():
+        print(f"reconstructions exist: {out}")
+        return
+    vae = load_texture_vae(args.vae)
+    src = Path(args.split)
+    for name in CLASSES:
+        files = sorted((src / name).glob("*.png"))
+        if not files:
+            raise FileNotFoundError(f"no PNGs in {src / name}: is {src} a demo split?")
+        x = np.stack([np.asarray(Image.open(f).convert("RGB")) for f in files])
+        (out / name).mkdir(parents=True, exist_ok=True)
+        for f, img in zip(files, reconstruct(vae, x)):
+            Image.fromarray(img).save(out / name / f.name)
+    (out / ".done").write_text("")
+    print(f"reconstructed {src} through {args.vae}: {out}")
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = Parser(prog="pipeline/demo_models.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -276,10 +325,24 @@ def main(argv: list[str] | None = None) -> None:
     e.add_argument("--ref-name", default=None, help="name of the reference split in eval.jsonl (e.g. val, test)")
     e.add_argument("--last", action="store_true", help="only the run's last checkpoint")
     e.add_argument("--num-classes", type=int, default=len(CLASSES))
+    k = sub.add_parser("judge-ckpts", help="judge a list of checkpoints (e.g. post-hoc EMA widths); resumable")
+    k.add_argument("--ckpt", action="append", required=True, help="checkpoint file or folder (repeat)")
+    k.add_argument("--cache", required=True, help="the latent cache (texture statistics)")
+    k.add_argument("--judge", required=True)
+    k.add_argument("--ref", required=True, help="real split the FD_judge is measured against")
+    k.add_argument("--samples", type=int, default=120)
+    k.add_argument("--flags", default="-o method=heun -o num_steps=16", help="sampling flags, as for eval/fid.py gen")
+    k.add_argument("--num-classes", type=int, default=len(CLASSES))
+    k.add_argument("--out", required=True, help="JSON report, one entry per checkpoint name")
+    r = sub.add_parser("reconstruct", help="a real split through the texture autoencoder (the decoder's ceiling)")
+    r.add_argument("--vae", required=True)
+    r.add_argument("--split", required=True, help="class-folder split of real images")
+    r.add_argument("--out", required=True)
     args = ap.parse_args(argv)
     torch.set_num_threads(max(torch.get_num_threads(), 1))
     np.set_printoptions(precision=4)
-    {"semantic": cmd_semantic, "autoencoder": cmd_autoencoder, "judge": cmd_judge, "score": cmd_score, "evaluate": cmd_evaluate}[args.cmd](args)
+    {"semantic": cmd_semantic, "autoencoder": cmd_autoencoder, "judge": cmd_judge, "score": cmd_score, "evaluate": cmd_evaluate,
+     "judge-ckpts": cmd_judge_ckpts, "reconstruct": cmd_reconstruct}[args.cmd](args)
 
 
 if __name__ == "__main__":

@@ -45,6 +45,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "pipeline"))  # demo.py sits beside this file (pipeline/ is no package)
 from demo import (  # noqa: E402
+    NO_SEMANTIC,
     NUM_CLASSES,
     QUICK,
     SAMPLER,
@@ -84,7 +85,7 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
         "schedule_learn_until=400",
     ]),
     "no-semantic": ("no semantic channels", [
-        "use_semantic=false", "model.in_channels=48", "model.semantic_chans=0", "delta_t=0", "model.semfirst_delta_t=0",
+        "use_semantic=false", *NO_SEMANTIC, "delta_t=0", "model.semfirst_delta_t=0",
     ]),
 }
 
@@ -426,6 +427,7 @@ def run_variants(args: StudyConfig, out: Path, variants: list[str], seeds: list[
     sizes = replace(QUICK if args.tiny else Sizes(), ceiling=max(args.samples // NUM_CLASSES, 1))
     inputs = prepare(out, sizes, log, env, timings)
     cache, judge, test_ref, val_ref = inputs["cache"], inputs["judge"], inputs["test"], inputs["val"]
+    vae_flag = ["--vae", str(inputs["vae"])]  # the cache's texture autoencoder decodes every sample
     run("ceiling", [py, "pipeline/demo_models.py", "score", "--judge", str(judge), "--ref", str(test_ref),
                     str(inputs["ceiling"]), "--out", str(ceiling_file)], log, env)
     ceiling = next(iter(json.loads(ceiling_file.read_text()).values()))
@@ -436,7 +438,7 @@ def run_variants(args: StudyConfig, out: Path, variants: list[str], seeds: list[
                  last: bool) -> None:
         """Judge run (name, seed) in one process: every setting (name → sampling flags) at every
         evaluated step (or the last only) against the real images of split ``ref``."""
-        plan = [a for setting, flags in settings.items() for a in ("--setting", setting, "--flags", " ".join([*SAMPLER, *flags]))]
+        plan = [a for setting, flags in settings.items() for a in ("--setting", setting, "--flags", " ".join([*SAMPLER, *flags, *vae_flag]))]
         run(f"evaluate {name} seed {seed} {','.join(settings)}", [
             py, "pipeline/demo_models.py", "evaluate", "--run", str(out / name / f"seed{seed}"), "--cache", str(cache),
             "--judge", str(judge), "--ref", str(ref), "--ref-name", ref_name, "--samples", str(args.samples),
@@ -490,7 +492,7 @@ def run_variants(args: StudyConfig, out: Path, variants: list[str], seeds: list[
         png.parent.mkdir(exist_ok=True)
         if not png.is_file():
             run(f"grid {name}", [
-                py, "sample/grid.py", "--ckpt", str(out / name / "seed0"), "--stats", str(cache),
+                py, "sample/grid.py", "--ckpt", str(out / name / "seed0"), "--stats", str(cache), *vae_flag,
                 "--classes", ",".join(str(i) for i in range(NUM_CLASSES)), "--per-class", str(args.grid_per_class),
                 *SAMPLER, "-o", f"cfg_scale={choice[name]:g}", "--out", str(png), "-o", "device=cpu",
             ], log, env, echo=False)
