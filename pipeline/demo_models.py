@@ -68,6 +68,20 @@ def _write(path: Path, report: dict[str, Any]) -> None:
     tmp.replace(path)
 
 
+def _semantic_objective(ssl: SSLConfig) -> str:
+    """The report's one-line description of the label-free objective that ran."""
+    views = f"2 global + {ssl.local_crops} local crops" if ssl.local_crops else "2 global crops"
+    aug = (f"silhouette p={list(ssl.silhouette)}, blur p={list(ssl.blur)} σ={list(ssl.blur_sigma)}, "
+           f"solarise p={list(ssl.solarize)}")
+    if ssl.objective == "simclr":
+        return (f"self-supervised, no labels: SimCLR NT-Xent (τ {ssl.contrast_temp}) on the CLS and the mean patch token, "
+                f"{views}; pixel-only fill-destroying views ({aug})")
+    if ssl.objective == "contrastive":
+        return f"self-supervised, no labels: MoCo v3-style InfoNCE with an EMA key encoder, {views} ({aug})"
+    return ("self-supervised, no labels: DINO self-distillation (CLS and mean patch token, "
+            f"{views}, EMA teacher, centering + sharpening) + iBOT masked-patch distillation ({aug})")
+
+
 def cmd_semantic(args: argparse.Namespace) -> dict[str, Any]:
     out, report_file = Path(args.out), Path(args.out).with_suffix(".json")
     if out.is_file() and report_file.is_file():
@@ -78,7 +92,7 @@ def cmd_semantic(args: argparse.Namespace) -> dict[str, Any]:
     # pixels only; the labels are for the probe.
     x, y, _ = render_arrays(args.per_class, args.size, args.seed)
     xh, yh, _ = render_arrays(args.heldout_per_class, args.size, args.heldout_seed)
-    ssl = SSLConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr)
+    ssl = SSLConfig(objective=args.objective, steps=args.steps, batch_size=args.batch_size, lr=args.lr)
     t0, c0 = time.perf_counter(), time.process_time()
     vit = train_semantic_vit(x, ssl=ssl, seed=args.train_seed)
     train_s, train_cpu = time.perf_counter() - t0, time.process_time() - c0
@@ -87,8 +101,7 @@ def cmd_semantic(args: argparse.Namespace) -> dict[str, Any]:
     probe_random = linear_probe(mean_patch_features(rand, x), y, mean_patch_features(rand, xh), yh)
     report = {
         "file": str(out), "architecture": DEMO_VIT,
-        "objective": "self-supervised, no labels: DINO self-distillation (CLS and mean patch token, 2 global + "
-                     f"{ssl.local_crops} local crops, EMA teacher, centering + sharpening) + iBOT masked-patch distillation",
+        "objective": _semantic_objective(ssl),
         "ssl": {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(ssl).items()},
         "steps": args.steps, "batch_size": args.batch_size, "lr": args.lr, "train_images": len(x), "train_seconds": round(train_s, 1),
         "train_cpu_seconds": round(train_cpu, 1),  # the budget's measure: wall time stretches when cores are shared
@@ -283,6 +296,8 @@ def main(argv: list[str] | None = None) -> None:
     s.add_argument("--steps", type=int, default=SSLConfig.steps)
     s.add_argument("--batch-size", type=int, default=SSLConfig.batch_size)
     s.add_argument("--lr", type=float, default=SSLConfig.lr)
+    s.add_argument("--objective", default=SSLConfig.objective, choices=("simclr", "dino", "contrastive"),
+                   help="label-free objective (the rest of its settings are SSLConfig's defaults)")
     s.add_argument("--train-seed", type=int, default=0)
     a = sub.add_parser("autoencoder", help="train the texture KL autoencoder (LDM layout) for encode.py --texture-vae")
     a.add_argument("--out", required=True, help="the .safetensors to write (its JSON report beside it)")

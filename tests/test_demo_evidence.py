@@ -26,6 +26,8 @@ from sfd.demo.judge import (
 from sfd.demo.semantic import (
     DEMO_VIT,
     SSLConfig,
+    _blur,
+    _silhouette,
     _tokens,
     _views,
     build_vit,
@@ -100,7 +102,7 @@ def test_token_path_is_the_models_own_forward_and_views_have_the_crop_sizes():
     with torch.no_grad():
         xn = vit.preprocess(x)
         assert torch.equal(_tokens(vit, xn), vit.vit.forward_features(xn))
-        cfg = SSLConfig()
+        cfg = SSLConfig(local_crops=2)  # the default (SimCLR) runs without local crops; DINO uses them
         g = torch.Generator().manual_seed(0)
         local = _views(x, cfg.local_crops, cfg.local_size, cfg.local_scale, g)
         assert local.shape == (cfg.local_crops * 2, 3, cfg.local_size, cfg.local_size) and local.abs().max() <= 1
@@ -184,10 +186,29 @@ def test_sample_folder_labels_follow_eval_gen(tmp_path):
         read_sample_folder(tmp_path)
 
 
-def test_contrastive_variant_runs_and_bad_settings_are_refused():
+def test_silhouette_view_keeps_the_outline_and_drops_the_fill():
+    # A pixel-only view: it must agree with the shape's coverage (read here, never in training)
+    # and be one colour inside the shape, whatever the fill.
+    x, _, cover = render_arrays(4, IMAGE_SIZE, seed=SPLITS["val"])
+    xi = (torch.as_tensor(x).permute(0, 3, 1, 2).float() / 255)
+    sil = _silhouette(xi)
+    inside = torch.as_tensor(cover) > 0.5
+    assert ((sil[:, 0] > 0.5) == inside).float().mean() >= 0.97
+    assert torch.equal(sil[:, 0], sil[:, 1]) and set(sil.unique().tolist()) <= {0.0, 1.0}
+    # The blur flattens a period-4 stripe pattern about tenfold; sigma 0 is the identity.
+    stripes = (torch.arange(IMAGE_SIZE) % 4 < 2).float().expand(1, 3, IMAGE_SIZE, IMAGE_SIZE).contiguous()
+    out = _blur(stripes.repeat(2, 1, 1, 1), torch.tensor([0.0, 2.0]))
+    assert torch.allclose(out[0], stripes[0], atol=1e-6) and out[1].std() < 0.15 * stripes.std()  # radius-3 kernel: ≈ 0.11
+
+
+def test_contrastive_variants_run_and_bad_settings_are_refused():
     x, _, _ = render_arrays(2, IMAGE_SIZE, seed=0)
     vit = train_semantic_vit(x, steps=2, batch_size=4, log_every=0, ssl=SSLConfig(objective="contrastive"))
     assert vit.ssl_mask_token.shape == (1, DEMO_VIT["embed_dim"])
+    # DINO + iBOT (the DINOv2 recipe, kept for comparison) and SimCLR with local crops.
+    for ssl in (SSLConfig(objective="dino"), SSLConfig(objective="simclr", local_crops=2)):
+        vit = train_semantic_vit(x, steps=2, batch_size=4, log_every=0, ssl=ssl)
+        assert vit.ssl_mask_token.shape == (1, DEMO_VIT["embed_dim"]) and not vit.training
     with pytest.raises(ValueError, match="objective"):
         train_semantic_vit(x, steps=1, ssl=SSLConfig(objective="supervised"))
     with pytest.raises(ValueError, match="centering"):
