@@ -9,7 +9,7 @@ CPU cores (docs/decisions.md, "The CPU demo"), with no download and no weight fi
    (every network), val (every choice), test (every reported number), ceiling (real images
    scored like samples);
 2. a judge (small CNN classifier, sfd/demo/judge.py), a DINOv2-architecture ViT trained
-   *without labels* (DINO + iBOT self-distillation, sfd/demo/semantic.py) as the semantic
+   *without labels* (SimCLR contrastive learning, sfd/demo/semantic.py) as the semantic
    encoder, written in DINOv2's own weight layout, and a KL autoencoder (LDM ``AutoencoderKL``,
    f4, 8 channels, sfd/demo/texture.py) as the texture VAE, written in the LDM layout — side by
    side, on the training split;
@@ -61,7 +61,7 @@ from sfd.demo.shapes import CLASSES, IMAGE_SIZE, SPLITS, VIT_PATCH, write_split 
 
 STANDINS = {
     "texture encoder": "KL autoencoder (LDM AutoencoderKL layout, f4, 8 channels) trained here on the demo's training images (not the released f16d32 VAE)",
-    "semantic encoder": "DINOv2-architecture ViT (64 wide, 4 blocks) trained here without labels (DINO + iBOT self-distillation; not DINOv2)",
+    "semantic encoder": "DINOv2-architecture ViT (64 wide, 4 blocks) trained here without labels (SimCLR contrastive learning; not DINOv2)",
     "judge": "CNN classifier trained on the demo's training images: judge_accuracy and FD_judge (not FID)",
 }
 
@@ -177,6 +177,8 @@ class DemoConfig:
     eval_every: int = 200  # quality during training: judged EMA samples every N steps (0 = off)
     eval_samples: int = 60  # samples per evaluation during training (validation split)
     posthoc: bool = True  # post-hoc EMA: profiles in training, widths rebuilt and judged after it
+    guidance: str = ",".join(GUIDANCE_CANDIDATES)  # guidance settings tried on validation (GUIDANCE_CANDIDATES names)
+    grid_per_class: int = 8  # samples per class in the labelled grid
     nproc: int = 2  # training processes under torchrun
     fresh: bool = False  # delete the run folder first (otherwise every stage resumes)
 
@@ -185,15 +187,23 @@ class DemoConfig:
             n = getattr(self, name)
             if n <= 0 or n % NUM_CLASSES:
                 raise ConfigError(f"{name} must be a positive multiple of {NUM_CLASSES} (class-balanced), got {n}")
-        if self.steps < 1 or self.eval_every < 0:
-            raise ConfigError("steps must be >= 1 and eval_every >= 0")
+        if self.steps < 1 or self.eval_every < 0 or self.grid_per_class < 1:
+            raise ConfigError("steps and grid_per_class must be >= 1, eval_every >= 0")
+        unknown = [g for g in self.guidance_list if g not in GUIDANCE_CANDIDATES]
+        if unknown or not self.guidance_list:
+            raise ConfigError(f"guidance: choose from {','.join(GUIDANCE_CANDIDATES)}, got {self.guidance!r}")
+
+    @property
+    def guidance_list(self) -> list[str]:
+        return [g for g in self.guidance.split(",") if g]
 
 
 DEMO_PRESETS = {
     "full": DemoConfig(),
     # The CI run of the same path, sized for minutes: the post-hoc EMA sweep is left out (its maths
     # is tested exactly in tests/test_posthoc_ema.py; the full demo draws its plot).
-    "quick": DemoConfig(quick=True, steps=300, samples=60, val_samples=20, eval_every=150, eval_samples=20, posthoc=False),
+    "quick": DemoConfig(quick=True, steps=300, samples=60, val_samples=20, eval_every=150, eval_samples=20, posthoc=False,
+                        guidance="cfg2,cfg4.5", grid_per_class=2),
 }
 
 
@@ -340,7 +350,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     # 5. The guidance, chosen on the validation split: every candidate judged at the last step.
     t0 = time.perf_counter()
-    names = list(GUIDANCE_CANDIDATES)
+    names = args.guidance_list
     run("guidance on validation", [
         py, "pipeline/demo_models.py", "evaluate", "--run", str(train), "--cache", str(cache), "--judge", str(judge_file),
         "--ref", str(val_dir), "--ref-name", "val", "--samples", str(args.val_samples), "--last",
@@ -357,7 +367,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     grid = out / "grid.png"
     timings["grid"] = run("grid", [
         py, "sample/grid.py", "--ckpt", str(train), "--stats", str(cache), *vae_flag,
-        "--classes", ",".join(str(i) for i in range(NUM_CLASSES)), "--per-class", "8",
+        "--classes", ",".join(str(i) for i in range(NUM_CLASSES)), "--per-class", str(args.grid_per_class),
         *SAMPLER, *cfg, "--out", str(grid), "-o", "device=cpu", "--real-images", str(test_dir),
     ], log, env_solo)
 

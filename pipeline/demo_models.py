@@ -1,7 +1,7 @@
 """The demo's helper networks, as command lines: the semantic ViT, the texture autoencoder and the judge.
 
   semantic  train the DINOv2-architecture ViT on the demo training split's pixels alone
-            (self-distillation, DINO + iBOT, no labels: sfd/demo/semantic.py), write it in
+            (contrastive, SimCLR, no labels: sfd/demo/semantic.py), write it in
             DINOv2's original layout for ``pipeline/encode.py --dino``, and report a linear
             probe on held-out images (the same probe on a random-init ViT beside it; the probe
             is the only place labels are read);

@@ -11,8 +11,8 @@ declares (sfd.encoding.texture_spec) and the samplers decode with the same file.
 Architecture (:func:`demo_texture_config`): LDM's, shrunk until a CPU minute trains it: base
 width 32, one res block per level (the decoder has LDM's one more), no attention except LDM's
 mid-block attention, which runs at the latent grid (6×6 or 4×4: 36 or 16 tokens, negligible).
-``ch_mult`` has one entry per level, so the factor f = 2^(levels−1): f4 → (1, 2, 2), f8 →
-(1, 2, 2, 2). Latent channels default to 8 for f4 (24² → 8×6×6) and 16 for f8 (32² → 16×4×4).
+``ch_mult`` has one entry per level, so the factor f = 2^(levels−1): f4 → (1, 1, 2), f8 →
+(1, 1, 2, 2). Latent channels default to 8 for f4 (24² → 8×6×6) and 16 for f8 (32² → 16×4×4).
 
 Objective: LDM's ``LPIPSWithDiscriminator`` without LPIPS and the GAN (neither fits a CPU minute
 nor is available offline): per-image *sum* of the squared error (``rec_loss="l2"``, the default;
@@ -47,6 +47,7 @@ DEFAULT_Z_CHANNELS = {4: 8, 8: 16}
 CH_MULT = {4: (1, 1, 2), 8: (1, 1, 2, 2)}
 DEFAULT_KL_WEIGHT = 1e-4
 DEFAULT_REC_LOSS = "l2"
+LOGVAR_INIT = -6.0  # initial bias of the encoder's log-variance outputs (see train_texture_vae)
 
 
 def demo_texture_config(factor: int = 4, size: int = 24, z_channels: int | None = None, ch: int = 32) -> TextureVAEConfig:
@@ -93,6 +94,13 @@ def train_texture_vae(
         raise ConfigError(f"rec_loss must be 'l1' or 'l2', got {rec_loss!r}")
     torch.manual_seed(seed)
     model = AutoencoderKL(cfg)
+    # Start with a nearly deterministic posterior (log-variance bias -6, σ ≈ 0.05): at LDM's
+    # init (σ ≈ 1) the decoder first sees mostly noise and spends the short CPU budget learning
+    # the mean image (grey blurs at 120 steps); the KL term still sets σ from there. Measured on
+    # 300 validation images, 400 steps: the judge recognises 72 % of the reconstructions against
+    # 65 % at LDM's init (PSNR 17.6 vs 17.7 dB); docs/decisions.md.
+    with torch.no_grad():
+        model.encoder.conv_out.bias[cfg.z_channels:] = LOGVAR_INIT
     x_all = to_model_input(images)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.05)
