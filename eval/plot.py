@@ -89,13 +89,25 @@ def plot_losses(runs: list[Path], labels: list[str], out: Path) -> Path | None:
 def plot_metrics(runs: list[Path], labels: list[str], out: Path) -> Path | None:
     """Every numeric field of ``eval.jsonl`` and of the trainer's own ``"event": "eval"`` lines in
     ``metrics.jsonl`` (``-o eval_every``) vs step, one panel per metric; None when absent."""
-    logs = [read_jsonl(run / "eval.jsonl") + read_jsonl(run / "metrics.jsonl", "eval") for run in runs]
-    names = sorted({k for rows in logs for r in rows for k, v in r.items() if k not in NOT_METRICS and _finite(v)})
+    # One series per source: the trainer's own evaluations, and each (setting, reference split) of
+    # eval.jsonl (the study's unguided curve, a guidance candidate judged once on validation, ...),
+    # so points measured under different settings are never joined into one curve.
+    series: list[tuple[str, list[dict]]] = []
+    for run, label in zip(runs, labels):
+        during = read_jsonl(run / "metrics.jsonl", "eval")
+        if during:
+            series.append((f"{label} (during training)" if len(runs) > 1 else "during training", during))
+        groups: dict[str, list[dict]] = {}
+        for r in read_jsonl(run / "eval.jsonl"):
+            key = str(r.get("setting", "unguided")) + (f", {r['ref']}" if r.get("ref") else "")
+            groups.setdefault(key, []).append(r)
+        series += [(f"{label} {k}" if len(runs) > 1 else k, rows) for k, rows in groups.items()]
+    names = sorted({k for _, rows in series for r in rows for k, v in r.items() if k not in NOT_METRICS and _finite(v)})
     if not names:
         return None
     fig, axes = plt.subplots(1, len(names), figsize=(4.5 * len(names), 3.4), squeeze=False)
     for ax, name in zip(axes[0], names):
-        for rows, label in zip(logs, labels):
+        for label, rows in series:
             pts = sorted((r["step"], r[name]) for r in rows if _finite(r.get(name)))
             if pts:
                 ax.plot(*zip(*pts), marker="o", label=label, linewidth=1.2)
@@ -103,7 +115,7 @@ def plot_metrics(runs: list[Path], labels: list[str], out: Path) -> Path | None:
         ax.set_xlabel("training step")
         ax.set_ylabel(name)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=7)
     fig.tight_layout()
     out.mkdir(parents=True, exist_ok=True)
     path = out / "metrics.png"

@@ -44,11 +44,12 @@ def test_demo_quick_produces_every_artefact(tmp_path: Path) -> None:
     assert '"FID"' not in text and "not FID" in text
 
     # It learned: a model that ignored its class label, or a broken sampler or decoder, lands at
-    # chance (10 %, ±4 % for 60 samples); the quick run's guided samples must be well above it.
+    # chance (10 %; with 100 samples, 20 % or more happens by chance about once in a thousand runs);
+    # the quick run's guided samples must reach twice chance (the full demo reaches ~55 %).
     chance = summary["chance_accuracy"]
     assert chance == 0.1
     guided = next(v for k, v in metrics.items() if k.startswith("samples, guided"))
-    assert guided["judge_accuracy"] >= 3 * chance, metrics
+    assert guided["num_images"] == 100 and guided["judge_accuracy"] >= 2 * chance, metrics
     assert summary["judge"]["heldout_accuracy"] >= 0.8  # the referee itself works on real test images
 
     # Every choice on the validation split: the guidance candidates were judged there, the
@@ -60,7 +61,7 @@ def test_demo_quick_produces_every_artefact(tmp_path: Path) -> None:
 
     # Quality during training (eval_every) ran and was recorded (the quick preset skips the
     # post-hoc EMA sweep: tests/test_posthoc_ema.py covers its maths).
-    assert [r["step"] for r in summary["quality_during_training"]] == [150, 300]
+    assert [r["step"] for r in summary["quality_during_training"]] == [250, 500]
     assert summary["posthoc_ema"] is None
 
     # The learned encoders went in through the released files' weight paths: the ViT as DINOv2
