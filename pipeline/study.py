@@ -113,6 +113,7 @@ class StudyConfig:
     # validation FD_judge over seeds (the same grid, so the same tuning budget, for every variant).
     guidance_scales: str = "1.5,2,3,4.5"
     grid_per_class: int = 4  # guided samples per class in the side-by-side grid (seed 0 of each variant)
+    kernels: str = "compile"  # the training step (compile: ~2x eager on a CPU; eager for runs of a few steps)
     tiny: bool = False  # the demo's --quick data sizes (tests)
     report_only: bool = False  # rebuild the table, plot and summary from the runs' eval logs; train nothing
 
@@ -142,7 +143,7 @@ STUDY_PRESETS = {
     "full": StudyConfig(),
     "schedules": StudyConfig(variants=",".join(SCHEDULE_VARIANTS)),
     "tiny": StudyConfig(steps=4, evals=2, samples=12, seeds=1, variants="dt0,dt0.3,no-semantic", tiny=True,
-                        guidance_scales="2,4", grid_per_class=1),
+                        guidance_scales="2,4", grid_per_class=1, kernels="eager"),
 }
 
 
@@ -424,7 +425,9 @@ def run_variants(args: StudyConfig, out: Path, variants: list[str], seeds: list[
     every = max(args.steps // args.evals, 1)
     ceiling_file = out / "ceiling.json"
     # Shared inputs, built once (the demo's data, judge, semantic ViT, autoencoder and cache).
-    sizes = replace(QUICK if args.tiny else Sizes(), ceiling=max(args.samples // NUM_CLASSES, 1))
+    # tiny (tests): the plumbing only, so the shared networks train a few steps each.
+    tiny = replace(QUICK, judge_steps=40, vit_steps=10, ae_steps=20, semvae_steps=20)
+    sizes = replace(tiny if args.tiny else Sizes(), ceiling=max(args.samples // NUM_CLASSES, 1))
     inputs = prepare(out, sizes, log, env, timings)
     cache, judge, test_ref, val_ref = inputs["cache"], inputs["judge"], inputs["test"], inputs["val"]
     vae_flag = ["--vae", str(inputs["vae"])]  # the cache's texture autoencoder decodes every sample
@@ -455,7 +458,7 @@ def run_variants(args: StudyConfig, out: Path, variants: list[str], seeds: list[
         run(f"train {name} seed {seed}", [
             py, "train/main.py", "--preset", "tiny", "--cache", str(cache), "--out-dir", str(run_dir),
             *[a for o in (*TINY_MODEL, *overrides) for a in ("-o", o)],
-            "-o", f"seed={seed}", "-o", f"max_steps={args.steps}", "-o", f"ckpt_every={every}",
+            "-o", f"kernels={args.kernels}", "-o", f"seed={seed}", "-o", f"max_steps={args.steps}", "-o", f"ckpt_every={every}",
             "-o", f"keep_last={args.evals + 1}", "-o", f"log_every={max(args.steps // 40, 1)}", "-o", "sample_every=0",
         ], run_log, env, echo)
         t1 = time.perf_counter()

@@ -18,6 +18,19 @@ REPO = Path(__file__).resolve().parents[1]
 DATA = Path(__file__).resolve().parent / "data"
 
 
+@pytest.fixture
+def one_thread():
+    """torch on one thread for the test: bitwise comparisons with subprocesses (started with
+    OMP_NUM_THREADS=1) need the same thread count in this process. Use it with
+    ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def golden_dir() -> Path:
     return DATA / "golden"

@@ -279,4 +279,4 @@ def test_dry_run_prints_the_config_as_json(dry_runs: dict, name: str) -> None:
     if name == "fid gen":
         assert cfg["sampling"]["method"] == "heun" and cfg["sampling"]["num_steps"] == 4
     if name == "demo":
-        assert cfg["quick"] is True and cfg["steps"] == 40  # --quick is the quick preset
+        assert cfg["quick"] is True and cfg["steps"] == 500  # --quick is the quick preset

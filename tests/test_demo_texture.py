@@ -22,7 +22,7 @@ from sfd.config import TEXTURE_VAE_PRESETS, ConfigError
 from sfd.data.cache import LatentCache
 from sfd.data.images import hflip, load_image, to_model_input
 from sfd.demo.semantic import save_semantic_vit, train_semantic_vit
-from sfd.demo.shapes import render_arrays, write_split
+from sfd.demo.shapes import CLASSES, render_arrays, write_split
 from sfd.demo.texture import (
     bilinear_baseline,
     demo_texture_config,
@@ -144,9 +144,9 @@ def test_encode_job_caches_the_files_latents_and_decodes_with_it(trained: tuple[
     import ray
 
     vae, path = trained
-    images = write_split(tmp_path / "images", 1, 24, seed=5)  # 6 images, one per class
-    x, y, m = render_arrays(1, 24, seed=0)
-    vit = save_semantic_vit(train_semantic_vit(x, y, m, steps=1, batch_size=4, log_every=0), tmp_path / "vit.safetensors")
+    images = write_split(tmp_path / "images", 1, 24, seed=5)  # one image per class
+    x, _, _ = render_arrays(1, 24, seed=0)
+    vit = save_semantic_vit(train_semantic_vit(x, steps=1, batch_size=4, log_every=0), tmp_path / "vit.safetensors")
     encode_mod = load_encode_script()
     out = tmp_path / "cache"
     ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False)
@@ -165,9 +165,10 @@ def test_encode_job_caches_the_files_latents_and_decodes_with_it(trained: tuple[
     assert info["name"] == "file-config:texture-vae.safetensors" and info["config"]["embed_dim"] == 8
     assert "path" not in info
     g = cache.group
-    assert g["texture"].shape == (6, 2, 8, 6, 6)
+    n = len(CLASSES)  # one image per class
+    assert g["texture"].shape == (n, 2, 8, 6, 6)
     paths = cache.paths()
-    for row in range(6):
+    for row in range(n):
         img, _ = load_image(Path(images) / paths[row], 24)
         for flip, view in ((0, img), (1, hflip(img))):
             with torch.no_grad():  # the posterior sample, with the job's per-(row, flip) noise

@@ -18,7 +18,7 @@ REPO = Path(__file__).resolve().parents[1]
 def test_study_tiny_budget_produces_its_table(tmp_path: Path) -> None:
     out = tmp_path / "study"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "RAY_AUTH_MODE": "disabled", "HF_HUB_OFFLINE": "1"}
-    cmd = [sys.executable, "pipeline/study.py", "--out", str(out), "--tiny", "--steps", "2", "--evals", "1",
+    cmd = [sys.executable, "pipeline/study.py", "--out", str(out), "--preset", "tiny", "--steps", "2", "--evals", "1",
            "--samples", "6", "--seeds", "2", "--variants", "dt0.3,no-semantic", "--jobs", "2",
            "-o", "guidance_scales=2,4", "-o", "grid_per_class=1"]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)

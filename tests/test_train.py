@@ -58,18 +58,13 @@ def make_cache(
     return cache
 
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
+
 @pytest.fixture(scope="module")
 def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_cache(tmp_path_factory.mktemp("cache") / "tiny.zarr").path
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Bitwise comparisons with subprocesses (OMP_NUM_THREADS=1) need the same thread count here.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def argv(cache: Path, out: Path, *overrides: str) -> list[str]:
