@@ -426,7 +426,7 @@ def run_variants(args: StudyConfig, out: Path, variants: list[str], seeds: list[
     ceiling_file = out / "ceiling.json"
     # Shared inputs, built once (the demo's data, judge, semantic ViT, autoencoder and cache).
     # tiny (tests): the plumbing only, so the shared networks train a few steps each.
-    tiny = replace(QUICK, judge_steps=40, vit_steps=10, ae_steps=20, semvae_steps=20)
+    tiny = replace(QUICK, judge_steps=40, vit_steps=40, ae_steps=40, semvae_steps=20)  # one-cycle lr needs a few dozen
     sizes = replace(tiny if args.tiny else Sizes(), ceiling=max(args.samples // NUM_CLASSES, 1))
     inputs = prepare(out, sizes, log, env, timings)
     cache, judge, test_ref, val_ref = inputs["cache"], inputs["judge"], inputs["test"], inputs["val"]
