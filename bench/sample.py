@@ -38,16 +38,12 @@ from sfd.config import model_preset
 from sfd.diffusion import AsyncClock
 from sfd.guidance import classifier_free_guidance, compile_velocity_fn, model_velocity
 from sfd.models.lightningdit import LightningDiT
+from sfd.models.standins import random_lightningdit
 from sfd.samplers import initial_noise, sample
 
 
 def random_model(name: str, seed: int) -> LightningDiT:
-    torch.manual_seed(seed)
-    model = LightningDiT(model_preset(name))
-    with torch.no_grad():  # adaLN-Zero makes a fresh model output exactly zero
-        for p in model.parameters():
-            p.add_(0.02 * torch.randn_like(p))
-    return model.eval()
+    return random_lightningdit(model_preset(name), seed)
 
 
 def authors_drift(fn, y, delta_t: float, semantic_chans: int, counter: list[int]):

@@ -674,12 +674,7 @@ class TrainConfig:
         if self.eval_every < 0 or self.eval_samples < 0 or self.eval_num_steps < 0:
             raise ConfigError("eval_every, eval_samples and eval_num_steps must be >= 0")
         if self.posthoc_ema_sigma_rel:
-            from sfd.posthoc_ema import parse_sigma_rels
-
-            try:
-                parse_sigma_rels(self.posthoc_ema_sigma_rel)
-            except ValueError as e:
-                raise ConfigError(f"posthoc_ema_sigma_rel: {e}") from None
+            _check_sigma_rels("posthoc_ema_sigma_rel", self.posthoc_ema_sigma_rel)
         if self.ema_snapshot_every < 0:
             raise ConfigError(f"ema_snapshot_every must be >= 0 (0 = EDM2's 8M images), got {self.ema_snapshot_every}")
 
@@ -699,6 +694,16 @@ class TrainConfig:
     def delta_t(self) -> float:
         """Semantic lead Δt; 0 = synchronous baseline (the model config's ``semfirst_delta_t``)."""
         return self.model.semfirst_delta_t
+
+
+def _check_sigma_rels(field: str, text: str) -> None:
+    """Refuse a post-hoc EMA width list that sfd.posthoc_ema cannot use, naming ``field``."""
+    from sfd.posthoc_ema import parse_sigma_rels
+
+    try:
+        parse_sigma_rels(text)
+    except ValueError as e:
+        raise ConfigError(f"{field}: {e}") from None
 
 
 def _is_step_window(spec: str) -> bool:
@@ -886,12 +891,7 @@ class PosthocEmaConfig:
     at_step: int = 0  # rebuild the EMA as it was at this step (snapshots up to it); 0 = the last snapshot
 
     def __post_init__(self) -> None:
-        from sfd.posthoc_ema import parse_sigma_rels
-
-        try:
-            parse_sigma_rels(self.sigma_rel)
-        except ValueError as e:
-            raise ConfigError(f"sigma_rel: {e}") from None
+        _check_sigma_rels("sigma_rel", self.sigma_rel)
         if self.at_step < 0:
             raise ConfigError(f"at_step must be >= 0 (0 = the last snapshot), got {self.at_step}")
 

@@ -14,6 +14,7 @@ from sfd.config import model_preset
 from sfd.diffusion import AsyncClock
 from sfd.guidance import classifier_free_guidance, model_velocity
 from sfd.models.lightningdit import LightningDiT
+from sfd.models.standins import random_lightningdit
 from sfd.samplers import sample_dopri5
 
 torchdiffeq = pytest.importorskip("torchdiffeq", reason="pip install torchdiffeq (the dev extra) to compare with it")
@@ -21,12 +22,7 @@ torchdiffeq = pytest.importorskip("torchdiffeq", reason="pip install torchdiffeq
 
 def random_model(name: str, seed: int = 0, **changes) -> LightningDiT:
     """Real names and shapes, random weights perturbed off adaLN-Zero (else the velocity is 0)."""
-    torch.manual_seed(seed)
-    model = LightningDiT(replace(model_preset(name), **changes))
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.02 * torch.randn_like(p))
-    return model.eval()
+    return random_lightningdit(replace(model_preset(name), **changes), seed)
 
 
 class AuthorsDrift:

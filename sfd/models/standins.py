@@ -97,6 +97,20 @@ def random_init(module_cls: type[nn.Module], cfg: Any, seed: int) -> nn.Module:
     return model.eval().requires_grad_(False)
 
 
+def random_lightningdit(cfg: Any, seed: int, scale: float = 0.02) -> nn.Module:
+    """A LightningDiT of config ``cfg`` with random weights nudged off adaLN-Zero (a fresh model
+    predicts exactly zero, which makes any sampler or benchmark trivial): seeds the global RNG,
+    builds the model, adds ``scale``·N(0, 1) to every parameter; eval mode. Benches and tests."""
+    from sfd.models.lightningdit import LightningDiT
+
+    torch.manual_seed(seed)
+    model = LightningDiT(cfg)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(scale * torch.randn_like(p))
+    return model.eval()
+
+
 def build_texture_decoder(
     cache_attrs: Mapping[str, Any], vae_path: str | os.PathLike[str] | None = None
 ) -> nn.Module:
