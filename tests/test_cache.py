@@ -294,3 +294,42 @@ def test_pread_and_zarr_fallback_read_the_same_bytes(enc_cache: LatentCache) -> 
     a, b = next(fast.batches(16)), next(slow.batches(16))
     assert torch.equal(a.x, b.x) and torch.equal(a.repa, b.repa)
     _check_items(a, enc_cache)
+
+
+def test_verified_files_are_not_checked_again_when_read(enc_cache: LatentCache, monkeypatch: pytest.MonkeyPatch) -> None:
+    """After a clean ``verify`` (each of 2 ranks checks half the files, the reduce says none is
+    damaged) no file's checksum is computed again when batches read it: the first-read check
+    would re-read every REPA target shard whole on every rank."""
+    import google_crc32c
+
+    reader = LatentCacheReader(enc_cache, seed=2, rank=0, world_size=2, load_dino=True)
+    calls = []
+    real = google_crc32c.value
+    monkeypatch.setattr(google_crc32c, "value", lambda data: calls.append(1) or real(data))
+    reader.verify()
+    checked = len(calls)
+    assert checked > 0  # rank 0 checked its half
+    assert all(src._verified == set(range(enc_cache.layout.num_chunks)) for src in reader._items.values())
+    it = reader.batches(4)
+    for _ in range(len(reader) // 4):
+        next(it)
+    assert len(calls) == checked, "a verified file was checksummed again when read"
+
+
+@pytest.mark.parametrize("mode", ["pagecache", "memory"])
+def test_reused_buffers_give_the_same_batches(enc_cache: LatentCache, mode: str) -> None:
+    """The reader's reused gather buffers (always for the latents, which are copied into a fresh
+    x; for the REPA targets with reuse_targets, two in turn) change no value, and a batch's targets
+    stay intact until the batch after the next one is drawn."""
+    fresh = LatentCacheReader(enc_cache, seed=3, mode=mode, load_dino=True)
+    reused = LatentCacheReader(enc_cache, seed=3, mode=mode, load_dino=True, reuse_targets=True)
+    a_it, b_it = fresh.batches(6), reused.batches(6)
+    held = []
+    for _ in range(5):
+        a, b = next(a_it), next(b_it)
+        assert torch.equal(a.x, b.x) and torch.equal(a.y, b.y) and torch.equal(a.repa, b.repa)
+        held.append((a.repa.clone(), b.repa))
+        if len(held) >= 2:  # the previous batch's targets: not yet overwritten
+            assert torch.equal(held[-2][0], held[-2][1])
+    assert held[-1][1].data_ptr() == held[-3][1].data_ptr()  # two buffers, taken in turn
+    assert held[-1][1].data_ptr() != held[-2][1].data_ptr()

@@ -416,7 +416,13 @@ class _ChunkedItems:
 
 
 class LatentCacheReader:
-    """Batches of normalised composite latents from a finished :class:`LatentCache`."""
+    """Batches of normalised composite latents from a finished :class:`LatentCache`.
+
+    ``reuse_targets``: the REPA targets of a batch (100 MB at batch 256) are gathered into one of
+    two buffers kept for the whole run instead of fresh memory, so they are overwritten when the
+    batch after the next one is drawn. For a consumer that copies them out at once, as the trainer
+    does (``.to(device).float()``); the latents ``x`` are always fresh.
+    """
 
     def __init__(
         self,
@@ -429,6 +435,7 @@ class LatentCacheReader:
         mode: Literal["memory", "pagecache"] = "pagecache",
         window_chunks: int = DEFAULT_WINDOW_CHUNKS,
         expected_attrs: Mapping[str, Any] | None = None,
+        reuse_targets: bool = False,
     ):
         self.cache = cache if isinstance(cache, LatentCache) else LatentCache.open(cache)
         if expected_attrs is not None:
@@ -460,6 +467,9 @@ class LatentCacheReader:
             raise CacheError(f"cache {self.cache.path} has no DINO targets (created with store_dino=False)")
         self.seed, self.rank, self.world_size = int(seed), int(rank), int(world_size)
         self.mode, self.window_chunks, self.load_dino = mode, int(window_chunks), load_dino
+        self.reuse_targets = bool(reuse_targets)
+        self._buffers: dict[str, np.ndarray] = {}  # see _buffer
+        self._batches_drawn = 0
 
         layout = self.cache.layout
         self._rpc = layout.rows_per_chunk
@@ -592,6 +602,10 @@ class LatentCacheReader:
                 why = str(e)
             more = f" ({len(damaged)} damaged files in all; `just verify-cache {self.cache.path}` lists them)" if len(damaged) > 1 else ""
             raise CacheError(f"{why}{more}")
+        # Every file passed on some rank: none needs its once-per-process check again when first
+        # read (that check would re-read each REPA target shard whole, 50 MB, on every rank).
+        for part, c in files:
+            self._items[part]._verified.add(c)
         return time.perf_counter() - t0
 
     @staticmethod
@@ -610,14 +624,25 @@ class LatentCacheReader:
 
     # ---- data ----------------------------------------------------------------------------------
 
-    def _gather_part(self, part: str, rows: np.ndarray, flips: np.ndarray) -> np.ndarray:
+    def _buffer(self, key: str, n: int, elems: int) -> np.ndarray:
+        """A ``[n, elems]`` float16 buffer kept for the next batch: fresh memory for every batch
+        is a page fault per 4 KiB on first touch (or a huge-page compaction stall), which cost
+        as much as the copy itself (see :func:`_empty`)."""
+        buf = self._buffers.get(key)
+        if buf is None or buf.shape[0] < n or buf.shape[1] != elems:
+            buf = self._buffers[key] = _empty((n, elems), np.float16)
+        return buf[:n]
+
+    def _gather_part(self, part: str, rows: np.ndarray, flips: np.ndarray, buffer: str | None = None) -> np.ndarray:
+        """Items ``(rows, flips)`` of ``part`` as ``[B, item_elems]`` float16: in the reused
+        buffer named ``buffer`` (the caller copies out of it before the next batch), else fresh."""
         ram = self._ram.get(part)
+        elems = self._items[part].item_elems
+        out = self._buffer(buffer, len(rows), elems) if buffer else _empty((len(rows), elems), np.float16)
         if ram is not None:
             # Chunk c sits at rows [c·rpc, (c+1)·rpc) of the RAM copy, so slot = row·2 + flip.
-            return np.take(ram, rows * NUM_FLIPS + flips, axis=0)
-        src = self._items[part]
-        out = _empty((len(rows), src.item_elems), np.float16)
-        src.gather(rows, flips, out)
+            return np.take(ram, rows * NUM_FLIPS + flips, axis=0, out=out)
+        self._items[part].gather(rows, flips, out)
         return out
 
     def _gather(self, rows: np.ndarray, flips: np.ndarray) -> LatentBatch:
@@ -630,14 +655,18 @@ class LatentCacheReader:
         for part, dst in (("texture", x[:, :ct]), ("semantic", x[:, ct:])):
             # Convert with a plain copy (vectorised), then normalise in float32 in place: a
             # mixed-dtype fused op, or numpy's float16 cast, ran ~7x slower on one thread.
-            dst.copy_(torch.from_numpy(self._gather_part(part, rows, flips)).view(dst.shape))
+            dst.copy_(torch.from_numpy(self._gather_part(part, rows, flips, buffer=part)).view(dst.shape))
             dst.mul_(self._scale[part]).add_(self._shift[part])
         y = self._labels[torch.from_numpy(rows)]
         repa = None
         if self.load_dino:
             tokens = self._items["dino"].item_shape
             # float16 as stored: half the host→device bytes; the trainer casts on the device.
-            repa = torch.from_numpy(self._gather_part("dino", rows, flips)).view(len(rows), *tokens)
+            # reuse_targets: two buffers taken in turn, so a batch's targets stay valid until the
+            # batch after the next one is drawn (the trainer copies them to the device at once).
+            ring = f"dino{self._batches_drawn % 2}" if self.reuse_targets else None
+            repa = torch.from_numpy(self._gather_part("dino", rows, flips, buffer=ring)).view(len(rows), *tokens)
+        self._batches_drawn += 1
         return LatentBatch(x, y, repa, rows, flips)
 
     def batches(self, batch_size: int) -> Iterator[LatentBatch]:
@@ -677,6 +706,7 @@ class LatentCacheReader:
 
     def close(self) -> None:
         """Close the open files (they reopen on demand); the RAM copy of memory mode is kept."""
+        self._buffers.clear()  # arrays already handed out keep their own memory alive
         for src in self._items.values():
             src.close()
 
