@@ -2,6 +2,8 @@
 # Variables can be overridden on the command line: `just python=python3.12 test`.
 
 python := "python3"
+# Test processes: pytest-xdist workers, one per CPU core by default (each test file runs whole on one).
+workers := "auto"
 
 # List the recipes.
 default:
@@ -12,9 +14,9 @@ setup:
     {{python}} -m pip install -r requirements.txt
     {{python}} -m pip install -e . --no-deps
 
-# Run the test suite (CPU only, offline; the command CI runs).
+# Run the test suite (CPU only, offline; the command CI runs). `just workers=1 test` runs it in one process.
 test *args:
-    HF_HUB_OFFLINE=1 RAY_AUTH_MODE=disabled {{python}} -m pytest -q {{args}}
+    HF_HUB_OFFLINE=1 RAY_AUTH_MODE=disabled {{python}} -m pytest -q -n {{workers}} --dist loadfile --no-loadscope-reorder {{args}}
 
 # Lint with ruff (style and likely bugs).
 lint:
@@ -98,7 +100,8 @@ bench-sample *args:
 bench-sampler-accuracy *args:
     {{python}} bench/sampler_accuracy.py {{args}}
 
-# Δt study on the demo data: Δt ∈ {0, 0.1, 0.3, 0.5, 1.0} and no semantic channels, 3 seeds, judged (docs/study.md).
+# The study on the demo data: SFD (Δt 0.3) vs Δt 0 vs no semantic channels, 3 seeds, guided and unguided (docs/study.md);
+# `just study runs/study --preset sweep` adds the Δt sweep, `--preset schedules` the power and learned schedules.
 study out="runs/study" *args:
     {{python}} pipeline/study.py --out {{out}} {{args}}
 
