@@ -16,16 +16,21 @@ paper's ablation is unguided), which the judge scores: class accuracy and ``FD_j
 held-out real images (not FID). The table gives mean ± sample std over seeds per variant and
 step, and every per-seed number; the plot draws the mean with a min–max band over seeds.
 
-Budget: the defaults are sized to ≈ 60 min on 2 idle cores (``--jobs 2``: two runs side by
-side, one thread each); docs/study.md has the arithmetic. Everything resumes: run the same
-command again after an interruption.
+Presets, all in one folder (a run another preset already made is reused, not retrained):
+``full`` (the default) is the comparison a reviewer asks for first — SFD (Δt = 0.3) against the
+synchronous model (Δt = 0) and the no-semantic model, 3 seeds, ≈ 50 min on 2 idle cores
+(``--jobs 2``: two runs side by side, one thread each; each run ≈ 10 min of training and
+judging); ``sweep`` adds Δt = 0.1, 0.5 and 1.0 (the paper's U-shape; ≈ 50 min more);
+``schedules`` adds the smooth ``power`` and the ``learned`` schedule (≈ 35 min more); ``tiny``
+checks the plumbing. docs/study.md has the arithmetic. Everything resumes: run the same command
+again after an interruption.
 
-Settings: StudyConfig below (presets ``full``, ``schedules`` and ``tiny``; ``-o key=value`` for any field,
-``--dry-run`` prints them resolved).
+Settings: StudyConfig below (``-o key=value`` for any field, ``--dry-run`` prints them resolved).
 
 Example:
-    python pipeline/study.py --out runs/study                       # the real study
-    python pipeline/study.py --out runs/study --preset schedules    # learned/power vs offset (reuses runs)
+    python pipeline/study.py --out runs/study                       # SFD vs Δt = 0 vs no-semantic
+    python pipeline/study.py --out runs/study --preset sweep        # + the Δt sweep (reuses runs)
+    python pipeline/study.py --out runs/study --preset schedules    # + learned/power vs offset (reuses runs)
     python pipeline/study.py --out runs/study-tiny --preset tiny     # plumbing check (4 steps, 1 seed)
 """
 
@@ -90,16 +95,18 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
 }
 
 
-# The Δt study: the Δt grid and the no-semantic baseline. The schedule study (preset
-# ``schedules``) puts the smooth and the learned schedule beside the offset they start from; run
-# in the same folder, it reuses the offset and synchronous runs (same seeds, same settings).
-DEFAULT_VARIANTS = [v for v in VARIANTS if not v.startswith(("power", "learned"))]
-SCHEDULE_VARIANTS = ["dt0", "dt0.3", "power0.3", "learned0.3"]
+# The first question (preset ``full``): SFD at the paper's Δt against its two baselines. The Δt
+# sweep (preset ``sweep``) adds the rest of the Δt grid; the schedule study (preset ``schedules``)
+# puts the smooth and the learned schedule beside the offset they start from. Run in the same
+# folder, each reuses the runs the others made (same seeds, same settings).
+DEFAULT_VARIANTS = ["dt0", "dt0.3", "no-semantic"]
+SWEEP_VARIANTS = [v for v in VARIANTS if not v.startswith(("power", "learned"))]
+SCHEDULE_VARIANTS = ["dt0", "dt0.3", "no-semantic", "power0.3", "learned0.3"]
 
 
 @dataclass(frozen=True)
 class StudyConfig:
-    """The study's settings (presets: full, schedules, tiny)."""
+    """The study's settings (presets: full, sweep, schedules, tiny)."""
 
     out: str = "runs/study"  # study folder (everything goes here)
     steps: int = 800  # training steps of every run (equal for all variants)
@@ -111,7 +118,7 @@ class StudyConfig:
     # Classifier-free guidance scales tried at each run's last checkpoint on the *validation*
     # split; each variant is then reported on the test split at the scale with its lowest mean
     # validation FD_judge over seeds (the same grid, so the same tuning budget, for every variant).
-    guidance_scales: str = "1.5,2,3,4.5"
+    guidance_scales: str = "2,3,4.5"
     grid_per_class: int = 4  # guided samples per class in the side-by-side grid (seed 0 of each variant)
     kernels: str = "compile"  # the training step (compile: ~2x eager on a CPU; eager for runs of a few steps)
     tiny: bool = False  # the demo's --quick data sizes (tests)
@@ -141,6 +148,7 @@ class StudyConfig:
 
 STUDY_PRESETS = {
     "full": StudyConfig(),
+    "sweep": StudyConfig(variants=",".join(SWEEP_VARIANTS)),
     "schedules": StudyConfig(variants=",".join(SCHEDULE_VARIANTS)),
     "tiny": StudyConfig(steps=4, evals=2, samples=12, seeds=1, variants="dt0,dt0.3,no-semantic", tiny=True,
                         guidance_scales="2,4", grid_per_class=1, kernels="eager"),
