@@ -34,10 +34,11 @@ def _pipeline_config(ckpt: str | Path, stats: str | Path, flags: Sequence[str]) 
 @torch.no_grad()
 def sample_images(
     ckpt: str | Path, stats: str | Path, num_samples: int, num_classes: int, flags: Sequence[str] = (),
-    batch_size: int = 120,
+    batch_size: int = 120, record: dict[str, list] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """uint8 images (N, H, W, 3) and labels: sample i has label ⌊i/(N/K)⌋ and noise seed (seed, i),
-    exactly as ``eval/fid.py gen`` with the same ``flags`` (e.g. ``-o method=heun -o num_steps=16``)."""
+    exactly as ``eval/fid.py gen`` with the same ``flags`` (e.g. ``-o method=heun -o num_steps=16``).
+    ``record``, if given, gets each batch's NFE (``"nfe"``) and latents (``"latents"``) appended."""
     from sfd.cli import source_kwargs
     from sfd.loading import load_pipeline
     from sfd.pixels import latents_to_images
@@ -53,7 +54,10 @@ def sample_images(
     images = []
     for start in range(0, num_samples, batch_size):
         idx = list(range(start, min(start + batch_size, num_samples)))
-        latents, _ = generate_latents(model, labels[idx], idx, sampling, guide)
+        latents, nfe = generate_latents(model, labels[idx], idx, sampling, guide)
+        if record is not None:
+            record.setdefault("nfe", []).append(nfe)
+            record.setdefault("latents", []).append(latents)
         images.append(latents_to_images(latents, tex_stats, decoder, model.cfg.texture_chans).numpy())
     return np.concatenate(images), labels
 
