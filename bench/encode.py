@@ -146,7 +146,7 @@ def main() -> None:
         # ---- Ray job (its own local Ray instance, like a user's run)
         out = tmp / "ray"
         res = encode.main([*common, "--out", str(out), "-o", f"num_workers={args.workers}", "-o", "threads_per_worker=1",
-                           "--ray-num-cpus", str(args.workers)])[0]
+                           "-o", f"ray_num_cpus={args.workers}"])[0]
         result["ray_overall_img_s"] = res.images_per_s
         result["ray_steady_img_s"] = res.work_images_per_s
         result["ray_startup_s"] = res.seconds - res.work_seconds
