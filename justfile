@@ -2,8 +2,8 @@
 # Variables can be overridden on the command line: `just python=python3.12 test`.
 
 python := "python3"
-# Test processes: pytest-xdist workers, one per CPU core by default (each test file runs whole on one).
-workers := "auto"
+# Test processes: pytest-xdist workers, one per logical CPU by default (each test file runs whole on one).
+workers := "logical"
 
 # List the recipes.
 default:
