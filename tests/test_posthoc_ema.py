@@ -37,10 +37,8 @@ from train.main import TrainError
 POSTHOC = ("posthoc_ema_sigma_rel=0.05,0.1", "ema_snapshot_every=3")
 STEPS = 12
 
-
-
-
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
+
 
 @pytest.fixture(scope="module")
 def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:

@@ -28,14 +28,12 @@ WEIGHT_REL_L2 = 1e-2  # ‖w_bf16 − w_fp32‖ / ‖w_fp32‖ over a whole stat
 WEIGHT_ATOL = 2 * 1e-3 * 5  # 2·lr·steps (seen: 6e-3)
 SAMPLE_ATOL = 5e-2  # Euler 16 steps of a random tiny DiT, latents of std ~1
 
-
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
+
 
 @pytest.fixture(scope="module")
 def cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_cache(tmp_path_factory.mktemp("cache") / "tiny.zarr").path
-
-
 
 
 def test_bf16_training_on_cpu_runs_bf16_and_keeps_fp32_state(cache: Path, tmp_path: Path, monkeypatch, capsys) -> None:

@@ -60,11 +60,10 @@ def make_cache(
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
+
 @pytest.fixture(scope="module")
 def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_cache(tmp_path_factory.mktemp("cache") / "tiny.zarr").path
-
-
 
 
 def argv(cache: Path, out: Path, *overrides: str) -> list[str]:

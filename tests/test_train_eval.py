@@ -23,10 +23,8 @@ from train.main import TrainError
 
 STEPS = 6
 
-
-
-
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
+
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory: pytest.TempPathFactory) -> dict:
