@@ -54,6 +54,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+from sfd.checkpoint import list_checkpoints  # noqa: E402
 from sfd.cli import Arg, config_parser, parse_config, print_config, run_cli  # noqa: E402
 from sfd.config import ConfigError  # noqa: E402
 from sfd.demo.judge import METRIC_ACCURACY, METRIC_FD  # noqa: E402
@@ -128,8 +129,12 @@ def cpu_seconds() -> float:
     return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
 
 
-def run(stage: str, cmd: list[str], log: Path, env: dict[str, str], echo: bool = True) -> float:
-    """Run one stage's real command line, tee its output to ``log`` (and stdout if ``echo``); stop on failure."""
+def run(stage: str, cmd: list[str], log: Path, env: dict[str, str], echo: bool = True, account: bool | None = None) -> float:
+    """Run one stage's real command line, tee its output to ``log`` (and stdout if ``echo``); stop on failure.
+
+    ``account`` (default: ``echo``) records the stage's CPU seconds: only right for a stage that
+    no other stage overlaps (a child's CPU is counted when it is waited for, whoever waits).
+    """
     print(f"\n== {stage}: {' '.join(cmd)}" + ("" if echo else f"  (output in {log})"), flush=True)
     t0, cpu0 = time.perf_counter(), _children_cpu()
     with open(log, "a", buffering=1) as f:  # line-buffered: `tail -f` follows the stage
@@ -143,7 +148,7 @@ def run(stage: str, cmd: list[str], log: Path, env: dict[str, str], echo: bool =
         code = proc.wait()
     if code != 0:
         raise SystemExit(f"stage '{stage}' failed (exit {code}); its output is in {log}")
-    if echo:  # with parallel stages (study --jobs > 1) a child's CPU cannot be told apart
+    if echo if account is None else account:
         STAGE_CPU[stage] = STAGE_CPU.get(stage, 0.0) + _children_cpu() - cpu0
     return time.perf_counter() - t0
 
@@ -185,6 +190,10 @@ class DemoConfig:
     # Compiled: 2.1× the eager step's images/s on this CPU (measured side by side, 1 process, 80
     # steps each); the compile costs tens of seconds once per process, so short runs stay eager.
     kernels: str = "compile"
+    # torch: AdamW + a separate EMA lerp. The one-pass optimizer (`fused`, compiled with the step)
+    # adds ~50 s of compile to each process's first step here (107 s vs 56 s, cold cache) and no
+    # measurable speed over 1000 steps of this model (both 160–220 images/s, one process).
+    optimizer: str = "torch"
     fresh: bool = False  # delete the run folder first (otherwise every stage resumes)
 
     def __post_init__(self) -> None:
@@ -236,38 +245,43 @@ def prepare(out: Path, sizes: Sizes, log: Path, env: dict[str, str], timings: di
           f"{sizes.held_out} val, {sizes.held_out} test and {sizes.ceiling} ceiling images, {IMAGE_SIZE}x{IMAGE_SIZE}")
 
     # 2. The judge, the semantic encoder and the texture autoencoder, all trained on the training
-    # split only, side by side (one thread each). Each reports on the test split (the settings
+    # split only, one thread each, two at a time. Each reports on the test split (the settings
     # behind them were chosen on the validation split: docs/decisions.md).
     judge_file, vit_file = out / "judge" / "judge.safetensors", out / "semantic" / "demo-vit.safetensors"
     vae_file = out / "texture" / "demo-vae.safetensors"
     test_seed = str(SPLITS["test"])
-    jobs = {
-        "judge": [py, "pipeline/demo_models.py", "judge", "--train", str(train_dir), "--ref", str(dirs["test"]),
-                  "--out", str(judge_file), "--steps", str(sizes.judge_steps)],
-        "semantic ViT": [py, "pipeline/demo_models.py", "semantic", "--out", str(vit_file), "--per-class", str(sizes.per_class),
-                         "--size", str(IMAGE_SIZE), "--seed", str(SPLITS["train"]), "--heldout-per-class", str(sizes.held_out),
-                         "--heldout-seed", test_seed, *(["--steps", str(sizes.vit_steps)] if sizes.vit_steps else [])],
+    jobs = {  # longest first
         "texture autoencoder": [py, "pipeline/demo_models.py", "autoencoder", "--out", str(vae_file), "--per-class", str(sizes.per_class),
                                 "--size", str(IMAGE_SIZE), "--factor", str(FACTOR), "--z-channels", str(TEXTURE_CHANNELS),
                                 "--seed", str(SPLITS["train"]), "--heldout-per-class", str(sizes.held_out), "--heldout-seed", test_seed,
                                 "--steps", str(sizes.ae_steps)],
+        "semantic ViT": [py, "pipeline/demo_models.py", "semantic", "--out", str(vit_file), "--per-class", str(sizes.per_class),
+                         "--size", str(IMAGE_SIZE), "--seed", str(SPLITS["train"]), "--heldout-per-class", str(sizes.held_out),
+                         "--heldout-seed", test_seed, *(["--steps", str(sizes.vit_steps)] if sizes.vit_steps else [])],
+        "judge": [py, "pipeline/demo_models.py", "judge", "--train", str(train_dir), "--ref", str(dirs["test"]),
+                  "--out", str(judge_file), "--steps", str(sizes.judge_steps)],
     }
+    # 3. Encode with the real Ray job; the autoencoder goes in through --texture-vae and the ViT
+    # through --dino, like the released LDM VAE and DINOv2. The judge is needed only from the first
+    # evaluation on, so it takes whichever core frees first and trains while the encode job runs
+    # (whose Ray start-up and SemVAE stage leave a core idle).
+    cache = out / "cache"
     t0 = time.perf_counter()
-    with ThreadPoolExecutor(max_workers=len(jobs)) as pool:
-        done = dict(zip(jobs, pool.map(lambda kv: run(kv[0], kv[1], log, env, echo=False), jobs.items())))
-    timings.update(done)
-    timings["judge + semantic ViT + autoencoder (side by side)"] = time.perf_counter() - t0
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        futures = {name: pool.submit(run, name, cmd, log, env, False) for name, cmd in jobs.items()}
+        for name in ("texture autoencoder", "semantic ViT"):
+            timings[name] = futures[name].result()
+        timings["autoencoder + semantic ViT (side by side)"] = time.perf_counter() - t0
+        timings["encode"] = run("encode", encode_command(train_dir, cache, vit_file, vae_file, sizes.semvae_steps), log, env,
+                                account=futures["judge"].done())
+        timings["judge"] = futures["judge"].result()
+    timings["networks + encode"] = time.perf_counter() - t0
     vae_rec = json.loads(vae_file.with_suffix(".json").read_text())["heldout"]
     for name, f, key, what in (("judge", judge_file, "heldout_accuracy", "accuracy"),
                                ("semantic ViT", vit_file, "linear_probe_heldout_accuracy", "linear probe")):
         print(f"   {name}: test-split {what} {json.loads(f.with_suffix('.json').read_text())[key]:.1%} ({f})")
     print(f"   texture autoencoder: test-split PSNR {vae_rec['autoencoder_posterior_mean']['psnr_db']} dB "
           f"(bilinear f{FACTOR}: {vae_rec[f'bilinear_f{FACTOR}_baseline']['psnr_db']} dB) ({vae_file})")
-
-    # 3. Encode with the real Ray job; the autoencoder goes in through --texture-vae and the ViT
-    # through --dino, like the released LDM VAE and DINOv2.
-    cache = out / "cache"
-    timings["encode"] = run("encode", encode_command(train_dir, cache, vit_file, vae_file, sizes.semvae_steps), log, env)
     return {**dirs, "judge": judge_file, "vit": vit_file, "vae": vae_file, "cache": cache}
 
 
@@ -345,84 +359,91 @@ def main(argv: Sequence[str] | None = None) -> int:
         py, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}", "train/main.py",
         "--preset", "tiny", "--cache", str(cache), "--out-dir", str(train),
         *[a for o in (*SEMANTIC, *TINY_MODEL, *quality, *posthoc) for a in ("-o", o)],
-        "-o", f"kernels={args.kernels}", "-o", f"texture_vae={vae_file}", "-o", f"max_steps={steps}", "-o", f"ckpt_every={max(steps // 3, 1)}",
+        "-o", f"kernels={args.kernels}", "-o", f"optimizer={args.optimizer}", "-o", f"texture_vae={vae_file}", "-o", f"max_steps={steps}", "-o", f"ckpt_every={max(steps // 3, 1)}",
         "-o", f"log_every={max(steps // 30, 1)}", "-o", "sample_every=0",
     ], log, env)
 
-    # Sampling and scoring run alone: let them use both cores (training and encoding run one
-    # thread per process).
-    env_solo = {**env, "OMP_NUM_THREADS": str(os.cpu_count() or 1)}
-
-    # 5. The guidance, chosen on the validation split: every candidate judged at the last step.
-    t0 = time.perf_counter()
+    # 5–9 run as two lanes side by side, one thread per process (the tiny model's sampling uses a
+    # second thread poorly: two one-thread processes finish sooner than one two-thread process).
+    # Lane A: the guidance, chosen on the validation split (every candidate judged at the last
+    # step), then the grid and the guided test samples, which need it. Lane B: everything that
+    # does not: unguided samples, reconstructions, post-hoc EMA, plots.
     names = args.guidance_list
-    run("guidance on validation", [
-        py, "pipeline/demo_models.py", "evaluate", "--run", str(train), "--cache", str(cache), "--judge", str(judge_file),
-        "--ref", str(val_dir), "--ref-name", "val", "--samples", str(args.val_samples), "--last",
-        *[a for n in names for a in ("--setting", n, "--flags", " ".join([*SAMPLER, *GUIDANCE_CANDIDATES[n], *vae_flag]))],
-    ], log, env_solo)
-    chosen, val_rows = best_setting(train / "eval.jsonl", names, steps)
-    cfg = GUIDANCE_CANDIDATES[chosen]
-    timings["guidance (validation)"] = time.perf_counter() - t0
-    print(f"   guidance chosen on validation: {chosen} ({' '.join(cfg)}); "
-          + ", ".join(f"{n} {r[METRIC_FD]:.2f}" for n, r in val_rows.items()))
-
-    # 6. A labelled grid from the EMA weights: every class (full names), with the chosen guidance,
-    #    each row led by a real test image of its class.
     grid = out / "grid.png"
-    timings["grid"] = run("grid", [
-        py, "sample/grid.py", "--ckpt", str(train), "--stats", str(cache), *vae_flag,
-        "--classes", ",".join(str(i) for i in range(NUM_CLASSES)), "--per-class", str(args.grid_per_class),
-        *SAMPLER, *cfg, "--out", str(grid), "-o", "device=cpu", "--real-images", str(test_dir),
-    ], log, env_solo)
-
-    # 7. Class-balanced samples with and without guidance on the test split's terms, judged
-    #    against real test images, beside real images (the ceiling) and real images through the
-    #    autoencoder (the ceiling of anything its decoder draws).
     folders = {"guided": out / "samples-cfg", "unguided": out / "samples-noguide"}
-    t0 = time.perf_counter()
-    for name, folder in folders.items():
-        run(f"samples {name}", [
-            py, "eval/fid.py", "gen", "--ckpt", str(train), "--stats", str(cache), *vae_flag, "--out", str(folder),
-            "--num-samples", str(samples), "-o", f"num_classes={NUM_CLASSES}", *SAMPLER,
-            *(cfg if name == "guided" else []), "-o", f"batch_size={samples}", "-o", "device=cpu",
-        ], log, env_solo)
     recon_dir = out / "data" / "ceiling-through-vae"
-    run("reconstructions", [py, "pipeline/demo_models.py", "reconstruct", "--vae", str(vae_file), "--split", str(ceiling_dir),
-                            "--out", str(recon_dir)], log, env_solo)
-    scores_file = out / "judge_scores.json"
-    run("judge scores", [
-        py, "pipeline/demo_models.py", "score", "--judge", str(judge_file), "--ref", str(test_dir),
-        str(folders["guided"]), str(folders["unguided"]), str(ceiling_dir), str(recon_dir), "--out", str(scores_file),
-    ], log, env_solo)
-    timings["samples+judge"] = time.perf_counter() - t0
-
-    # 8. Post-hoc EMA: widths rebuilt from the snapshots, judged unguided on validation, plotted.
-    posthoc_png = out / "posthoc_ema.png"
+    posthoc_png, posthoc_file = out / "posthoc_ema.png", out / "posthoc_scores.json"
     posthoc_scores: dict[str, dict[str, float]] = {}
-    if args.posthoc:
+    fixed_ema: dict[str, float] | None = None
+
+    def samples_command(name: str, cfg: Sequence[str]) -> list[str]:
+        return [py, "eval/fid.py", "gen", "--ckpt", str(train), "--stats", str(cache), *vae_flag, "--out", str(folders[name]),
+                "--num-samples", str(samples), "-o", f"num_classes={NUM_CLASSES}", *SAMPLER, *cfg,
+                "-o", f"batch_size={samples}", "-o", "device=cpu"]
+
+    def lane_guided() -> tuple[str, dict[str, dict[str, float]]]:
         t0 = time.perf_counter()
-        run("post-hoc EMA", [py, "eval/posthoc_ema.py", str(train), "--sigma-rel", POSTHOC_WIDTHS,
-                             "--out", str(out / "posthoc")], log, env_solo)
-        ckpts = [out / "posthoc" / f"sigma_rel-{w}" for w in POSTHOC_WIDTHS.split(",")]
-        posthoc_file = out / "posthoc_scores.json"
-        run("post-hoc EMA judged", [
-            py, "pipeline/demo_models.py", "judge-ckpts", *[a for c in ckpts for a in ("--ckpt", str(c))], "--cache", str(cache),
-            "--judge", str(judge_file), "--ref", str(val_dir), "--samples", str(args.val_samples),
-            "--flags", " ".join([*SAMPLER, *vae_flag]), "--out", str(posthoc_file),
-        ], log, env_solo)
-        posthoc_scores = {k: {m: v[m] for m in (METRIC_ACCURACY, METRIC_FD)} for k, v in json.loads(posthoc_file.read_text()).items()}
-        run("fixed-decay EMA judged", [
+        run("guidance on validation", [
             py, "pipeline/demo_models.py", "evaluate", "--run", str(train), "--cache", str(cache), "--judge", str(judge_file),
             "--ref", str(val_dir), "--ref-name", "val", "--samples", str(args.val_samples), "--last",
-            "--setting", "unguided-val", "--flags", " ".join([*SAMPLER, *vae_flag]),
-        ], log, env_solo)
-        _, classic = best_setting(train / "eval.jsonl", ["unguided-val"], steps)
-        plot_posthoc(posthoc_png, posthoc_scores, classic["unguided-val"])
-        timings["post-hoc EMA"] = time.perf_counter() - t0
+            *[a for n in names for a in ("--setting", n, "--flags", " ".join([*SAMPLER, *GUIDANCE_CANDIDATES[n], *vae_flag]))],
+        ], log, env, echo=False)
+        chosen, val_rows = best_setting(train / "eval.jsonl", names, steps)
+        timings["guidance (validation)"] = time.perf_counter() - t0
+        print(f"   guidance chosen on validation: {chosen} ({' '.join(GUIDANCE_CANDIDATES[chosen])}); "
+              + ", ".join(f"{n} {r[METRIC_FD]:.2f}" for n, r in val_rows.items()), flush=True)
+        cfg = GUIDANCE_CANDIDATES[chosen]
+        # A labelled grid from the EMA weights: every class (full names), with the chosen guidance,
+        # each row led by a real test image of its class.
+        timings["grid"] = run("grid", [
+            py, "sample/grid.py", "--ckpt", str(train), "--stats", str(cache), *vae_flag,
+            "--classes", ",".join(str(i) for i in range(NUM_CLASSES)), "--per-class", str(args.grid_per_class),
+            *SAMPLER, *cfg, "--out", str(grid), "-o", "device=cpu", "--real-images", str(test_dir),
+        ], log, env, echo=False)
+        timings["samples guided"] = run("samples guided", samples_command("guided", cfg), log, env, echo=False)
+        return chosen, val_rows
 
-    # 9. Loss curves and the quality-during-training curve.
-    timings["plot"] = run("plot", [py, "eval/plot.py", str(train)], log, env)
+    def lane_unguided() -> None:
+        nonlocal posthoc_scores, fixed_ema
+        timings["samples unguided"] = run("samples unguided", samples_command("unguided", []), log, env, echo=False)
+        # Real test images through the autoencoder: the ceiling of anything its decoder draws.
+        timings["reconstructions"] = run("reconstructions", [
+            py, "pipeline/demo_models.py", "reconstruct", "--vae", str(vae_file), "--split", str(ceiling_dir), "--out", str(recon_dir),
+        ], log, env, echo=False)
+        if args.posthoc:  # post-hoc EMA: widths rebuilt from the snapshots, judged unguided on validation
+            t0 = time.perf_counter()
+            run("post-hoc EMA", [py, "eval/posthoc_ema.py", str(train), "--sigma-rel", POSTHOC_WIDTHS,
+                                 "--out", str(out / "posthoc")], log, env, echo=False)
+            # The run's own fixed-decay EMA (its last checkpoint) is judged in the same process, alike.
+            last = list_checkpoints(train)[-1][1]
+            ckpts = [*(out / "posthoc" / f"sigma_rel-{w}" for w in POSTHOC_WIDTHS.split(",")), last]
+            run("post-hoc EMA judged", [
+                py, "pipeline/demo_models.py", "judge-ckpts", *[a for c in ckpts for a in ("--ckpt", str(c))], "--cache", str(cache),
+                "--judge", str(judge_file), "--ref", str(val_dir), "--samples", str(args.val_samples),
+                "--flags", " ".join([*SAMPLER, *vae_flag]), "--out", str(posthoc_file),
+            ], log, env, echo=False)
+            judged = json.loads(posthoc_file.read_text())
+            fixed_ema = {m: judged.pop(last.name)[m] for m in (METRIC_ACCURACY, METRIC_FD)}
+            posthoc_scores = {k: {m: v[m] for m in (METRIC_ACCURACY, METRIC_FD)} for k, v in judged.items()}
+            plot_posthoc(posthoc_png, posthoc_scores, fixed_ema)
+            timings["post-hoc EMA"] = time.perf_counter() - t0
+        # Loss curves and the quality-during-training curve.
+        timings["plot"] = run("plot", [py, "eval/plot.py", str(train)], log, env, echo=False)
+
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        guided_lane, unguided_lane = pool.submit(lane_guided), pool.submit(lane_unguided)
+        unguided_lane.result()
+        chosen, val_rows = guided_lane.result()
+    cfg = GUIDANCE_CANDIDATES[chosen]
+    # Every sample folder beside real test images (the ceiling) and real images through the
+    # autoencoder, judged against the test split in one process (alone: both cores).
+    scores_file = out / "judge_scores.json"
+    timings["judge scores"] = run("judge scores", [
+        py, "pipeline/demo_models.py", "score", "--judge", str(judge_file), "--ref", str(test_dir),
+        str(folders["guided"]), str(folders["unguided"]), str(ceiling_dir), str(recon_dir), "--out", str(scores_file),
+    ], log, {**env, "OMP_NUM_THREADS": str(os.cpu_count() or 1)})
+    timings["after training (two lanes side by side)"] = time.perf_counter() - t0
 
     total, cpu = time.perf_counter() - t_start, cpu_seconds() - cpu_start
     scores = json.loads(scores_file.read_text())
@@ -449,7 +470,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "guidance": {"chosen": chosen, "flags": " ".join(cfg), "validation": val_rows},
         "metrics": metrics,
         "quality_during_training": [{k: r.get(k) for k in ("step", METRIC_ACCURACY, METRIC_FD, "seconds")} for r in during],
-        "posthoc_ema": {"validation": posthoc_scores, "plot": str(posthoc_png)} if args.posthoc else None,
+        "posthoc_ema": {"validation": posthoc_scores, "fixed_decay_ema": fixed_ema, "plot": str(posthoc_png)} if args.posthoc else None,
         "judge": {"heldout_accuracy": judge_rec["heldout_accuracy"], "heldout_images": judge_rec["heldout_images"], "file": str(judge_file)},
         "semantic_encoder": {k: vit_rec[k] for k in ("linear_probe_heldout_accuracy", "linear_probe_heldout_accuracy_random_init", "probe", "objective", "file")},
         "texture_autoencoder": {"file": str(vae_file), "test_split": vae_rec["heldout"], "parameters": vae_rec["parameters"]},
