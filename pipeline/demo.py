@@ -47,6 +47,7 @@ import resource
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -232,25 +233,14 @@ def build_parser() -> argparse.ArgumentParser:
 def prepare(out: Path, sizes: Sizes, log: Path, env: dict[str, str], timings: dict[str, float]) -> dict[str, Path]:
     """Data splits, judge, semantic ViT, texture autoencoder and latent cache under ``out`` (each skipped when done)."""
     py = sys.executable
-    # 1. Data, four splits from distinct seeds: train (every network), val (every choice), test
-    # (every reported number: FD_judge reference, accuracies) and ceiling (a second real test set,
-    # scored against the test reference like samples are).
-    t0 = time.perf_counter()
-    data = out / "data"
-    counts = {"train": sizes.per_class, "val": sizes.held_out, "test": sizes.held_out, "ceiling": sizes.ceiling}
-    dirs = {name: write_split(data / name, n, IMAGE_SIZE, seed=SPLITS[name]) for name, n in counts.items()}
-    train_dir = dirs["train"]
-    timings["data"] = time.perf_counter() - t0
-    print(f"\n== data: {NUM_CLASSES} classes ({', '.join(CLASSES)}) at any angle, per class {sizes.per_class} train, "
-          f"{sizes.held_out} val, {sizes.held_out} test and {sizes.ceiling} ceiling images, {IMAGE_SIZE}x{IMAGE_SIZE}")
-
-    # 2. The judge, the semantic encoder and the texture autoencoder, all trained on the training
-    # split only, one thread each, two at a time. Each reports on the test split (the settings
-    # behind them were chosen on the validation split: docs/decisions.md).
+    # 1. The semantic encoder and the texture autoencoder, trained on the training split only (they
+    # render it themselves from its seed), one thread each, start at once; the data splits are
+    # written beside them. Each reports on the test split (the settings behind them were chosen
+    # on the validation split: docs/decisions.md).
     judge_file, vit_file = out / "judge" / "judge.safetensors", out / "semantic" / "demo-vit.safetensors"
     vae_file = out / "texture" / "demo-vae.safetensors"
     test_seed = str(SPLITS["test"])
-    jobs = {  # longest first
+    networks = {  # longest first
         "texture autoencoder": [py, "pipeline/demo_models.py", "autoencoder", "--out", str(vae_file), "--per-class", str(sizes.per_class),
                                 "--size", str(IMAGE_SIZE), "--factor", str(FACTOR), "--z-channels", str(TEXTURE_CHANNELS),
                                 "--seed", str(SPLITS["train"]), "--heldout-per-class", str(sizes.held_out), "--heldout-seed", test_seed,
@@ -258,24 +248,40 @@ def prepare(out: Path, sizes: Sizes, log: Path, env: dict[str, str], timings: di
         "semantic ViT": [py, "pipeline/demo_models.py", "semantic", "--out", str(vit_file), "--per-class", str(sizes.per_class),
                          "--size", str(IMAGE_SIZE), "--seed", str(SPLITS["train"]), "--heldout-per-class", str(sizes.held_out),
                          "--heldout-seed", test_seed, *(["--steps", str(sizes.vit_steps)] if sizes.vit_steps else [])],
-        "judge": [py, "pipeline/demo_models.py", "judge", "--train", str(train_dir), "--ref", str(dirs["test"]),
-                  "--out", str(judge_file), "--steps", str(sizes.judge_steps)],
     }
-    # 3. Encode with the real Ray job; the autoencoder goes in through --texture-vae and the ViT
-    # through --dino, like the released LDM VAE and DINOv2. The judge is needed only from the first
-    # evaluation on, so it takes whichever core frees first and trains while the encode job runs
-    # (whose Ray start-up and SemVAE stage leave a core idle).
     cache = out / "cache"
-    t0 = time.perf_counter()
+    t_all = time.perf_counter()
     with ThreadPoolExecutor(max_workers=2) as pool:
-        futures = {name: pool.submit(run, name, cmd, log, env, False) for name, cmd in jobs.items()}
-        for name in ("texture autoencoder", "semantic ViT"):
+        futures = {name: pool.submit(run, name, cmd, log, env, False) for name, cmd in networks.items()}
+        # 2. Data, four splits from distinct seeds: train (every network), val (every choice), test
+        # (every reported number: FD_judge reference, accuracies) and ceiling (a second real test
+        # set, scored against the test reference like samples are).
+        t0 = time.perf_counter()
+        data = out / "data"
+        counts = {"train": sizes.per_class, "val": sizes.held_out, "test": sizes.held_out, "ceiling": sizes.ceiling}
+        dirs = {name: write_split(data / name, n, IMAGE_SIZE, seed=SPLITS[name]) for name, n in counts.items()}
+        train_dir = dirs["train"]
+        timings["data"] = time.perf_counter() - t0
+        print(f"\n== data: {NUM_CLASSES} classes ({', '.join(CLASSES)}) at any angle, per class {sizes.per_class} train, "
+              f"{sizes.held_out} val, {sizes.held_out} test and {sizes.ceiling} ceiling images, {IMAGE_SIZE}x{IMAGE_SIZE}", flush=True)
+        # 3. The judge (also trained on the training split only) is needed from the first
+        # evaluation during training on: it takes whichever core frees first and may still train
+        # while the encode job runs (whose Ray start-up and SemVAE stage leave a core idle).
+        futures["judge"] = pool.submit(run, "judge", [
+            py, "pipeline/demo_models.py", "judge", "--train", str(train_dir), "--ref", str(dirs["test"]),
+            "--out", str(judge_file), "--steps", str(sizes.judge_steps)], log, env, False)
+        for name in networks:
             timings[name] = futures[name].result()
-        timings["autoencoder + semantic ViT (side by side)"] = time.perf_counter() - t0
+        timings["autoencoder + semantic ViT (side by side)"] = time.perf_counter() - t_all
+        # 4. Encode with the real Ray job; the autoencoder goes in through --texture-vae and the
+        # ViT through --dino, like the released LDM VAE and DINOv2.
+        alone, cpu0 = futures["judge"].done(), _children_cpu()
         timings["encode"] = run("encode", encode_command(train_dir, cache, vit_file, vae_file, sizes.semvae_steps), log, env,
-                                account=futures["judge"].done())
+                                account=False)
         timings["judge"] = futures["judge"].result()
-    timings["networks + encode"] = time.perf_counter() - t0
+        # A child's CPU is counted when it is waited for, so the judge's lands here if it ran beside.
+        STAGE_CPU["encode" if alone else "encode + judge (side by side)"] = _children_cpu() - cpu0
+    timings["data, networks and encode"] = time.perf_counter() - t_all
     vae_rec = json.loads(vae_file.with_suffix(".json").read_text())["heldout"]
     for name, f, key, what in (("judge", judge_file, "heldout_accuracy", "accuracy"),
                                ("semantic ViT", vit_file, "linear_probe_heldout_accuracy", "linear probe")):
@@ -381,27 +387,27 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "--num-samples", str(samples), "-o", f"num_classes={NUM_CLASSES}", *SAMPLER, *cfg,
                 "-o", f"batch_size={samples}", "-o", "device=cpu"]
 
+    chosen_cfg: list[list[str]] = []  # the guided lane hands the chosen flags to the other lane's grid
+    cfg_ready = threading.Event()
+
     def lane_guided() -> tuple[str, dict[str, dict[str, float]]]:
-        t0 = time.perf_counter()
-        run("guidance on validation", [
-            py, "pipeline/demo_models.py", "evaluate", "--run", str(train), "--cache", str(cache), "--judge", str(judge_file),
-            "--ref", str(val_dir), "--ref-name", "val", "--samples", str(args.val_samples), "--last",
-            *[a for n in names for a in ("--setting", n, "--flags", " ".join([*SAMPLER, *GUIDANCE_CANDIDATES[n], *vae_flag]))],
-        ], log, env, echo=False)
-        chosen, val_rows = best_setting(train / "eval.jsonl", names, steps)
-        timings["guidance (validation)"] = time.perf_counter() - t0
-        print(f"   guidance chosen on validation: {chosen} ({' '.join(GUIDANCE_CANDIDATES[chosen])}); "
-              + ", ".join(f"{n} {r[METRIC_FD]:.2f}" for n, r in val_rows.items()), flush=True)
-        cfg = GUIDANCE_CANDIDATES[chosen]
-        # A labelled grid from the EMA weights: every class (full names), with the chosen guidance,
-        # each row led by a real test image of its class.
-        timings["grid"] = run("grid", [
-            py, "sample/grid.py", "--ckpt", str(train), "--stats", str(cache), *vae_flag,
-            "--classes", ",".join(str(i) for i in range(NUM_CLASSES)), "--per-class", str(args.grid_per_class),
-            *SAMPLER, *cfg, "--out", str(grid), "-o", "device=cpu", "--real-images", str(test_dir),
-        ], log, env, echo=False)
-        timings["samples guided"] = run("samples guided", samples_command("guided", cfg), log, env, echo=False)
-        return chosen, val_rows
+        try:
+            t0 = time.perf_counter()
+            run("guidance on validation", [
+                py, "pipeline/demo_models.py", "evaluate", "--run", str(train), "--cache", str(cache), "--judge", str(judge_file),
+                "--ref", str(val_dir), "--ref-name", "val", "--samples", str(args.val_samples), "--last",
+                *[a for n in names for a in ("--setting", n, "--flags", " ".join([*SAMPLER, *GUIDANCE_CANDIDATES[n], *vae_flag]))],
+            ], log, env, echo=False)
+            chosen, val_rows = best_setting(train / "eval.jsonl", names, steps)
+            timings["guidance (validation)"] = time.perf_counter() - t0
+            print(f"   guidance chosen on validation: {chosen} ({' '.join(GUIDANCE_CANDIDATES[chosen])}); "
+                  + ", ".join(f"{n} {r[METRIC_FD]:.2f}" for n, r in val_rows.items()), flush=True)
+            chosen_cfg.append(GUIDANCE_CANDIDATES[chosen])
+            cfg_ready.set()
+            timings["samples guided"] = run("samples guided", samples_command("guided", chosen_cfg[0]), log, env, echo=False)
+            return chosen, val_rows
+        finally:  # the other lane's grid waits for this (and gives up if the lane failed)
+            cfg_ready.set()
 
     def lane_unguided() -> None:
         nonlocal posthoc_scores, fixed_ema
@@ -423,12 +429,23 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "--flags", " ".join([*SAMPLER, *vae_flag]), "--out", str(posthoc_file),
             ], log, env, echo=False)
             judged = json.loads(posthoc_file.read_text())
-            fixed_ema = {m: judged.pop(last.name)[m] for m in (METRIC_ACCURACY, METRIC_FD)}
+            fixed = judged.pop(last.name)
+            fixed_ema = {m: fixed[m] for m in (METRIC_ACCURACY, METRIC_FD)}
             posthoc_scores = {k: {m: v[m] for m in (METRIC_ACCURACY, METRIC_FD)} for k, v in judged.items()}
             plot_posthoc(posthoc_png, posthoc_scores, fixed_ema)
             timings["post-hoc EMA"] = time.perf_counter() - t0
         # Loss curves and the quality-during-training curve.
         timings["plot"] = run("plot", [py, "eval/plot.py", str(train)], log, env, echo=False)
+        # A labelled grid from the EMA weights with the chosen guidance (this lane has less
+        # sampling than the guided one): every class (full names), each row led by a real test image.
+        cfg_ready.wait()
+        if not chosen_cfg:
+            return  # the guided lane failed: its error is the one reported
+        timings["grid"] = run("grid", [
+            py, "sample/grid.py", "--ckpt", str(train), "--stats", str(cache), *vae_flag,
+            "--classes", ",".join(str(i) for i in range(NUM_CLASSES)), "--per-class", str(args.grid_per_class),
+            *SAMPLER, *chosen_cfg[0], "--out", str(grid), "-o", "device=cpu", "--real-images", str(test_dir),
+        ], log, env, echo=False)
 
     t0 = time.perf_counter()
     with ThreadPoolExecutor(max_workers=2) as pool:

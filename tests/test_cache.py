@@ -318,18 +318,19 @@ def test_verified_files_are_not_checked_again_when_read(enc_cache: LatentCache, 
 
 @pytest.mark.parametrize("mode", ["pagecache", "memory"])
 def test_reused_buffers_give_the_same_batches(enc_cache: LatentCache, mode: str) -> None:
-    """The reader's reused gather buffers (always for the latents, which are copied into a fresh
-    x; for the REPA targets with reuse_targets, two in turn) change no value, and a batch's targets
-    stay intact until the batch after the next one is drawn."""
+    """The reader's reused buffers (the gather scratch of the latents always; with reuse_buffers
+    the batch's x and REPA targets too, two sets in turn) change no value, and a batch stays
+    intact until the batch after the next one is drawn."""
     fresh = LatentCacheReader(enc_cache, seed=3, mode=mode, load_dino=True)
-    reused = LatentCacheReader(enc_cache, seed=3, mode=mode, load_dino=True, reuse_targets=True)
+    reused = LatentCacheReader(enc_cache, seed=3, mode=mode, load_dino=True, reuse_buffers=True)
     a_it, b_it = fresh.batches(6), reused.batches(6)
     held = []
     for _ in range(5):
         a, b = next(a_it), next(b_it)
         assert torch.equal(a.x, b.x) and torch.equal(a.y, b.y) and torch.equal(a.repa, b.repa)
-        held.append((a.repa.clone(), b.repa))
-        if len(held) >= 2:  # the previous batch's targets: not yet overwritten
-            assert torch.equal(held[-2][0], held[-2][1])
-    assert held[-1][1].data_ptr() == held[-3][1].data_ptr()  # two buffers, taken in turn
-    assert held[-1][1].data_ptr() != held[-2][1].data_ptr()
+        held.append((a.x.clone(), a.repa.clone(), b.x, b.repa))
+        if len(held) >= 2:  # the previous batch: not yet overwritten
+            assert torch.equal(held[-2][0], held[-2][2]) and torch.equal(held[-2][1], held[-2][3])
+    for k in (2, 3):  # two buffers each for x and the targets, taken in turn
+        assert held[-1][k].data_ptr() == held[-3][k].data_ptr()
+        assert held[-1][k].data_ptr() != held[-2][k].data_ptr()

@@ -71,4 +71,4 @@ def test_demo_quick_produces_every_artefact(tmp_path: Path) -> None:
     assert attrs["texture_encoder"]["kind"] == "weights", attrs["texture_encoder"]
     assert summary["texture_autoencoder"]["test_split"]["autoencoder_posterior_mean"]["psnr_db"] > 10
     assert "without labels" in summary["stand_ins"]["semantic encoder"]
-    assert summary["cpu_seconds"] > 0 and "encode" in summary["stage_cpu_seconds"]
+    assert summary["cpu_seconds"] > 0 and any(k.startswith("encode") for k in summary["stage_cpu_seconds"])

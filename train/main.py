@@ -233,7 +233,7 @@ def main(argv: list[str] | None = None) -> None:
     reader = LatentCacheReader(
         cache, seed=cfg.seed, rank=d.rank, world_size=d.world_size, mode=cfg.data_mode,
         load_dino=repa_targets.needs_dino_in_reader,
-        reuse_targets=True,  # the step copies the stored targets to the device before the next batch
+        reuse_buffers=True,  # a step is done with its batch (copied to the device, or trained on) before the next is drawn
     )
 
     # -- model ------------------------------------------------------------------------------------
