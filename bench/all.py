@@ -11,7 +11,7 @@ re-running anything.
 
 Quick settings (minutes on 2 cores, not the full figures of the sections below the table):
 
-- cache_reader: 4,096 rows (+ 1,280 with stored REPA targets), 5 interleaved rounds of 3 batches (after 2 warm-up);
+- cache_reader: 8,192 rows (+ 1,280 with stored REPA targets), 5 interleaved rounds of 6 batches (3 with targets) after 2 warm-up;
 - encode: 200 images at 64², 2 Ray actors, vs the 1- and 2-thread loops, plus the decode cost;
 - train_step: LightningDiT-B/1, batch 8, eager only (``--no-compile``), 2 timed steps;
 - budget: the analytic byte/FLOP model (B/1, XL/1, batch 32);
@@ -41,7 +41,7 @@ BEGIN, END = "<!-- bench:begin -->", "<!-- bench:end -->"
 
 # name -> (arguments, whether the JSON comes in a --json file rather than on the last stdout line)
 BENCHES: dict[str, tuple[list[str], bool]] = {
-    "cache_reader": (["--rows", "4096", "--dino-rows", "1280", "--rounds", "5", "--batches", "3"], False),
+    "cache_reader": (["--rows", "8192", "--dino-rows", "1280", "--rounds", "5", "--batches", "6"], False),
     "encode": (["--images", "200", "--image-size", "64", "--workers", "2", "--decode-sample", "50"], False),
     "train_step": (["--model", "LightningDiT-B/1", "--batch", "8", "--steps", "2", "--warmup", "1", "--no-compile", "--threads", "2"], False),
     "budget": (["--batch", "32"], True),

@@ -18,7 +18,7 @@ step, and every per-seed number; the plot draws the mean with a min–max band o
 
 Presets, all in one folder (a run another preset already made is reused, not retrained):
 ``full`` (the default) is the comparison a reviewer asks for first — SFD (Δt = 0.3) against the
-synchronous model (Δt = 0) and the no-semantic model, 3 seeds, ≈ 45 min on 2 idle cores
+synchronous model (Δt = 0) and the no-semantic model, 3 seeds, 52 min on 2 idle cores (timed)
 (``--jobs 2``: two runs side by side, one thread each; each run ≈ 9 min of training and
 judging); ``sweep`` adds Δt = 0.1, 0.5 and 1.0 (the paper's U-shape; ≈ 40 min more);
 ``schedules`` adds the smooth ``power`` and the ``learned`` schedule (≈ 27 min more); ``tiny``
