@@ -175,7 +175,7 @@ def authors_batches(ds: AuthorsDataset, batch_size: int, seed: int = 0):
 # ---- timing -------------------------------------------------------------------------------------
 
 
-WARMUP_BATCHES = 2  # a run's steady state: the reader's two reused target buffers both faulted in
+WARMUP_BATCHES = 2  # a run's steady state: both of the reader's reused buffer sets faulted in
 
 
 def time_batches(it, n: int, warmup: int = WARMUP_BATCHES) -> tuple[float, float]:

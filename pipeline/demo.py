@@ -47,10 +47,9 @@ import resource
 import shutil
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -130,11 +129,11 @@ def cpu_seconds() -> float:
     return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
 
 
-def run(stage: str, cmd: list[str], log: Path, env: dict[str, str], echo: bool = True, account: bool | None = None) -> float:
+def run(stage: str, cmd: list[str], log: Path, env: dict[str, str], echo: bool = True, account: bool = True) -> float:
     """Run one stage's real command line, tee its output to ``log`` (and stdout if ``echo``); stop on failure.
 
-    ``account`` (default: ``echo``) records the stage's CPU seconds: only right for a stage that
-    no other stage overlaps (a child's CPU is counted when it is waited for, whoever waits).
+    Its CPU seconds are recorded if ``echo`` and ``account``: only right for a stage no other
+    stage overlaps (a child's CPU is counted when it is waited for, whoever waits).
     """
     print(f"\n== {stage}: {' '.join(cmd)}" + ("" if echo else f"  (output in {log})"), flush=True)
     t0, cpu0 = time.perf_counter(), _children_cpu()
@@ -149,7 +148,7 @@ def run(stage: str, cmd: list[str], log: Path, env: dict[str, str], echo: bool =
         code = proc.wait()
     if code != 0:
         raise SystemExit(f"stage '{stage}' failed (exit {code}); its output is in {log}")
-    if echo if account is None else account:
+    if echo and account:
         STAGE_CPU[stage] = STAGE_CPU.get(stage, 0.0) + _children_cpu() - cpu0
     return time.perf_counter() - t0
 
@@ -372,8 +371,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     # 5–9 run as two lanes side by side, one thread per process (the tiny model's sampling uses a
     # second thread poorly: two one-thread processes finish sooner than one two-thread process).
     # Lane A: the guidance, chosen on the validation split (every candidate judged at the last
-    # step), then the grid and the guided test samples, which need it. Lane B: everything that
-    # does not: unguided samples, reconstructions, post-hoc EMA, plots.
+    # step), then the guided test samples. Lane B: unguided samples, reconstructions, post-hoc
+    # EMA, plots, and last the labelled grid, which waits for lane A's choice.
     names = args.guidance_list
     grid = out / "grid.png"
     folders = {"guided": out / "samples-cfg", "unguided": out / "samples-noguide"}
@@ -387,29 +386,20 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "--num-samples", str(samples), "-o", f"num_classes={NUM_CLASSES}", *SAMPLER, *cfg,
                 "-o", f"batch_size={samples}", "-o", "device=cpu"]
 
-    chosen_cfg: list[list[str]] = []  # the guided lane hands the chosen flags to the other lane's grid
-    cfg_ready = threading.Event()
+    def choose_guidance() -> tuple[str, dict[str, dict[str, float]]]:
+        t0 = time.perf_counter()
+        run("guidance on validation", [
+            py, "pipeline/demo_models.py", "evaluate", "--run", str(train), "--cache", str(cache), "--judge", str(judge_file),
+            "--ref", str(val_dir), "--ref-name", "val", "--samples", str(args.val_samples), "--last",
+            *[a for n in names for a in ("--setting", n, "--flags", " ".join([*SAMPLER, *GUIDANCE_CANDIDATES[n], *vae_flag]))],
+        ], log, env, echo=False)
+        chosen, val_rows = best_setting(train / "eval.jsonl", names, steps)
+        timings["guidance (validation)"] = time.perf_counter() - t0
+        print(f"   guidance chosen on validation: {chosen} ({' '.join(GUIDANCE_CANDIDATES[chosen])}); "
+              + ", ".join(f"{n} {r[METRIC_FD]:.2f}" for n, r in val_rows.items()), flush=True)
+        return chosen, val_rows
 
-    def lane_guided() -> tuple[str, dict[str, dict[str, float]]]:
-        try:
-            t0 = time.perf_counter()
-            run("guidance on validation", [
-                py, "pipeline/demo_models.py", "evaluate", "--run", str(train), "--cache", str(cache), "--judge", str(judge_file),
-                "--ref", str(val_dir), "--ref-name", "val", "--samples", str(args.val_samples), "--last",
-                *[a for n in names for a in ("--setting", n, "--flags", " ".join([*SAMPLER, *GUIDANCE_CANDIDATES[n], *vae_flag]))],
-            ], log, env, echo=False)
-            chosen, val_rows = best_setting(train / "eval.jsonl", names, steps)
-            timings["guidance (validation)"] = time.perf_counter() - t0
-            print(f"   guidance chosen on validation: {chosen} ({' '.join(GUIDANCE_CANDIDATES[chosen])}); "
-                  + ", ".join(f"{n} {r[METRIC_FD]:.2f}" for n, r in val_rows.items()), flush=True)
-            chosen_cfg.append(GUIDANCE_CANDIDATES[chosen])
-            cfg_ready.set()
-            timings["samples guided"] = run("samples guided", samples_command("guided", chosen_cfg[0]), log, env, echo=False)
-            return chosen, val_rows
-        finally:  # the other lane's grid waits for this (and gives up if the lane failed)
-            cfg_ready.set()
-
-    def lane_unguided() -> None:
+    def lane_unguided(choice: Future[tuple[str, dict[str, dict[str, float]]]]) -> None:
         nonlocal posthoc_scores, fixed_ema
         timings["samples unguided"] = run("samples unguided", samples_command("unguided", []), log, env, echo=False)
         # Real test images through the autoencoder: the ceiling of anything its decoder draws.
@@ -438,21 +428,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         timings["plot"] = run("plot", [py, "eval/plot.py", str(train)], log, env, echo=False)
         # A labelled grid from the EMA weights with the chosen guidance (this lane has less
         # sampling than the guided one): every class (full names), each row led by a real test image.
-        cfg_ready.wait()
-        if not chosen_cfg:
-            return  # the guided lane failed: its error is the one reported
         timings["grid"] = run("grid", [
             py, "sample/grid.py", "--ckpt", str(train), "--stats", str(cache), *vae_flag,
             "--classes", ",".join(str(i) for i in range(NUM_CLASSES)), "--per-class", str(args.grid_per_class),
-            *SAMPLER, *chosen_cfg[0], "--out", str(grid), "-o", "device=cpu", "--real-images", str(test_dir),
+            *SAMPLER, *GUIDANCE_CANDIDATES[choice.result()[0]], "--out", str(grid), "-o", "device=cpu", "--real-images", str(test_dir),
         ], log, env, echo=False)
 
     t0 = time.perf_counter()
     with ThreadPoolExecutor(max_workers=2) as pool:
-        guided_lane, unguided_lane = pool.submit(lane_guided), pool.submit(lane_unguided)
+        choice = pool.submit(choose_guidance)
+        unguided_lane = pool.submit(lane_unguided, choice)
+        chosen, val_rows = choice.result()  # lane A goes on in this thread
+        cfg = GUIDANCE_CANDIDATES[chosen]
+        timings["samples guided"] = run("samples guided", samples_command("guided", cfg), log, env, echo=False)
         unguided_lane.result()
-        chosen, val_rows = guided_lane.result()
-    cfg = GUIDANCE_CANDIDATES[chosen]
     # Every sample folder beside real test images (the ceiling) and real images through the
     # autoencoder, judged against the test split in one process (alone: both cores).
     scores_file = out / "judge_scores.json"
