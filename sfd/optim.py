@@ -12,6 +12,7 @@ clip (grad_clip > 0)        R g, W g                                 8
 AdamW (torch, fused=True)   R p g m v, W p m v                       28
 EMA lerp                    R e p, W e                               12
 **one pass** (this module)  R p g m v e, W p m v e                   36 (vs 40/48)
++ bf16 weight copies        W c (``weight_cast=optimizer``)          +2 (vs autocast's R4 W2 cast)
 ==========================  =======================================  ==============
 
 The norm stays a pass of its own: the trainer must know it (non-finite → skip the step on every
@@ -44,6 +45,7 @@ import torch
 from torch import Tensor
 
 from sfd.registry import Registry
+from sfd.weight_copies import WeightCopies
 
 __all__ = ["OPTIMIZERS", "FusedAdamWEMA", "build_optimizer", "grad_norm", "update", "clip_coefficient"]
 
@@ -60,15 +62,17 @@ def clip_coefficient(norm: Tensor, max_norm: float) -> Tensor:
 
 def _one_pass(
     params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor],
-    emas: list[Tensor], s: Tensor, coef: Tensor | None,
+    emas: list[Tensor], s: Tensor, coef: Tensor | None, copies: list[Tensor | None] | None = None,
 ) -> None:
     """The fused chain per tensor; ``s`` = [1 − lr·wd, 1 − β1, β2, 1 − β2, √(1 − β2ᵗ), eps,
     −lr/(1 − β1ᵗ), 1 − decay] (fp32, on the parameters' device, so no step recompiles).
 
     Each line mirrors one foreach op of torch's AdamW, in its order and association: addcmul is
-    ``v + (value·g)·g``, addcdiv is ``p + (value·m)/d``.
+    ``v + (value·g)·g``, addcdiv is ``p + (value·m)/d``. ``copies`` (weight_cast=optimizer,
+    sfd/weight_copies.py): where not None, the new weight rounded to the copy's dtype is written
+    there in the same pass (the next forward reads it instead of casting the weight).
     """
-    for p, g, m, v, e in zip(params, grads, exp_avgs, exp_avg_sqs, emas):
+    for i, (p, g, m, v, e) in enumerate(zip(params, grads, exp_avgs, exp_avg_sqs, emas)):
         if coef is not None:
             g = g * coef
         p.mul_(s[0])
@@ -77,6 +81,8 @@ def _one_pass(
         d = v.sqrt() / s[4] + s[5]
         p.add_(s[6] * m / d)
         e.lerp_(p, s[7])
+        if copies is not None and copies[i] is not None:
+            copies[i].copy_(p)
 
 
 _COMPILED: dict[str, Callable[..., None]] = {}
@@ -108,6 +114,7 @@ class FusedAdamWEMA(torch.optim.AdamW):
         ema_decay: float = 0.9999,
         max_grad_norm: float = 0.0,
         compiled: bool = False,
+        weight_copies: WeightCopies | None = None,
     ) -> None:
         params = list(params)
         ema_params = list(ema_params)
@@ -119,6 +126,7 @@ class FusedAdamWEMA(torch.optim.AdamW):
         self.ema_decay = float(ema_decay)
         self.max_grad_norm = float(max_grad_norm)
         self.compiled = compiled
+        self.weight_copies = weight_copies  # written in the pass (sfd/weight_copies.py)
 
     def load_state_dict(self, state_dict: dict) -> None:
         super().load_state_dict(state_dict)
@@ -181,7 +189,8 @@ class FusedAdamWEMA(torch.optim.AdamW):
             dev = params[0].device
             s_t = torch.tensor(s, dtype=torch.float32).to(dev, non_blocking=True)
             c_t = None if coef is None else coef.to(dev, torch.float32)
-            _compiled_pass()(params, grads, exp_avgs, exp_avg_sqs, emas, s_t, c_t)
+            copies = None if self.weight_copies is None else [self.weight_copies.of.get(id(p)) for p in params]
+            _compiled_pass()(params, grads, exp_avgs, exp_avg_sqs, emas, s_t, c_t, copies)
             return
         # Reference: torch's foreach sequence (clip_grad_norm_, _multi_tensor_adam, EMA lerp).
         if coef is not None:
@@ -199,6 +208,10 @@ class FusedAdamWEMA(torch.optim.AdamW):
         torch._foreach_add_(denom, eps)
         torch._foreach_addcdiv_(params, exp_avgs, denom, step_size)
         torch._foreach_lerp_(emas, params, weight)
+        if self.weight_copies is not None:
+            pairs = [(self.weight_copies.of[id(p)], p) for p in params if id(p) in self.weight_copies.of]
+            if pairs:
+                torch._foreach_copy_([c for c, _ in pairs], [p for _, p in pairs])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -207,14 +220,16 @@ class FusedAdamWEMA(torch.optim.AdamW):
 
 @OPTIMIZERS.register("fused")
 def _build_fused(params: Sequence[Tensor], ema_params: Sequence[Tensor], *, lr: float, betas: tuple[float, float],
-                 weight_decay: float, ema_decay: float, grad_clip: float, compiled: bool, device: torch.device) -> torch.optim.Optimizer:
+                 weight_decay: float, ema_decay: float, grad_clip: float, compiled: bool, device: torch.device,
+                 weight_copies: WeightCopies | None = None) -> torch.optim.Optimizer:
     return FusedAdamWEMA(params, ema_params, lr=lr, betas=betas, weight_decay=weight_decay,
-                         ema_decay=ema_decay, max_grad_norm=grad_clip, compiled=compiled)
+                         ema_decay=ema_decay, max_grad_norm=grad_clip, compiled=compiled, weight_copies=weight_copies)
 
 
 @OPTIMIZERS.register("torch")
 def _build_torch(params: Sequence[Tensor], ema_params: Sequence[Tensor], *, lr: float, betas: tuple[float, float],
-                 weight_decay: float, ema_decay: float, grad_clip: float, compiled: bool, device: torch.device) -> torch.optim.Optimizer:
+                 weight_decay: float, ema_decay: float, grad_clip: float, compiled: bool, device: torch.device,
+                 weight_copies: WeightCopies | None = None) -> torch.optim.Optimizer:
     # torch's fused kernel on CUDA, its foreach path elsewhere; the EMA is a separate lerp (update()).
     return torch.optim.AdamW(list(params), lr=lr, betas=betas, weight_decay=weight_decay,
                              fused=True if device.type == "cuda" else None)
@@ -234,10 +249,14 @@ def grad_norm(optimizer: torch.optim.Optimizer, params: Sequence[Tensor], grad_c
 
 
 def update(optimizer: torch.optim.Optimizer, params: Sequence[Tensor], ema_params: Sequence[Tensor],
-           ema_decay: float, norm: Tensor) -> None:
-    """AdamW, then the EMA every step (docs/method.md §6): ema ← ema + (1 − decay)·(θ − ema)."""
+           ema_decay: float, norm: Tensor, weight_copies: WeightCopies | None = None) -> None:
+    """AdamW, then the EMA every step (docs/method.md §6): ema ← ema + (1 − decay)·(θ − ema).
+    ``weight_copies``: the bf16 copies of the new weights (inside the pass for ``fused``; a cast
+    pass after torch's AdamW otherwise, which saves nothing but keeps the copies right)."""
     if isinstance(optimizer, FusedAdamWEMA):
         optimizer.step(grad_norm=norm)
         return
     optimizer.step()
     torch._foreach_lerp_(list(ema_params), list(params), 1.0 - ema_decay)
+    if weight_copies is not None:
+        weight_copies.refresh()

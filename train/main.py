@@ -66,7 +66,7 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from sfd import optim, runtime
+from sfd import optim, runtime, weight_copies
 from sfd.checkpoint import (
     Checkpoint,
     WeightsError,
@@ -224,6 +224,10 @@ def main(argv: list[str] | None = None) -> None:
             f"AdamW + EMA every step, one pass ({'compiled' if kernel_policy.compile else 'eager foreach reference'})"
             if cfg.optimizer == "fused" else f"AdamW ({'fused' if on_cuda else 'foreach'}) + EMA foreach lerp every step"
         ),
+        "weight_cast": (
+            "bf16 weight copies written by the optimizer pass, fp32 weight-gradient GEMMs" if cfg.weight_cast == "optimizer"
+            else "autocast casts the weights in each forward" if cfg.precision == "bf16" else "none (fp32)"
+        ),
         "grad_checkpointing": cfg.grad_checkpointing,
         "ddp": f"{'nccl' if on_cuda else 'gloo'}, {d.world_size} ranks" if d.world_size > 1 else "off (1 process)",
     }
@@ -267,11 +271,18 @@ def main(argv: list[str] | None = None) -> None:
 
     # -- optimizer --------------------------------------------------------------------------------
     # fused: clip + AdamW + EMA as one pass (compiled with the model); torch: AdamW, then the EMA lerp.
+    # weight_cast=optimizer: bf16 weight copies the update writes and the forward reads (after the
+    # EMA's deep copy, which must not carry them; refreshed below once the weights are final).
+    copies = None
+    if cfg.weight_cast == "optimizer":
+        if autocast_dtype is None:
+            raise TrainError("weight_cast=optimizer needs bf16 autocast (precision=bf16)")
+        copies = weight_copies.attach(model, autocast_dtype)
     trainable = [(p, e) for p, e in zip(model.parameters(), ema.parameters()) if p.requires_grad]
     optimizer = optim.build_optimizer(
         cfg.optimizer, [p for p, _ in trainable], [e for _, e in trainable], lr=cfg.lr,
         betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay, ema_decay=cfg.ema_decay,
-        grad_clip=cfg.grad_clip, compiled=kernel_policy.compile, device=d.device,
+        grad_clip=cfg.grad_clip, compiled=kernel_policy.compile, device=d.device, weight_copies=copies,
     )
 
     # -- compile ----------------------------------------------------------------------------------
@@ -289,7 +300,7 @@ def main(argv: list[str] | None = None) -> None:
     if d.world_size > 1:
         # Buffers are constant tables (position codes, RoPE): nothing to broadcast per step.
         net = DDP(net, device_ids=[d.local_rank] if on_cuda else None, broadcast_buffers=False)
-    train_step = TrainStep(cfg, net, model, ema, optimizer, loss_fn, d, micro, autocast_dtype, repa_targets)
+    train_step = TrainStep(cfg, net, model, ema, optimizer, loss_fn, d, micro, autocast_dtype, repa_targets, copies)
 
     # -- resume -----------------------------------------------------------------------------------
     step, nan_total, nan_run, resume_notes = 0, 0, 0, []
@@ -317,6 +328,8 @@ def main(argv: list[str] | None = None) -> None:
             resume_posthoc(posthoc, start_dir, step, sigma_rels)
         if cfg.init_from:
             resume_notes.append(f"init_from {cfg.init_from} ignored: resuming from the checkpoint")
+    if copies is not None:
+        copies.refresh()  # the weights are final now (resumed, or DDP's broadcast from rank 0)
 
     # -- cache verification: damage stops every rank here, before anything is written -----------
     if cfg.verify == "full":
@@ -357,6 +370,10 @@ def main(argv: list[str] | None = None) -> None:
             f"{eval_setup[0].method} ({eval_setup[0].solver_options()}) from the EMA")
 
     def save(step: int, reader_state: dict[str, Any]) -> Path:
+        if copies is not None and (stale := copies.stale()):
+            # A copy the forward read but the optimizer did not write: the run trained on old weights.
+            raise TrainError(f"step {step}: {len(stale)} bf16 weight copies differ from their fp32 weights "
+                             "(weight_cast=optimizer); run again with weight_cast=autocast and report this")
         state = {
             "step": step, "images_seen": step * cfg.global_batch, "optimizer": optimizer.state_dict(),
             "reader": reader_state, "rng": runtime.rng_state(d.device), "world_size": d.world_size,
@@ -500,8 +517,10 @@ class TrainStep:
         micro_batch: int,
         autocast_dtype: torch.dtype | None,
         repa_targets: RepaTargetSource | None = None,
+        copies: weight_copies.WeightCopies | None = None,
     ) -> None:
         self.cfg, self.net, self.optimizer, self.loss_fn, self.d = cfg, net, optimizer, loss_fn, d
+        self.weight_copies = copies
         self.micro_batch = micro_batch
         self.autocast_dtype = autocast_dtype
         self.use_repa = uses_repa(cfg)
@@ -618,7 +637,7 @@ class TrainStep:
         shared = d.sum(torch.cat([sums, flags])).tolist()
         if not shared[-1] > 0:
             # AdamW and the EMA every step (docs/method.md §6), as one pass for optimizer=fused.
-            optim.update(self.optimizer, self.params, self.ema_params, cfg.ema_decay, grad_norm)
+            optim.update(self.optimizer, self.params, self.ema_params, cfg.ema_decay, grad_norm, self.weight_copies)
         self.optimizer.zero_grad(set_to_none=True)
         return grad_norm, shared
 

@@ -36,6 +36,7 @@ from sfd.checkpoint import (
 )
 from sfd.config import ModelConfig
 from sfd.kernels import block as fused
+from sfd.weight_copies import Linear  # reads a bf16 weight copy with weight_cast=optimizer
 
 # Recomputed at construction; older or foreign files may lack them (reference/README.md).
 ROPE_BUFFERS = ("feat_rope.freqs_cos", "feat_rope.freqs_sin")
@@ -167,10 +168,10 @@ class Attention(nn.Module):
         super().__init__()
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
-        self.qkv = nn.Linear(dim, 3 * dim, bias=True)
+        self.qkv = Linear(dim, 3 * dim, bias=True)
         self.q_norm = _qk_norm(self.head_dim, use_rmsnorm) if use_qknorm else nn.Identity()
         self.k_norm = _qk_norm(self.head_dim, use_rmsnorm) if use_qknorm else nn.Identity()
-        self.proj = nn.Linear(dim, dim, bias=True)
+        self.proj = Linear(dim, dim, bias=True)
 
     def forward(self, x: Tensor, rope: AxialRoPE2d | None) -> Tensor:
         B, N, C = x.shape
@@ -192,8 +193,8 @@ class SwiGLUFFN(nn.Module):
 
     def __init__(self, dim: int, hidden: int) -> None:
         super().__init__()
-        self.w12 = nn.Linear(dim, 2 * hidden, bias=True)
-        self.w3 = nn.Linear(hidden, dim, bias=True)
+        self.w12 = Linear(dim, 2 * hidden, bias=True)
+        self.w3 = Linear(hidden, dim, bias=True)
 
     def forward(self, x: Tensor) -> Tensor:
         x1, x2 = self.w12(x).chunk(2, dim=-1)
@@ -205,8 +206,8 @@ class GeluMlp(nn.Module):
 
     def __init__(self, dim: int, hidden: int) -> None:
         super().__init__()
-        self.fc1 = nn.Linear(dim, hidden)
-        self.fc2 = nn.Linear(hidden, dim)
+        self.fc1 = Linear(dim, hidden)
+        self.fc2 = Linear(hidden, dim)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
@@ -240,9 +241,9 @@ class TimestepEmbedder(nn.Module):
         super().__init__()
         self.frequency_embedding_size = frequency_embedding_size
         self.mlp = nn.Sequential(
-            nn.Linear(frequency_embedding_size, dim, bias=True),
+            Linear(frequency_embedding_size, dim, bias=True),
             nn.SiLU(),
-            nn.Linear(dim, dim, bias=True),
+            Linear(dim, dim, bias=True),
         )
 
     @staticmethod
@@ -303,7 +304,7 @@ class LightningDiTBlock(nn.Module):
             SwiGLUFFN(D, int(2 / 3 * mlp_hidden)) if cfg.use_swiglu else GeluMlp(D, mlp_hidden)
         )
         self.adaLN_modulation = nn.Sequential(
-            nn.SiLU(), nn.Linear(D, (4 if cfg.wo_shift else 6) * D, bias=True)
+            nn.SiLU(), Linear(D, (4 if cfg.wo_shift else 6) * D, bias=True)
         )
         self.fused = False  # set by LightningDiT.use_kernels: the sfd.kernels path
 
@@ -330,8 +331,8 @@ class FinalLayer(nn.Module):
     def __init__(self, dim: int, patch_size: int, out_channels: int, use_rmsnorm: bool) -> None:
         super().__init__()
         self.norm_final = _norm(dim, use_rmsnorm)
-        self.linear = nn.Linear(dim, patch_size * patch_size * out_channels, bias=True)
-        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 2 * dim, bias=True))
+        self.linear = Linear(dim, patch_size * patch_size * out_channels, bias=True)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), Linear(dim, 2 * dim, bias=True))
         self.fused = False  # set by LightningDiT.use_kernels: the sfd.kernels path
 
     def forward(self, x: Tensor, c: Tensor) -> Tensor:
@@ -380,11 +381,11 @@ class LightningDiT(nn.Module):
             P = cfg.repa_projector_dim
             # REPA's build_mlp (§4.6): tokens of block `repa_depth` → DINOv2 feature width.
             self.repa_projector = nn.Sequential(
-                nn.Linear(D, P),
+                Linear(D, P),
                 nn.SiLU(),
-                nn.Linear(P, P),
+                Linear(P, P),
                 nn.SiLU(),
-                nn.Linear(P, cfg.repa_target_dim),
+                Linear(P, cfg.repa_target_dim),
             )
         self.init_weights()
 
@@ -487,6 +488,12 @@ class LightningDiT(nn.Module):
             y, self.training, force_drop_ids
         )  # (B, D)
 
+        if self.blocks[0].fused and self.final_layer.fused:
+            velocity, repa = self._forward_fused(tokens, c, return_repa)
+            if self.cfg.learn_sigma:
+                velocity = velocity[:, : self.in_channels]
+            return (velocity, repa) if return_repa else velocity
+
         repa = None
         for depth, block in enumerate(self.blocks, start=1):
             if self.grad_checkpointing and torch.is_grad_enabled():
@@ -502,6 +509,24 @@ class LightningDiT(nn.Module):
         if return_repa:
             return velocity, repa
         return velocity
+
+
+    def _forward_fused(self, tokens: Tensor, c: Tensor, return_repa: bool) -> tuple[Tensor, Tensor | None]:
+        """The blocks with each MLP residual added inside the next norm's fused pass
+        (sfd/kernels/block.py): same maths as the loop above, one pass over the stream fewer per block."""
+        x, y, gate = tokens, None, None
+        repa = None
+        for depth, block in enumerate(self.blocks, start=1):
+            if self.grad_checkpointing and torch.is_grad_enabled():
+                inp, x, y, gate = checkpoint(fused.block_deferred, block, x, y, gate, c, self.feat_rope, use_reentrant=False)
+            else:
+                inp, x, y, gate = fused.block_deferred(block, x, y, gate, c, self.feat_rope)
+            if return_repa and depth == self.repa_depth + 1:  # block repa_depth's output, as written by this norm1
+                repa = self.repa_projector(inp)
+        out, inp = fused.final_deferred(self.final_layer, x, y, gate, c)
+        if return_repa and self.repa_depth == len(self.blocks):
+            repa = self.repa_projector(inp)
+        return self.unpatchify(out), repa
 
 
 # ---------------------------------------------------------------------------------------------
