@@ -11,9 +11,13 @@ matmuls, under three settings —
   in the backward it cannot fuse the row reduction of an RMSNorm gradient (over D) with the
   column reductions of its adaLN/weight gradients (over tokens), so those re-read their inputs;
 - triton: the `adaln_norm` op of sfd/kernels (one pass forward, one pass backward incl. column
-  sums), as integrated now (within a block), and as it would be across blocks.
+  sums), across blocks: each MLP residual is added inside the next block's norm1 pass (as built;
+  the first integration kept it within a block: "triton, within a block" for comparison).
 
-Usage: python bench/budget.py [--batch 32] [--optimizer fused|torch] [--clip] [--json out.json]
+Plus the per-parameter traffic of the optimizer step and of the weights' bf16 casts
+(``--optimizer``, ``--weight-cast``).
+
+Usage: python bench/budget.py [--batch 32] [--optimizer fused|torch] [--weight-cast autocast|optimizer] [--clip] [--json out.json]
 """
 
 from __future__ import annotations
@@ -86,23 +90,33 @@ TRITON_ACROSS = [
     Chain("attn residual + norm2 + modulate (adaln_norm)", (12, 0), (18, 0), ""),
     Chain("SwiGLU (inductor)", (0, 6), (0, 10), "unchanged"),
 ]
-SETTINGS = {"eager": EAGER, "compile": COMPILE, "triton": TRITON_IN_BLOCK, "triton, across blocks": TRITON_ACROSS}
+SETTINGS = {"eager": EAGER, "compile": COMPILE, "triton, within a block": TRITON_IN_BLOCK, "triton": TRITON_ACROSS}
 
 # Parameter traffic per optimizer step, bytes per fp32 parameter, by TrainConfig.optimizer
-# (sfd/optim.py has the table). autocast re-casts every fp32 weight to bf16 in forward (R4 W2)
-# and casts its bf16 gradient back to fp32 in backward (R2 W4) under either setting.
+# (sfd/optim.py has the table) ...
 PARAM_BYTES = {
-    "torch": {"weight cast fwd": 6, "weight cast bwd": 6, "grad norm": 4, "AdamW (torch fused)": 28, "EMA lerp": 12},
-    "fused": {"weight cast fwd": 6, "weight cast bwd": 6, "grad norm": 4, "clip + AdamW + EMA (one pass)": 36},
+    "torch": {"grad norm": 4, "AdamW (torch fused)": 28, "EMA lerp": 12},
+    "fused": {"grad norm": 4, "clip + AdamW + EMA (one pass)": 36},
 }
 CLIP_BYTES = {"torch": 8, "fused": 0}  # grad_clip > 0: clip_grad_norm_ rescales every gradient in place (R4 W4)
+# ... and by TrainConfig.weight_cast (sfd/weight_copies.py). autocast: every fp32 weight cast to
+# bf16 in forward (R4 W2), the bf16 weight gradient the GEMM wrote cast back to fp32 in backward
+# (R2 W4). optimizer: the pass also writes the bf16 copy (W2; with optimizer=torch a separate
+# cast pass, R4 W2), and the weight-gradient GEMM writes fp32 directly (+2 over its bf16 output).
+CAST_BYTES = {
+    ("autocast", "torch"): {"weight cast fwd": 6, "weight-grad cast bwd": 6},
+    ("autocast", "fused"): {"weight cast fwd": 6, "weight-grad cast bwd": 6},
+    ("optimizer", "torch"): {"bf16 copy (own pass)": 6, "fp32 weight-grad GEMM output": 2},
+    ("optimizer", "fused"): {"bf16 copy (in the pass)": 2, "fp32 weight-grad GEMM output": 2},
+}
 
 
-def param_bytes_per_param(optimizer: str, clip: bool = False) -> int:
-    return sum(PARAM_BYTES[optimizer].values()) + (CLIP_BYTES[optimizer] if clip else 0)
+def param_bytes_per_param(optimizer: str, clip: bool = False, weight_cast: str = "autocast") -> int:
+    return (sum(PARAM_BYTES[optimizer].values()) + sum(CAST_BYTES[weight_cast, optimizer].values())
+            + (CLIP_BYTES[optimizer] if clip else 0))
 
 
-def model_numbers(name: str, batch: int, optimizer: str = "fused", clip: bool = False) -> dict:
+def model_numbers(name: str, batch: int, optimizer: str = "fused", clip: bool = False, weight_cast: str = "autocast") -> dict:
     cfg = model_preset(name)
     D, depth, N = cfg.hidden_size, cfg.depth, (cfg.input_size // cfg.patch_size) ** 2
     Hf = int(2 / 3 * int(D * cfg.mlp_ratio))
@@ -118,11 +132,11 @@ def model_numbers(name: str, batch: int, optimizer: str = "fused", clip: bool = 
         s: {"fwd": sum(c.bytes(D, Hf, "fwd") for c in chains), "bwd": sum(c.bytes(D, Hf, "bwd") for c in chains)}
         for s, chains in SETTINGS.items()
     }
-    # Parameter traffic per step: PARAM_BYTES of the optimizer setting (56 B/param with torch's
-    # AdamW + EMA lerp, 52 with the one pass; + 8 for torch with grad_clip).
-    out["optimizer"], out["grad_clip"] = optimizer, clip
-    out["param_bytes_per_param"] = {o: param_bytes_per_param(o, clip) for o in PARAM_BYTES}
-    param_bytes = params * param_bytes_per_param(optimizer, clip)
+    # Parameter traffic per step (56 B/param with torch's AdamW + EMA lerp and autocast's casts,
+    # 52 with the one pass, 44 with the one pass writing the bf16 copies; + 8 for torch with grad_clip).
+    out["optimizer"], out["grad_clip"], out["weight_cast"] = optimizer, clip, weight_cast
+    out["param_bytes_per_param"] = {f"{o}, weight_cast={w}": param_bytes_per_param(o, clip, w) for w, o in CAST_BYTES}
+    param_bytes = params * param_bytes_per_param(optimizer, clip, weight_cast)
     out["param_traffic_gb"] = param_bytes / 1e9
     predictions = {}
     for dev, (flops, bw) in DEVICES.items():
@@ -150,20 +164,22 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=32, help="per-GPU batch (paper: 256 over 8 GPUs = 32)")
     ap.add_argument("--models", nargs="+", default=["LightningDiT-B/1", "LightningDiT-XL/1"])
     ap.add_argument("--optimizer", default="fused", choices=sorted(PARAM_BYTES), help="TrainConfig.optimizer (parameter traffic)")
+    ap.add_argument("--weight-cast", default="autocast", choices=("autocast", "optimizer"), help="TrainConfig.weight_cast")
     ap.add_argument("--clip", action="store_true", help="grad_clip > 0 (the authors clip nothing)")
     ap.add_argument("--json", type=Path, help="write the numbers here")
     args = ap.parse_args()
-    results = [model_numbers(m, args.batch, args.optimizer, args.clip) for m in args.models]
+    results = [model_numbers(m, args.batch, args.optimizer, args.clip, args.weight_cast) for m in args.models]
     print(f"assumed efficiencies: matmul {MATMUL_EFF:.0%}, attention {ATTN_EFF:.0%}, HBM {HBM_EFF:.0%} of peak")
     print("parameter traffic, bytes per parameter per step: " + "; ".join(
-        f"optimizer={o}: {' + '.join(f'{k} {v}' for k, v in parts.items())}"
-        f"{f' + clip {CLIP_BYTES[o]}' if args.clip and CLIP_BYTES[o] else ''} = {param_bytes_per_param(o, args.clip)}"
-        for o, parts in PARAM_BYTES.items()))
+        f"optimizer={o}, weight_cast={w}: {' + '.join(f'{k} {v}' for k, v in (PARAM_BYTES[o] | CAST_BYTES[w, o]).items())}"
+        f"{f' + clip {CLIP_BYTES[o]}' if args.clip and CLIP_BYTES[o] else ''} = {param_bytes_per_param(o, args.clip, w)}"
+        for w, o in CAST_BYTES))
     for r in results:
         D = r["D"]
         print(f"\n{r['model']}: D={D} Hf={r['Hf']} depth={r['depth']} batch={r['batch']} "
               f"{r['train_gflop_per_image']:.0f} GFLOP/img, parameter traffic {r['param_traffic_gb']:.1f} GB/step "
-              f"(optimizer={r['optimizer']}, {r['param_bytes_per_param'][r['optimizer']]} B/param)")
+              f"(optimizer={r['optimizer']}, weight_cast={r['weight_cast']}, "
+              f"{r['param_bytes_per_param'][r['optimizer'] + ', weight_cast=' + r['weight_cast']]} B/param)")
         print("| setting | fwd B/token/block | bwd | total | vs compile |")
         print("|---|---|---|---|---|")
         base = sum(r["bytes_per_token_block"]["compile"].values())

@@ -7,7 +7,11 @@ Variants, timed interleaved over the same parameter set (fresh random gradients 
 - ``fused-ref``: :class:`sfd.optim.FusedAdamWEMA` with ``compiled=False`` (torch's foreach
   sequence in one call: the same passes, so the same time — the check that the reference costs
   nothing extra);
-- ``fused``: ``compiled=True`` — the norm, then one compiled pass for clip + AdamW + EMA.
+- ``fused``: ``compiled=True`` — the norm, then one compiled pass for clip + AdamW + EMA;
+- ``fused+cast``: ``fused``, then the bf16 cast of every Linear weight that autocast does in each
+  forward (``weight_cast=autocast``; here one foreach copy into bf16 buffers, R4 W2);
+- ``fused+copies``: ``weight_cast=optimizer`` — the one pass also writes those bf16 copies (W2,
+  sfd/weight_copies.py), so no cast follows. ``fused+copies`` vs ``fused+cast`` is the claim.
 
 Parameter sets have the real shapes of LightningDiT-B/1 and -XL/1 (the trainable tensors of
 ``LightningDiT(model_preset(name))``, REPA projector included). ``--blocks N`` keeps the first N
@@ -36,20 +40,25 @@ import torch  # noqa: E402
 from sfd import optim  # noqa: E402
 from sfd.config import model_preset  # noqa: E402
 from sfd.models.lightningdit import LightningDiT  # noqa: E402
+from sfd.weight_copies import WeightCopies  # noqa: E402
 
 # Bytes per fp32 parameter each variant moves (docs in sfd/optim.py); the GPU figure to compare.
 BYTES = {
     "torch": {"norm": 4, "clip": 8, "adamw": 28, "ema": 12},
     "fused": {"norm": 4, "one pass": 36},
+    "fused+cast": {"norm": 4, "one pass": 36, "bf16 cast of the weights": 6},
+    "fused+copies": {"norm": 4, "one pass + bf16 copies": 38},
 }
+VARIANTS = ("torch", "fused-ref", "fused", "fused+cast", "fused+copies")
 
 
 def bytes_per_param(variant: str, clip: bool) -> int:
-    parts = BYTES["fused" if variant == "fused" else "torch"]  # fused-ref runs torch's passes
+    parts = BYTES["torch" if variant == "fused-ref" else variant]  # fused-ref runs torch's passes
     return sum(v for k, v in parts.items() if clip or k != "clip")
 
 
-def parameter_set(name: str, blocks: int | None, device: torch.device) -> list[torch.Tensor]:
+def parameter_set(name: str, blocks: int | None, device: torch.device) -> tuple[list[torch.Tensor], list[bool]]:
+    """The trainable tensors, and which of them are Linear weights (the ones with bf16 copies)."""
     cfg = model_preset(name)
     with torch.device("meta"):
         model = LightningDiT(cfg)
@@ -57,8 +66,9 @@ def parameter_set(name: str, blocks: int | None, device: torch.device) -> list[t
     if blocks is not None:
         names = [n for n in names if not n.startswith("blocks.") or int(n.split(".")[1]) < blocks]
     shapes = dict(model.named_parameters())
+    linear = {f"{m}.weight" for m, mod in model.named_modules() if isinstance(mod, torch.nn.Linear)}
     g = torch.Generator(device="cpu").manual_seed(0)
-    return [(torch.randn(shapes[n].shape, generator=g) * 0.02).to(device) for n in names]
+    return [(torch.randn(shapes[n].shape, generator=g) * 0.02).to(device) for n in names], [n in linear for n in names]
 
 
 def timed(fn, device: torch.device) -> float:
@@ -71,28 +81,34 @@ def timed(fn, device: torch.device) -> float:
     return time.perf_counter() - t0
 
 
-def bench_model(name: str, blocks: int | None, rounds: int, clip: float, device: torch.device) -> dict:
-    base = parameter_set(name, blocks, device)
+def bench_model(name: str, blocks: int | None, rounds: int, clip: float, device: torch.device,
+                variants: tuple[str, ...] = VARIANTS) -> dict:
+    base, is_linear = parameter_set(name, blocks, device)
     n = sum(p.numel() for p in base)
     runs = {}
-    for variant in ("torch", "fused-ref", "fused"):
+    for variant in variants:
         params = [p.clone().requires_grad_() for p in base]
         emas = [p.detach().clone() for p in base]
+        lp = [p.detach().to(torch.bfloat16) for p, lin in zip(params, is_linear) if lin]
+        copies = WeightCopies([(p, c) for p, c in zip([p for p, lin in zip(params, is_linear) if lin], lp)])
         opt = optim.build_optimizer(
             "torch" if variant == "torch" else "fused", params, emas, lr=1e-4, betas=(0.9, 0.999),
-            weight_decay=0.0, ema_decay=0.9999, grad_clip=clip, compiled=variant == "fused", device=device,
+            weight_decay=0.0, ema_decay=0.9999, grad_clip=clip, compiled=variant.startswith("fused") and variant != "fused-ref",
+            device=device, weight_copies=copies if variant == "fused+copies" else None,
         )
-        runs[variant] = (params, emas, opt)
+        runs[variant] = (params, emas, opt, copies)
     g = torch.Generator(device=device).manual_seed(1)
 
     def step(variant: str) -> None:
-        params, emas, opt = runs[variant]
+        params, emas, opt, copies = runs[variant]
         norm = optim.grad_norm(opt, params, clip)
         optim.update(opt, params, emas, 0.9999, norm)
+        if variant == "fused+cast":  # what autocast's casts cost each forward, as one pass
+            copies.refresh()
 
     def set_grads() -> None:
         grads = [torch.randn(p.shape, generator=g, device=device) * 1e-3 for p in base]
-        for params, _, _ in runs.values():
+        for params, _, _, _ in runs.values():
             for p, gr in zip(params, grads):
                 p.grad = gr.clone()
 
@@ -107,7 +123,8 @@ def bench_model(name: str, blocks: int | None, rounds: int, clip: float, device:
         for variant in order:
             set_grads()
             times[variant].append(timed(lambda v=variant: step(v), device))
-    out = {"model": name, "blocks": blocks, "params": n, "clip": clip, "device": str(device), "first_call_s": compile_s}
+    out = {"model": name, "blocks": blocks, "params": n, "linear_weight_share": sum(p.numel() for p, lin in zip(base, is_linear) if lin) / n,
+           "clip": clip, "device": str(device), "first_call_s": compile_s}
     ref = statistics.median(times["torch"])
     for v, ts in times.items():
         med = statistics.median(ts)
@@ -139,7 +156,7 @@ def main() -> None:
               f"first calls (state + compile) {', '.join(f'{k} {v:.1f} s' for k, v in r['first_call_s'].items())}")
         print("| variant | bytes/param | median ms | min-max ms | ms per M params | vs torch | effective GB/s |")
         print("|---|---|---|---|---|---|---|")
-        for v in ("torch", "fused-ref", "fused"):
+        for v in (v for v in VARIANTS if v in r):
             x = r[v]
             print(f"| {v} | {x['bytes_per_param']} | {x['median_ms']:.1f} | {x['min_ms']:.1f}-{x['max_ms']:.1f} | "
                   f"{x['ms_per_mparam']:.2f} | {x['vs_torch']:.2f} | {x['effective_gb_s']:.1f} |")

@@ -63,12 +63,13 @@ def stage_predictions(device: str, batch: int = 32) -> dict[str, dict]:
     d = DEVICES[device]
     out: dict[str, dict] = {}
     for model in ("LightningDiT-XL/1", "LightningDiT-B/1"):
-        for opt in ("torch", "fused"):
-            p = model_numbers(model, batch, opt)["predictions"]["H200" if device == "H200" else "H100-SXM"]
+        for opt, cast in (("torch", "autocast"), ("fused", "autocast"), ("fused", "optimizer")):
+            p = model_numbers(model, batch, opt, weight_cast=cast)["predictions"]["H200" if device == "H200" else "H100-SXM"]
             for kernels in ("eager", "compile", "triton"):
-                out[f"train {model} {kernels} optimizer={opt}"] = {
+                key = f"train {model} {kernels} optimizer={opt}" + (" weight_cast=optimizer" if cast == "optimizer" else "")
+                out[key] = {
                     "img_per_s": p[kernels]["img_per_s"], "mfu": p[kernels]["mfu"], "step_ms": p[kernels]["step_ms"],
-                    "how": f"bench/budget.py --batch {batch} --optimizer {opt}: matmul {p['matmul_ms']:.1f} + attention "
+                    "how": f"bench/budget.py --batch {batch} --optimizer {opt} --weight-cast {cast}: matmul {p['matmul_ms']:.1f} + attention "
                            f"{p['attention_ms']:.1f} + elementwise {p[kernels]['elementwise_ms']:.1f} + parameters "
                            f"{p['param_traffic_ms']:.1f} ms per step of {batch}",
                 }
@@ -100,7 +101,7 @@ def stage_predictions(device: str, batch: int = 32) -> dict[str, dict]:
 def recipe_budget(device: str) -> dict[str, dict]:
     """GPU-hours of the paper's recipe on ``device`` (one GPU's hours; divide by the GPU count)."""
     s = stage_predictions(device)
-    train = s["train LightningDiT-XL/1 triton optimizer=fused"]["img_per_s"]
+    train = s["train LightningDiT-XL/1 triton optimizer=fused weight_cast=optimizer"]["img_per_s"]
     enc = s["encode (texture VAE + DINOv2-B/14, 2 flips)"]["img_per_s"]
     fid = s["sample XL/1 dopri5 + AutoGuidance (B/1 guide)"]
     inc = s["Inception features"]["img_per_s"]
@@ -111,7 +112,7 @@ def recipe_budget(device: str) -> dict[str, dict]:
         },
         "train XL/1, 4M steps at batch 256": {
             "gpu_hours": PAPER_STEPS * PAPER_BATCH / train / 3600,
-            "how": f"{PAPER_STEPS * PAPER_BATCH:.3g} images at {train:.0f} img/s per GPU (kernels=triton, optimizer=fused, batch 32/GPU)",
+            "how": f"{PAPER_STEPS * PAPER_BATCH:.3g} images at {train:.0f} img/s per GPU (kernels=triton, optimizer=fused, weight_cast=optimizer, batch 32/GPU)",
         },
         "one just paper-fid row": {
             "gpu_hours": fid["hours_50k"] + FID_SAMPLES / inc / 3600,

@@ -42,12 +42,13 @@ def test_smoke_runs_every_stage_on_cpu(tmp_path: Path) -> None:
     result = json.loads(out.read_text())
     assert result["skipped"] == [], result["skipped"]
     assert {r["variant"] for r in result["kernels"]} == {"triton", "inductor", "eager"}
-    assert {r["kernels"] for r in result["train"]} == {"eager", "compile"}
+    assert {(r["kernels"], r["weight_cast"]) for r in result["train"]} == {("eager", "autocast"), ("compile", "autocast"), ("eager", "optimizer")}
     assert all(r["img_per_s"] > 0 and r["optimizer_ema"]["median_s"] > 0 for r in result["train"])
     runs = {(r["method"], r["guide"] is not None, r["compiled"]) for r in result["sample"]}
     assert {("dopri5", True, True), ("dopri5", True, False), ("euler", False, False), ("euler", True, False)} <= runs
     assert all(r["nfe"] > 0 and r["hours_50k"] > 0 for r in result["sample"])
     assert result["encode"][0]["img_per_s"] > 0 and result["inception"][0]["img_per_s"] > 0
     opt = result["optimizer"][0]
-    assert opt["torch"]["bytes_per_param"] == 44 and opt["fused"]["bytes_per_param"] == 40
+    assert opt["torch"]["bytes_per_param"] == 44 and opt["fused+cast"]["bytes_per_param"] == 46
+    assert opt["fused+copies"]["bytes_per_param"] == 42 and opt["fused+copies"]["median_ms"] > 0
     assert done.stdout.strip().splitlines()[-1].startswith("SUMMARY cpu")
