@@ -162,7 +162,7 @@ def train_step_run(name: str, kernels: str, batch: int, warmup: int, steps: int,
     ema_params = [e for p, e in zip(model.parameters(), ema.parameters()) if p.requires_grad]
     opt = optim.build_optimizer(
         "fused", params, ema_params, lr=1e-4, betas=(0.9, 0.999), weight_decay=0.0, ema_decay=0.9999,
-        grad_clip=0.0, compiled=policy.compile, device=dev, weight_copies=copies,
+        grad_clip=0.0, compiled=policy.compile, device=dev,
     )
     loss_fn = functools.partial(sfd_loss, semantic_chans=cfg.semantic_chans, repa_weight=1.0, repa_mode="cos")
     net = model

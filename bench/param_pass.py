@@ -89,12 +89,13 @@ def bench_model(name: str, blocks: int | None, rounds: int, clip: float, device:
     for variant in variants:
         params = [p.clone().requires_grad_() for p in base]
         emas = [p.detach().clone() for p in base]
-        lp = [p.detach().to(torch.bfloat16) for p, lin in zip(params, is_linear) if lin]
-        copies = WeightCopies([(p, c) for p, c in zip([p for p, lin in zip(params, is_linear) if lin], lp)])
+        copies = None
+        if variant in ("fused+cast", "fused+copies"):  # bf16 copies of the Linear weights
+            copies = WeightCopies([(p, p.detach().to(torch.bfloat16)) for p, lin in zip(params, is_linear) if lin])
         opt = optim.build_optimizer(
             "torch" if variant == "torch" else "fused", params, emas, lr=1e-4, betas=(0.9, 0.999),
-            weight_decay=0.0, ema_decay=0.9999, grad_clip=clip, compiled=variant.startswith("fused") and variant != "fused-ref",
-            device=device, weight_copies=copies if variant == "fused+copies" else None,
+            weight_decay=0.0, ema_decay=0.9999, grad_clip=clip, compiled=variant not in ("torch", "fused-ref"),
+            device=device,
         )
         runs[variant] = (params, emas, opt, copies)
     g = torch.Generator(device=device).manual_seed(1)
@@ -102,7 +103,7 @@ def bench_model(name: str, blocks: int | None, rounds: int, clip: float, device:
     def step(variant: str) -> None:
         params, emas, opt, copies = runs[variant]
         norm = optim.grad_norm(opt, params, clip)
-        optim.update(opt, params, emas, 0.9999, norm)
+        optim.update(opt, params, emas, 0.9999, norm, copies if variant == "fused+copies" else None)
         if variant == "fused+cast":  # what autocast's casts cost each forward, as one pass
             copies.refresh()
 

@@ -99,7 +99,8 @@ class FusedAdamWEMA(torch.optim.AdamW):
 
     ``ema_params`` pairs with ``params`` (same order and shapes); ``max_grad_norm`` 0 = no
     clipping. ``step(grad_norm=...)`` takes the norm the caller already computed (it needs it for
-    its skip decision); without it the step computes it.
+    its skip decision); without it the step computes it. ``step(weight_copies=...)`` also writes
+    the new weights' bf16 copies in the same pass (sfd/weight_copies.py).
     """
 
     def __init__(
@@ -114,7 +115,6 @@ class FusedAdamWEMA(torch.optim.AdamW):
         ema_decay: float = 0.9999,
         max_grad_norm: float = 0.0,
         compiled: bool = False,
-        weight_copies: WeightCopies | None = None,
     ) -> None:
         params = list(params)
         ema_params = list(ema_params)
@@ -126,7 +126,6 @@ class FusedAdamWEMA(torch.optim.AdamW):
         self.ema_decay = float(ema_decay)
         self.max_grad_norm = float(max_grad_norm)
         self.compiled = compiled
-        self.weight_copies = weight_copies  # written in the pass (sfd/weight_copies.py)
 
     def load_state_dict(self, state_dict: dict) -> None:
         super().load_state_dict(state_dict)
@@ -140,7 +139,8 @@ class FusedAdamWEMA(torch.optim.AdamW):
                     st["step"] = st["step"].detach().to("cpu", torch.float32)
 
     @torch.no_grad()
-    def step(self, closure: Callable[[], float] | None = None, grad_norm: Tensor | None = None) -> None:  # type: ignore[override]
+    def step(self, closure: Callable[[], float] | None = None, grad_norm: Tensor | None = None,  # type: ignore[override]
+             weight_copies: WeightCopies | None = None) -> None:
         if closure is not None:
             raise ValueError("FusedAdamWEMA.step takes no closure")
         coef = None
@@ -151,9 +151,9 @@ class FusedAdamWEMA(torch.optim.AdamW):
                 )
             coef = clip_coefficient(grad_norm, self.max_grad_norm)
         for group in self.param_groups:
-            self._step_group(group, coef)
+            self._step_group(group, coef, weight_copies)
 
-    def _step_group(self, group: dict, coef: Tensor | None) -> None:
+    def _step_group(self, group: dict, coef: Tensor | None, weight_copies: WeightCopies | None) -> None:
         if group["amsgrad"] or group["maximize"]:
             raise ValueError("FusedAdamWEMA implements plain AdamW (amsgrad=False, maximize=False)")
         params, grads, exp_avgs, exp_avg_sqs, emas, steps, idle = [], [], [], [], [], [], []
@@ -189,7 +189,7 @@ class FusedAdamWEMA(torch.optim.AdamW):
             dev = params[0].device
             s_t = torch.tensor(s, dtype=torch.float32).to(dev, non_blocking=True)
             c_t = None if coef is None else coef.to(dev, torch.float32)
-            copies = None if self.weight_copies is None else [self.weight_copies.of.get(id(p)) for p in params]
+            copies = None if weight_copies is None else [weight_copies.of.get(id(p)) for p in params]
             _compiled_pass()(params, grads, exp_avgs, exp_avg_sqs, emas, s_t, c_t, copies)
             return
         # Reference: torch's foreach sequence (clip_grad_norm_, _multi_tensor_adam, EMA lerp).
@@ -208,8 +208,8 @@ class FusedAdamWEMA(torch.optim.AdamW):
         torch._foreach_add_(denom, eps)
         torch._foreach_addcdiv_(params, exp_avgs, denom, step_size)
         torch._foreach_lerp_(emas, params, weight)
-        if self.weight_copies is not None:
-            pairs = [(self.weight_copies.of[id(p)], p) for p in params if id(p) in self.weight_copies.of]
+        if weight_copies is not None:
+            pairs = [(weight_copies.of[id(p)], p) for p in params if id(p) in weight_copies.of]
             if pairs:
                 torch._foreach_copy_([c for c, _ in pairs], [p for _, p in pairs])
 
@@ -220,16 +220,14 @@ class FusedAdamWEMA(torch.optim.AdamW):
 
 @OPTIMIZERS.register("fused")
 def _build_fused(params: Sequence[Tensor], ema_params: Sequence[Tensor], *, lr: float, betas: tuple[float, float],
-                 weight_decay: float, ema_decay: float, grad_clip: float, compiled: bool, device: torch.device,
-                 weight_copies: WeightCopies | None = None) -> torch.optim.Optimizer:
+                 weight_decay: float, ema_decay: float, grad_clip: float, compiled: bool, device: torch.device) -> torch.optim.Optimizer:
     return FusedAdamWEMA(params, ema_params, lr=lr, betas=betas, weight_decay=weight_decay,
-                         ema_decay=ema_decay, max_grad_norm=grad_clip, compiled=compiled, weight_copies=weight_copies)
+                         ema_decay=ema_decay, max_grad_norm=grad_clip, compiled=compiled)
 
 
 @OPTIMIZERS.register("torch")
 def _build_torch(params: Sequence[Tensor], ema_params: Sequence[Tensor], *, lr: float, betas: tuple[float, float],
-                 weight_decay: float, ema_decay: float, grad_clip: float, compiled: bool, device: torch.device,
-                 weight_copies: WeightCopies | None = None) -> torch.optim.Optimizer:
+                 weight_decay: float, ema_decay: float, grad_clip: float, compiled: bool, device: torch.device) -> torch.optim.Optimizer:
     # torch's fused kernel on CUDA, its foreach path elsewhere; the EMA is a separate lerp (update()).
     return torch.optim.AdamW(list(params), lr=lr, betas=betas, weight_decay=weight_decay,
                              fused=True if device.type == "cuda" else None)
@@ -254,7 +252,7 @@ def update(optimizer: torch.optim.Optimizer, params: Sequence[Tensor], ema_param
     ``weight_copies``: the bf16 copies of the new weights (inside the pass for ``fused``; a cast
     pass after torch's AdamW otherwise, which saves nothing but keeps the copies right)."""
     if isinstance(optimizer, FusedAdamWEMA):
-        optimizer.step(grad_norm=norm)
+        optimizer.step(grad_norm=norm, weight_copies=weight_copies)
         return
     optimizer.step()
     torch._foreach_lerp_(list(ema_params), list(params), 1.0 - ema_decay)

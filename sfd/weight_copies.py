@@ -27,10 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["WEIGHT_CASTS", "Linear", "WeightCopies", "attach", "cast_linear"]
-
-#: ``TrainConfig.weight_cast``: autocast (cast in every forward) | optimizer (copies, this module).
-WEIGHT_CASTS = ("autocast", "optimizer")
+__all__ = ["Linear", "WeightCopies", "attach", "cast_linear"]
 
 
 def _weight_grad(grad: Tensor, x: Tensor) -> Tensor:
@@ -54,11 +51,12 @@ class _CastLinear(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: Tensor):
         x_lp, weight_lp = ctx.saved_tensors
+        need_x, need_w, need_b, _ = ctx.needs_input_grad
         grad = grad.to(weight_lp.dtype)
-        grad_x = (grad @ weight_lp).to(ctx.x_dtype)
         g2, x2 = grad.reshape(-1, grad.shape[-1]), x_lp.reshape(-1, x_lp.shape[-1])
-        grad_w = _weight_grad(g2, x2)
-        grad_b = g2.float().sum(0) if ctx.has_bias else None
+        grad_x = (grad @ weight_lp).to(ctx.x_dtype) if need_x else None  # e.g. not for the time code
+        grad_w = _weight_grad(g2, x2) if need_w else None
+        grad_b = g2.float().sum(0) if ctx.has_bias and need_b else None
         return grad_x, grad_w, grad_b, None
 
 
@@ -75,8 +73,7 @@ class Linear(nn.Linear):
     def __getstate__(self) -> dict:
         # A deep copy (the EMA model, an evaluation copy) must not share or freeze the training
         # model's copy: nothing would update it. Copies are attached only by attach().
-        state = super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__
-        return {k: v for k, v in state.items() if k != "weight_lp"}
+        return {k: v for k, v in super().__getstate__().items() if k != "weight_lp"}
 
     def forward(self, x: Tensor) -> Tensor:
         lp = self.weight_lp

@@ -84,12 +84,12 @@ def test_optimizer_pass_writes_the_copies_and_updates_as_without(compiled: bool)
         ema = copy.deepcopy(model)
         copies = attach(model, torch.bfloat16) if with_copies else None
         opt = FusedAdamWEMA(model.parameters(), ema.parameters(), lr=1e-2, weight_decay=0.01, ema_decay=0.9,
-                            max_grad_norm=0.5, compiled=compiled, weight_copies=copies)
+                            max_grad_norm=0.5, compiled=compiled)
         g = torch.Generator().manual_seed(1)
         for _ in range(5):
             for p in model.parameters():
                 p.grad = torch.randn(p.shape, generator=g)
-            opt.step()
+            opt.step(weight_copies=copies)
             if copies is not None:
                 assert copies.stale() == []
         runs[with_copies] = (model.state_dict(), ema.state_dict(), opt.state_dict())

@@ -282,7 +282,7 @@ def main(argv: list[str] | None = None) -> None:
     optimizer = optim.build_optimizer(
         cfg.optimizer, [p for p, _ in trainable], [e for _, e in trainable], lr=cfg.lr,
         betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay, ema_decay=cfg.ema_decay,
-        grad_clip=cfg.grad_clip, compiled=kernel_policy.compile, device=d.device, weight_copies=copies,
+        grad_clip=cfg.grad_clip, compiled=kernel_policy.compile, device=d.device,
     )
 
     # -- compile ----------------------------------------------------------------------------------

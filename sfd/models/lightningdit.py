@@ -489,11 +489,18 @@ class LightningDiT(nn.Module):
         )  # (B, D)
 
         if self.blocks[0].fused and self.final_layer.fused:
-            velocity, repa = self._forward_fused(tokens, c, return_repa)
-            if self.cfg.learn_sigma:
-                velocity = velocity[:, : self.in_channels]
-            return (velocity, repa) if return_repa else velocity
+            out, repa = self._blocks_fused(tokens, c, return_repa)
+        else:
+            out, repa = self._blocks(tokens, c, return_repa)
+        velocity = self.unpatchify(out)  # (B, C_out, H, W)
+        if self.cfg.learn_sigma:
+            velocity = velocity[:, : self.in_channels]
+        if return_repa:
+            return velocity, repa
+        return velocity
 
+    def _blocks(self, tokens: Tensor, c: Tensor, return_repa: bool) -> tuple[Tensor, Tensor | None]:
+        """Blocks and final layer: output tokens (B, N, p²·C_out) and the REPA projection (or None)."""
         repa = None
         for depth, block in enumerate(self.blocks, start=1):
             if self.grad_checkpointing and torch.is_grad_enabled():
@@ -502,18 +509,11 @@ class LightningDiT(nn.Module):
                 tokens = block(tokens, c, self.feat_rope)
             if return_repa and depth == self.repa_depth:
                 repa = self.repa_projector(tokens)
+        return self.final_layer(tokens, c), repa
 
-        velocity = self.unpatchify(self.final_layer(tokens, c))  # (B, C_out, H, W)
-        if self.cfg.learn_sigma:
-            velocity = velocity[:, : self.in_channels]
-        if return_repa:
-            return velocity, repa
-        return velocity
-
-
-    def _forward_fused(self, tokens: Tensor, c: Tensor, return_repa: bool) -> tuple[Tensor, Tensor | None]:
-        """The blocks with each MLP residual added inside the next norm's fused pass
-        (sfd/kernels/block.py): same maths as the loop above, one pass over the stream fewer per block."""
+    def _blocks_fused(self, tokens: Tensor, c: Tensor, return_repa: bool) -> tuple[Tensor, Tensor | None]:
+        """:meth:`_blocks` with each MLP residual added inside the next norm's fused pass
+        (sfd/kernels/block.py): same maths, one pass over the stream fewer per block."""
         x, y, gate = tokens, None, None
         repa = None
         for depth, block in enumerate(self.blocks, start=1):
@@ -526,7 +526,7 @@ class LightningDiT(nn.Module):
         out, inp = fused.final_deferred(self.final_layer, x, y, gate, c)
         if return_repa and self.repa_depth == len(self.blocks):
             repa = self.repa_projector(inp)
-        return self.unpatchify(out), repa
+        return out, repa
 
 
 # ---------------------------------------------------------------------------------------------
